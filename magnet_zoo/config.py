@@ -1,0 +1,190 @@
+"""One versioned, JSON-serialisable configuration for a whole MagNet.
+
+Every choice that shapes the network (tree, sizes, backbones, sampler, heads, losses) lives here so
+that a checkpoint's ``config.json`` rebuilds exactly the network that produced it. Defaults follow
+the paper (Dimitriou et al., Diagnostics 2024) and ``DESIGN.md`` section 2.
+
+No ``from __future__ import annotations`` here on purpose: dataclass fields must keep real types so
+that :meth:`MagNetConfig.from_dict` can validate and round-trip them.
+"""
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from typing import Any
+
+CONFIG_VERSION = 1
+"""Version of the config schema. Bump when a field changes meaning; loaders refuse newer versions."""
+
+SAMPLERS = ("linearized", "bilinear")
+ATTENTION_INITS = ("uniform", "random")
+
+
+class ConfigError(ValueError):
+    """A MagNet configuration is invalid or cannot be read."""
+
+
+@dataclass(frozen=True)
+class MagNetConfig:
+    """Everything needed to build a MagNet.
+
+    Sizes follow the paper: every magnifying layer looks at an ``input_size`` view ``I`` (56x56) and
+    samples its crops from ``I'``, a view ``iprime_factor`` times larger than the crops it produces
+    (112x112 for 56x56 crops, 448x448 for the last layer's ``final_patch_size`` crops of 224x224).
+    """
+
+    patches: tuple[int, ...] = (3, 2, 3)
+    """Patches (regions of interest) extracted per incoming node, one entry per magnifying layer."""
+    input_size: int = 56
+    iprime_factor: int = 2
+    final_patch_size: int = 224
+    frozen_patch: bool = True
+    """Fix the first patch of layer 2 to the identity transform (paper section 3.3.3)."""
+    sampler: str = "linearized"
+    linearized_samples: int = 8
+    """Points per output pixel for linearized multi-sampling (the query point plus jittered ones)."""
+
+    attention_init: str = "uniform"
+    """Last 1x1 conv of each Branch stack: ``uniform`` (near-zero: the map starts uniform, looking at
+    the whole view) or ``random`` (PyTorch's default init, as in the paper)."""
+    attention_temperature: float = 1.0
+    min_scale: float = 0.05
+    max_scale: float = 1.0
+
+    classifier_backbone: str = "inception_v3"
+    aux_backbone: str = "resnet18"
+    aux_layers: tuple[int, ...] = (1, 3)
+    """Magnifying layers (1-based) whose patches feed an auxiliary head; the paradoxical loss
+    compares the first two. Layers beyond the network's depth are dropped at build time."""
+    backbone_pretrained: bool = True
+    gru_hidden: int = 512
+    mlp_hidden: tuple[int, ...] = (512, 256)
+    dropout: float = 0.0
+
+    grey_threshold: int = 15
+    loss_paradoxical: bool = True
+    loss_auxiliary: bool = True
+    loss_classifier: bool = True
+
+    labels: tuple[str, ...] = ("normal", "tumour")
+    """Names of the negative and positive class."""
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ---------------------------------------------------------------- derived sizes
+    @property
+    def num_layers(self) -> int:
+        return len(self.patches)
+
+    def output_size(self, layer: int) -> int:
+        """Side of the crops that magnifying layer ``layer`` (1-based) produces."""
+        return self.final_patch_size if layer == self.num_layers else self.input_size
+
+    def iprime_size(self, layer: int) -> int:
+        """Side of ``I'``, the view layer ``layer`` samples its crops from."""
+        return self.iprime_factor * self.output_size(layer)
+
+    def nodes_entering(self, layer: int) -> int:
+        """Number of images that enter magnifying layer ``layer`` (1 for the first)."""
+        n = 1
+        for p in self.patches[: layer - 1]:
+            n *= p
+        return n
+
+    @property
+    def num_final_patches(self) -> int:
+        return self.nodes_entering(self.num_layers + 1)
+
+    @property
+    def active_aux_layers(self) -> tuple[int, ...]:
+        return tuple(layer for layer in self.aux_layers if 1 <= layer <= self.num_layers)
+
+    def is_frozen(self, layer: int, patch: int) -> bool:
+        """Whether patch ``patch`` (0-based) of layer ``layer`` (1-based) is the identity."""
+        return self.frozen_patch and layer == 2 and patch == 0
+
+    # ---------------------------------------------------------------- validation
+    def validate(self) -> None:
+        if not self.patches or any(int(p) < 1 for p in self.patches):
+            raise ConfigError(f"patches must be a non-empty sequence of positive ints, got {self.patches!r}")
+        if self.input_size < 8:
+            raise ConfigError(f"input_size must be at least 8, got {self.input_size}")
+        if self.final_patch_size < 8:
+            raise ConfigError(f"final_patch_size must be at least 8, got {self.final_patch_size}")
+        if self.iprime_factor < 1:
+            raise ConfigError(f"iprime_factor must be >= 1, got {self.iprime_factor}")
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.attention_init not in ATTENTION_INITS:
+            raise ConfigError(f"attention_init must be one of {ATTENTION_INITS}, got {self.attention_init!r}")
+        if not 0 < self.min_scale <= self.max_scale <= 1:
+            raise ConfigError(
+                f"need 0 < min_scale <= max_scale <= 1, got min_scale={self.min_scale}, "
+                f"max_scale={self.max_scale}"
+            )
+        if self.attention_temperature <= 0:
+            raise ConfigError(f"attention_temperature must be > 0, got {self.attention_temperature}")
+        if not 0 <= self.grey_threshold <= 255:
+            raise ConfigError(f"grey_threshold must be in [0, 255], got {self.grey_threshold}")
+        if len(self.labels) != 2:
+            raise ConfigError(f"labels must name the negative and positive class, got {self.labels!r}")
+        if self.linearized_samples < 3:
+            raise ConfigError("linearized_samples must be >= 3 (a plane fit needs three points)")
+        if self.version > CONFIG_VERSION:
+            raise ConfigError(
+                f"config version {self.version} is newer than this magnet_zoo understands "
+                f"({CONFIG_VERSION}); upgrade with `pip install -U magnet-zoo`"
+            )
+
+    # ---------------------------------------------------------------- (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MagNetConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"a MagNet config must be a JSON object, got {type(data).__name__}")
+        version = data.get("version", CONFIG_VERSION)
+        if not isinstance(version, int) or version > CONFIG_VERSION:
+            raise ConfigError(
+                f"config version {version!r} is not supported by this magnet_zoo (it reads up to "
+                f"{CONFIG_VERSION}); upgrade with `pip install -U magnet-zoo`"
+            )
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown MagNet config fields: {', '.join(unknown)}")
+        kwargs = {}
+        for name, value in data.items():
+            default = known[name].default
+            kwargs[name] = tuple(value) if isinstance(default, tuple) and isinstance(value, list) else value
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> "MagNetConfig":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config is not valid JSON: {exc}") from exc
+        return cls.from_dict(data)
+
+    def replace(self, **overrides: Any) -> "MagNetConfig":
+        """A copy with ``overrides`` applied; unknown names raise :class:`ConfigError`."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown MagNet config fields: {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+            )
+        fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+        return dataclasses.replace(self, **fixed)
+

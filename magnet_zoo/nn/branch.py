@@ -1,0 +1,116 @@
+"""The paper's "Branch" (Fig. A2), batched over many independent copies with grouped convolutions.
+
+A MagNet needs one Branch stack per (layer, patch, parent) position in its zoom tree. Rather than a
+Python loop over dozens of small networks, every conv here has ``groups`` independent copies laid
+out group-major along the channel axis: input ``(B, G * C_in, H, W)`` -> output ``(B, G * C_out, H, W)``
+where group ``g`` only ever sees its own channels. One call runs all nodes of a layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _reduced(features: int) -> int:
+    """Width of the 1x1 "reduce" conv in front of the 3x3 paths, as in the paper's listing."""
+    return max(int(3 / 4 * features), 1)
+
+
+class GroupedConvBNReLU(nn.Sequential):
+    """``Conv2d(bias=False) -> BatchNorm -> ReLU`` with ``groups`` independent copies.
+
+    The paper's ``BasicConv2d`` (Fig. A1). BatchNorm normalises each channel on its own, so with the
+    group-major layout every copy keeps its own statistics and affine parameters.
+    """
+
+    def __init__(self, groups: int, c_in: int, c_out: int, kernel_size: int) -> None:
+        super().__init__(
+            nn.Conv2d(
+                groups * c_in, groups * c_out, kernel_size, padding=kernel_size // 2, groups=groups, bias=False
+            ),
+            nn.BatchNorm2d(groups * c_out, eps=1e-5),
+            nn.ReLU(inplace=True),
+        )
+
+
+class GroupedBranch(nn.Module):
+    """Five parallel paths, concatenated (paper Fig. A2), for ``groups`` independent copies.
+
+    Paths: 1x1; 1x1 -> 3x3; 1x1 -> 3x3 -> 3x3; maxpool 3x3 -> 1x1; 1x1 -> 3x3 -> 3x3 -> 3x3.
+    Each path outputs ``features`` channels, so a copy maps ``c_in`` to ``5 * features`` channels
+    at the same spatial size.
+    """
+
+    def __init__(self, groups: int, c_in: int, features: int) -> None:
+        super().__init__()
+        self.groups = groups
+        self.features = features
+        r = _reduced(features)
+        g = groups
+        self.path1 = GroupedConvBNReLU(g, c_in, features, 1)
+        self.path2 = nn.Sequential(GroupedConvBNReLU(g, c_in, r, 1), GroupedConvBNReLU(g, r, features, 3))
+        self.path3 = nn.Sequential(
+            GroupedConvBNReLU(g, c_in, r, 1),
+            GroupedConvBNReLU(g, r, features, 3),
+            GroupedConvBNReLU(g, features, features, 3),
+        )
+        self.path4 = nn.Sequential(
+            nn.MaxPool2d(kernel_size=3, stride=1, padding=1), GroupedConvBNReLU(g, c_in, features, 1)
+        )
+        self.path5 = nn.Sequential(
+            GroupedConvBNReLU(g, c_in, r, 1),
+            GroupedConvBNReLU(g, r, features, 3),
+            GroupedConvBNReLU(g, features, features, 3),
+            GroupedConvBNReLU(g, features, features, 3),
+        )
+
+    @property
+    def out_channels(self) -> int:
+        return 5 * self.features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        paths = [self.path1(x), self.path2(x), self.path3(x), self.path4(x), self.path5(x)]
+        b, _, h, w = x.shape
+        # Each path is (B, G*f, H, W), group-major. Interleave to (B, G*5f) so groups stay contiguous.
+        stacked = torch.stack([p.view(b, self.groups, self.features, h, w) for p in paths], dim=2)
+        return stacked.reshape(b, self.groups * self.out_channels, h, w)
+
+
+class BranchStack(nn.Module):
+    """Three Branches and a final 1x1 conv: an image -> a one-channel attention logit map.
+
+    Widths as in the paper (appendix A.1): 3 -> 15 (3 per path), 15 -> 40 (8 per path),
+    40 -> 5 (1 per path), then a 1x1 conv to 1 channel.
+
+    The paper's listing passes the last 1x1 conv through ReLU as well. We do not: a ReLU'd logit map
+    is zero (and gradient-free) wherever it is negative, so entmax can only ever sharpen onto the
+    positive part. The last conv has a bias and no BatchNorm. With ``init="uniform"`` its weights start
+    tiny (std 1e-3) and its bias at zero: the attention map starts near-uniform, i.e. looking at the
+    whole view, while every earlier weight still receives a (small) gradient. ``init="random"`` keeps
+    PyTorch's default initialisation, as the paper did ("randomly initialized").
+
+    Input ``(B, G * 3, H, W)`` -> output ``(B, G, H, W)``.
+    """
+
+    widths = (3, 8, 1)
+
+    def __init__(self, groups: int, in_channels: int = 3, init: str = "uniform") -> None:
+        super().__init__()
+        self.groups = groups
+        branches = []
+        c = in_channels
+        for f in self.widths:
+            branch = GroupedBranch(groups, c, f)
+            branches.append(branch)
+            c = branch.out_channels
+        self.branches = nn.Sequential(*branches)
+        self.head = nn.Conv2d(groups * c, groups, kernel_size=1, groups=groups, bias=True)
+        if init == "uniform":
+            nn.init.normal_(self.head.weight, std=1e-3)
+            nn.init.zeros_(self.head.bias)
+        elif init != "random":
+            raise ValueError(f"init must be 'uniform' or 'random', got {init!r}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.branches(x))

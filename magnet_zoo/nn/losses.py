@@ -1,0 +1,63 @@
+"""The paper's three losses (section 3.2.3 and 3.3.4), each switchable for the ablations of Table 1.
+
+* L1, paradoxical: ``mean(max(P_a - P_b, 0))`` where ``P_a`` and ``P_b`` are the probabilities the
+  first and second auxiliary heads (layers 1 and 3 by default) give to the *true* class: looking
+  closer should never make the prediction worse.
+* L2, auxiliary: binary cross-entropy of every auxiliary head, averaged over heads.
+* L3, classifier: binary cross-entropy of the classifier.
+
+The total is ``L1 + L2 + L3`` over the enabled terms. (The paper writes L2 without the minus sign;
+we use the standard, non-negative BCE.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class LossTerms:
+    total: torch.Tensor
+    paradoxical: torch.Tensor
+    auxiliary: torch.Tensor
+    classifier: torch.Tensor
+
+    def as_floats(self) -> dict[str, float]:
+        return {k: float(getattr(self, k).detach()) for k in ("total", "paradoxical", "auxiliary", "classifier")}
+
+
+def true_class_probability(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    p = torch.sigmoid(logits)
+    return torch.where(targets > 0.5, p, 1 - p)
+
+
+def paradoxical_loss(first_logits: torch.Tensor, later_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    p_first = true_class_probability(first_logits, targets)
+    p_later = true_class_probability(later_logits, targets)
+    return torch.relu(p_first - p_later).mean()
+
+
+def magnet_loss(
+    logits: torch.Tensor,
+    aux_logits: dict[int, torch.Tensor],
+    targets: torch.Tensor,
+    *,
+    paradoxical: bool = True,
+    auxiliary: bool = True,
+    classifier: bool = True,
+) -> LossTerms:
+    """Combine the enabled terms. ``logits`` ``(B,)``, ``aux_logits`` ``{layer: (B,)}``, ``targets`` ``(B,)``."""
+    targets = targets.to(logits.dtype)
+    zero = logits.new_zeros(())
+    heads = [aux_logits[k].float() for k in sorted(aux_logits)]
+    l1 = paradoxical_loss(heads[0], heads[1], targets) if paradoxical and len(heads) >= 2 else zero
+    l2 = (
+        torch.stack([F.binary_cross_entropy_with_logits(h, targets) for h in heads]).mean()
+        if auxiliary and heads
+        else zero
+    )
+    l3 = F.binary_cross_entropy_with_logits(logits.float(), targets) if classifier else zero
+    return LossTerms(total=l1 + l2 + l3, paradoxical=l1, auxiliary=l2, classifier=l3)

@@ -1,0 +1,230 @@
+"""The MagNet: magnifying layers over a region fetcher, then the classifier and auxiliary heads.
+
+Per slide, with ``L`` layers and ``P_l`` patches per node at layer ``l``:
+
+1. The fetcher reads the slide's square canvas at ``input_size`` (``I``, 56x56) and at layer 1's
+   ``I'`` size (112x112), from the coarsest pyramid level that still has enough pixels.
+2. Layer ``l`` runs one Branch stack per (node, patch) on each node's ``I`` -> entmax-1.5 ->
+   ``theta`` -> samples a crop from the node's ``I'`` (differentiable in ``theta``). For ``l < L`` the
+   crops are the children's ``I`` (56x56) and each child's ``I'`` is re-read from the slide at the level
+   its ROI needs; the last layer's crops (224x224) go to the classifier.
+3. Auxiliary heads read the crops of the watched layers (1 and 3 by default).
+
+The forward pass also returns the ROI tree (names, boxes, levels, scales) and the accounting (images
+and values fed to the networks, pixels read from the source).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from magnet_zoo.config import MagNetConfig
+from magnet_zoo.nn.attention import Affine
+from magnet_zoo.nn.fetcher import RegionFetcher, Square
+from magnet_zoo.nn.heads import AuxiliaryHead, SequenceClassifier
+from magnet_zoo.nn.losses import LossTerms, magnet_loss
+from magnet_zoo.nn.magnify import MagnifyingLayer
+from magnet_zoo.nn.sampler import sample
+from magnet_zoo.nn.tree import ROOT_NAME, RoiNode, child_name, child_square, root_square
+
+
+@dataclass
+class MagNetOutput:
+    """What one forward pass over ``B`` slides returns."""
+
+    logits: torch.Tensor
+    """Classifier logit per slide, ``(B,)``."""
+    aux_logits: dict[int, torch.Tensor]
+    """Auxiliary head logits by watched layer, each ``(B,)``."""
+    trees: list[list[RoiNode]]
+    """Per slide, every node of the zoom tree in breadth-first (tree) order."""
+    accounting: list[dict[str, Any]]
+    """Per slide: images and values fed to the networks, pixels read from the source."""
+    affines: list[Affine]
+    """Per layer, the crop parameters with tensors shaped ``(B, N_l, P_l)`` (for losses and metrics)."""
+    final_patches: torch.Tensor
+    """The classifier's input ``(B, N_final, 3, S, S)`` in tree order."""
+    crops: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Crops produced by each layer, ``(B, N_l * P_l, 3, s, s)``; kept for explanation and analysis."""
+
+    @property
+    def probs(self) -> torch.Tensor:
+        return torch.sigmoid(self.logits)
+
+    @property
+    def aux_probs(self) -> dict[int, torch.Tensor]:
+        return {k: torch.sigmoid(v) for k, v in self.aux_logits.items()}
+
+
+class MagNet(nn.Module):
+    """Magnifying Network (Dimitriou et al., Diagnostics 2024) for gigapixel images.
+
+    Input: a sequence of ``B`` :class:`~magnet_zoo.nn.fetcher.RegionFetcher` objects, one per slide
+    (``magnet_zoo.wsi.SlideFetcher`` wraps any slide source or in-memory array). Pixels are RGB in
+    ``[0, 1]``; the fetcher applies the grey filter. Output: :class:`MagNetOutput`, whose ``logits`` are
+    ``(B,)`` slide-level tumour logits.
+    """
+
+    def __init__(self, config: MagNetConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleList(MagnifyingLayer(config, l) for l in range(1, config.num_layers + 1))
+        self.classifier = SequenceClassifier(
+            config.classifier_backbone,
+            config.backbone_pretrained,
+            config.gru_hidden,
+            config.mlp_hidden,
+            config.dropout,
+        )
+        self.aux_heads = nn.ModuleDict(
+            {str(l): AuxiliaryHead(config.aux_backbone, config.backbone_pretrained) for l in config.active_aux_layers}
+        )
+
+    # ------------------------------------------------------------------ helpers
+    def _crop(self, iprime: torch.Tensor, affine: Affine, size: int) -> torch.Tensor:
+        """Crops ``(B, N*P, 3, size, size)`` of each node's ``I'`` ``(B, N, 3, S, S)``."""
+        b, n, c, s, _ = iprime.shape
+        p = affine.scale.shape[-1]
+        images = iprime.unsqueeze(2).expand(b, n, p, c, s, s).reshape(b * n * p, c, s, s)
+        theta = affine.theta().reshape(b * n * p, 2, 3).to(images.dtype)
+        out = sample(images, theta, size, mode=self.config.sampler, num_samples=self.config.linearized_samples)
+        return out.view(b, n * p, c, size, size)
+
+    @staticmethod
+    def _fetch(fetchers: Sequence[RegionFetcher], squares: list[list[Square]], size: int, device: torch.device):
+        images, levels, pixels = [], [], []
+        for fetcher, sq in zip(fetchers, squares, strict=True):
+            got = fetcher.fetch(sq, size)
+            images.append(got.images.to(device))
+            levels.append(got.levels)
+            pixels.append(got.pixels_read)
+        return torch.stack(images), levels, pixels
+
+    def counts(self) -> dict[str, Any]:
+        """Images and values fed to the networks per slide (independent of the slide)."""
+        cfg = self.config
+        small = sum(cfg.nodes_entering(l) for l in range(1, cfg.num_layers + 1))
+        final = cfg.num_final_patches
+        values = 3 * (small * cfg.input_size**2 + final * cfg.final_patch_size**2)
+        return {
+            "images": {str(cfg.input_size): small, str(cfg.final_patch_size): final},
+            "values_fed": values,
+        }
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, fetchers: Sequence[RegionFetcher], *, auxiliary: bool | None = None) -> MagNetOutput:
+        """Run the zoom tree over ``fetchers`` (one per slide).
+
+        ``auxiliary`` runs the auxiliary heads; by default only in training mode, where the losses
+        need them (at inference they cost compute and change nothing in the prediction).
+        """
+        cfg = self.config
+        run_aux = self.training if auxiliary is None else auxiliary
+        device = next(self.parameters()).device
+        b = len(fetchers)
+        if b == 0:
+            raise ValueError("MagNet.forward needs at least one slide (a sequence of region fetchers)")
+
+        roots = [root_square(*f.slide_size) for f in fetchers]
+        squares = [[r] for r in roots]
+        image, levels0, px_a = self._fetch(fetchers, squares, cfg.input_size, device)
+        iprime, levels, px_b = self._fetch(fetchers, squares, cfg.iprime_size(1), device)
+        pixels_read = [a + c for a, c in zip(px_a, px_b, strict=True)]
+        names = [[ROOT_NAME] for _ in range(b)]
+        trees: list[list[RoiNode]] = [
+            [
+                RoiNode(
+                    name=ROOT_NAME,
+                    layer=0,
+                    box=(0.0, 0.0, float(f.slide_size[0]), float(f.slide_size[1])),
+                    level=levels[i][0],
+                    scale=1.0,
+                    translation=(0.0, 0.0),
+                    parent=None,
+                )
+            ]
+            for i, f in enumerate(fetchers)
+        ]
+
+        affines: list[Affine] = []
+        crops_by_layer: dict[int, torch.Tensor] = {}
+        aux_logits: dict[int, torch.Tensor] = {}
+        for layer_idx, layer in enumerate(self.layers, start=1):
+            affine = layer(image)
+            affines.append(affine)
+            size = cfg.output_size(layer_idx)
+            crops = self._crop(iprime, affine, size)
+            crops_by_layer[layer_idx] = crops
+            if run_aux and str(layer_idx) in self.aux_heads:
+                aux_logits[layer_idx] = self.aux_heads[str(layer_idx)](crops)
+
+            # Geometry of the children (no gradient: boxes only decide where to read).
+            p = affine.scale.shape[-1]
+            s_list = affine.scale.detach().float().cpu().tolist()
+            tx_list = affine.tx.detach().float().cpu().tolist()
+            ty_list = affine.ty.detach().float().cpu().tolist()
+            new_squares, new_names = [], []
+            for i in range(b):
+                sq_i, nm_i = [], []
+                for n, parent_sq in enumerate(squares[i]):
+                    for k in range(p):
+                        s, tx, ty = s_list[i][n][k], tx_list[i][n][k], ty_list[i][n][k]
+                        sq = child_square(parent_sq, s, tx, ty)
+                        nm = child_name(names[i][n], k, max(cfg.patches))
+                        sq_i.append(sq)
+                        nm_i.append(nm)
+                        trees[i].append(
+                            RoiNode(
+                                name=nm,
+                                layer=layer_idx,
+                                box=(sq.x, sq.y, sq.side, sq.side),
+                                level=levels[i][n],  # overwritten below when the child is re-read
+                                scale=s,
+                                translation=(tx, ty),
+                                parent=names[i][n],
+                                frozen=cfg.is_frozen(layer_idx, k),
+                            )
+                        )
+                new_squares.append(sq_i)
+                new_names.append(nm_i)
+            squares, names = new_squares, new_names
+
+            if layer_idx < cfg.num_layers:
+                image = crops.view(b, -1, 3, size, size)
+                iprime, levels, px = self._fetch(fetchers, squares, cfg.iprime_size(layer_idx + 1), device)
+                for i in range(b):
+                    pixels_read[i] += px[i]
+                    first = len(trees[i]) - len(squares[i])
+                    for j, lvl in enumerate(levels[i]):
+                        trees[i][first + j].level = lvl
+
+        final = crops_by_layer[cfg.num_layers]
+        logits = self.classifier(final)
+        base = self.counts()
+        accounting = [{**base, "pixels_read": int(pixels_read[i])} for i in range(b)]
+        return MagNetOutput(
+            logits=logits,
+            aux_logits=aux_logits,
+            trees=trees,
+            accounting=accounting,
+            affines=affines,
+            final_patches=final,
+            crops=crops_by_layer,
+        )
+
+    def loss(self, output: MagNetOutput, targets: torch.Tensor) -> LossTerms:
+        """The paper's total loss ``L1 + L2 + L3`` with the terms the config enables."""
+        cfg = self.config
+        return magnet_loss(
+            output.logits,
+            output.aux_logits,
+            targets.to(output.logits.device),
+            paradoxical=cfg.loss_paradoxical,
+            auxiliary=cfg.loss_auxiliary,
+            classifier=cfg.loss_classifier,
+        )

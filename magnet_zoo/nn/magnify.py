@@ -1,0 +1,81 @@
+"""A magnifying layer: node-specific Branch stacks -> attention -> one crop per (node, patch).
+
+Layer ``l`` receives ``N`` images (one per node entering it) and extracts ``P`` patches from each. Each
+``(node, patch)`` position has its own Branch stack (paper: "patch and layer-specific Branches"); all of
+them run in one grouped-convolution call. The frozen patch (first patch of layer 2) has no stack: its
+transform is the identity.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from magnet_zoo.config import MagNetConfig
+from magnet_zoo.nn.attention import Affine, attention_to_affine
+from magnet_zoo.nn.branch import BranchStack
+
+
+class MagnifyingLayer(nn.Module):
+    """Input ``(B, N, 3, H, W)`` -> :class:`Affine` with tensors shaped ``(B, N, P)``."""
+
+    def __init__(self, config: MagNetConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_nodes = config.nodes_entering(layer)
+        self.num_patches = config.patches[layer - 1]
+        self.min_scale = config.min_scale
+        self.max_scale = config.max_scale
+        self.temperature = config.attention_temperature
+        positions = [
+            (n, p)
+            for n in range(self.num_nodes)
+            for p in range(self.num_patches)
+            if not config.is_frozen(layer, p)
+        ]
+        self.register_buffer("node_index", torch.tensor([n for n, _ in positions], dtype=torch.long), False)
+        slot = torch.full((self.num_nodes * self.num_patches,), -1, dtype=torch.long)
+        for g, (n, p) in enumerate(positions):
+            slot[n * self.num_patches + p] = g
+        self.register_buffer("slot", slot, False)
+        self.stacks = BranchStack(len(positions), init=config.attention_init) if positions else None
+
+    @property
+    def num_stacks(self) -> int:
+        return int(self.node_index.numel())
+
+    def attention_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, N, 3, H, W)`` -> ``(B, G, H, W)``, one logit map per learned (node, patch)."""
+        b, n, c, h, w = images.shape
+        if n != self.num_nodes:
+            raise ValueError(f"layer {self.layer} expects {self.num_nodes} images per slide, got {n}")
+        gathered = images.index_select(1, self.node_index)
+        return self.stacks(gathered.reshape(b, -1, h, w))
+
+    def forward(self, images: torch.Tensor) -> Affine:
+        b = images.shape[0]
+        total = self.num_nodes * self.num_patches
+        scale = images.new_ones((b, total))
+        tx = images.new_zeros((b, total))
+        ty = images.new_zeros((b, total))
+        probs = images.new_zeros((b, total, *images.shape[-2:]))
+        if self.stacks is not None:
+            learned = attention_to_affine(
+                self.attention_logits(images),
+                min_scale=self.min_scale,
+                max_scale=self.max_scale,
+                temperature=self.temperature,
+            )
+            where = (self.slot >= 0).nonzero().squeeze(1)
+            src = self.slot[where]
+            scale = scale.index_copy(1, where, learned.scale.index_select(1, src).to(scale.dtype))
+            tx = tx.index_copy(1, where, learned.tx.index_select(1, src).to(tx.dtype))
+            ty = ty.index_copy(1, where, learned.ty.index_select(1, src).to(ty.dtype))
+            probs = probs.index_copy(1, where, learned.probs.index_select(1, src).to(probs.dtype))
+        shape = (b, self.num_nodes, self.num_patches)
+        return Affine(
+            scale=scale.view(shape),
+            tx=tx.view(shape),
+            ty=ty.view(shape),
+            probs=probs.view(*shape, *images.shape[-2:]),
+        )
