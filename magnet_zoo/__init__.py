@@ -3,31 +3,46 @@
 >>> import magnet_zoo
 >>> model = magnet_zoo.create_model("magnet3_inception_v3", backbone_pretrained=False)
 >>> pred = magnet_zoo.predict_slide(model, magnet_zoo.ArraySource(rgb_array))
+
+Top-level names are imported lazily, so ``import magnet_zoo.nn`` loads neither the slide readers
+nor anything above the network.
 """
 
-from magnet_zoo.config import CONFIG_VERSION, ConfigError, MagNetConfig
-from magnet_zoo.factory import create_model
-from magnet_zoo.infer.predict import Prediction, predict_slide
-from magnet_zoo.nn.magnet import MagNet, MagNetOutput
-from magnet_zoo.registry import UnknownModelError, get_config, list_models
-from magnet_zoo.wsi.array_source import ArraySource
-from magnet_zoo.wsi.fetch import SlideFetcher
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CONFIG_VERSION",
-    "ArraySource",
-    "ConfigError",
-    "MagNet",
-    "MagNetConfig",
-    "MagNetOutput",
-    "Prediction",
-    "SlideFetcher",
-    "UnknownModelError",
-    "__version__",
-    "create_model",
-    "get_config",
-    "list_models",
-    "predict_slide",
-]
+_EXPORTS = {
+    "CONFIG_VERSION": "magnet_zoo.config",
+    "ConfigError": "magnet_zoo.config",
+    "MagNetConfig": "magnet_zoo.config",
+    "create_model": "magnet_zoo.factory",
+    "Prediction": "magnet_zoo.infer.predict",
+    "predict_slide": "magnet_zoo.infer.predict",
+    "MagNet": "magnet_zoo.nn.magnet",
+    "MagNetOutput": "magnet_zoo.nn.magnet",
+    "UnknownModelError": "magnet_zoo.registry",
+    "get_config": "magnet_zoo.registry",
+    "list_models": "magnet_zoo.registry",
+    "ArraySource": "magnet_zoo.wsi.array_source",
+    "SlideFetcher": "magnet_zoo.wsi.fetch",
+    "open_slide": "magnet_zoo.wsi.open",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'magnet_zoo' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

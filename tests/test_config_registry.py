@@ -32,9 +32,9 @@ def test_config_rejects_unknown_fields_and_future_versions():
 
 def test_config_derived_sizes_follow_the_paper():
     cfg = MagNetConfig(patches=(3, 2, 3))
-    assert [cfg.output_size(l) for l in (1, 2, 3)] == [56, 56, 224]
-    assert [cfg.iprime_size(l) for l in (1, 2, 3)] == [112, 112, 448]
-    assert [cfg.nodes_entering(l) for l in (1, 2, 3, 4)] == [1, 3, 6, 18]
+    assert [cfg.output_size(k) for k in (1, 2, 3)] == [56, 56, 224]
+    assert [cfg.iprime_size(k) for k in (1, 2, 3)] == [112, 112, 448]
+    assert [cfg.nodes_entering(k) for k in (1, 2, 3, 4)] == [1, 3, 6, 18]
     assert cfg.is_frozen(2, 0) and not cfg.is_frozen(2, 1) and not cfg.is_frozen(1, 0)
     assert not MagNetConfig(frozen_patch=False).is_frozen(2, 0)
 

@@ -73,7 +73,7 @@ class MagNet(nn.Module):
     def __init__(self, config: MagNetConfig) -> None:
         super().__init__()
         self.config = config
-        self.layers = nn.ModuleList(MagnifyingLayer(config, l) for l in range(1, config.num_layers + 1))
+        self.layers = nn.ModuleList(MagnifyingLayer(config, k) for k in range(1, config.num_layers + 1))
         self.classifier = SequenceClassifier(
             config.classifier_backbone,
             config.backbone_pretrained,
@@ -82,7 +82,7 @@ class MagNet(nn.Module):
             config.dropout,
         )
         self.aux_heads = nn.ModuleDict(
-            {str(l): AuxiliaryHead(config.aux_backbone, config.backbone_pretrained) for l in config.active_aux_layers}
+            {str(k): AuxiliaryHead(config.aux_backbone, config.backbone_pretrained) for k in config.active_aux_layers}
         )
 
     # ------------------------------------------------------------------ helpers
@@ -108,7 +108,7 @@ class MagNet(nn.Module):
     def counts(self) -> dict[str, Any]:
         """Images and values fed to the networks per slide (independent of the slide)."""
         cfg = self.config
-        small = sum(cfg.nodes_entering(l) for l in range(1, cfg.num_layers + 1))
+        small = sum(cfg.nodes_entering(layer) for layer in range(1, cfg.num_layers + 1))
         final = cfg.num_final_patches
         values = 3 * (small * cfg.input_size**2 + final * cfg.final_patch_size**2)
         return {

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from magnet_zoo.wsi.protocol import SlideError
+from magnet_zoo.wsi.protocol import BaseSource, SlideError
 
 
 class InvalidImageError(SlideError, ValueError):
@@ -67,7 +67,7 @@ def area_halve(image: np.ndarray) -> np.ndarray:
     return np.round(a).astype(np.uint8)
 
 
-class ArraySource:
+class ArraySource(BaseSource):
     """An RGB array as a slide: ``ArraySource(image, pyramid=None, mpp=None)``.
 
     ``pyramid`` optionally gives the coarser levels (finest first, *without* ``image`` itself).
@@ -100,55 +100,8 @@ class ArraySource:
         else:
             self._mpp = (float(mpp), float(mpp))
 
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def level_count(self) -> int:
-        return len(self._levels)
-
-    @property
-    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
-        return self._dims
-
-    @property
-    def level_downsamples(self) -> tuple[float, ...]:
-        return self._downsamples
-
-    @property
-    def dimensions(self) -> tuple[int, int]:
-        return self._dims[0]
-
-    @property
-    def mpp(self) -> tuple[float, float] | None:
-        return self._mpp
-
-    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
-        if not 0 <= level < len(self._levels):
-            raise ValueError(f"{self._name}: level {level} does not exist (levels 0..{len(self._levels) - 1})")
-        w, h = int(size[0]), int(size[1])
-        if w < 0 or h < 0:
-            raise ValueError(f"size must be non-negative, got {size}")
-        ds = self._downsamples[level]
-        x = int(round(location[0] / ds))
-        y = int(round(location[1] / ds))
-        src = self._levels[level]
-        out = np.zeros((h, w, 3), dtype=np.uint8)
-        x0, y0 = max(x, 0), max(y, 0)
-        x1, y1 = min(x + w, src.shape[1]), min(y + h, src.shape[0])
-        if x1 > x0 and y1 > y0:
-            out[y0 - y : y1 - y, x0 - x : x1 - x] = src[y0:y1, x0:x1]
-        return out
-
-    def close(self) -> None:
-        """Nothing to release; present for the protocol."""
-
-    def __enter__(self) -> ArraySource:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def _read_level(self, x: int, y: int, w: int, h: int, level: int) -> np.ndarray:
+        return self._levels[level][y : y + h, x : x + w]
 
     def __repr__(self) -> str:
         return f"ArraySource({self._name!r}, dimensions={self.dimensions}, levels={self.level_count})"

@@ -1,0 +1,1 @@
+"""Slide backends, one module per library, each imported only when a file is opened with it."""

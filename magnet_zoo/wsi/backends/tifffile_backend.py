@@ -1,0 +1,149 @@
+"""tifffile backend: OME-TIFF, pyramids OpenSlide refuses, other codecs (through imagecodecs).
+
+Tiled levels are read tile by tile (bytes under a lock, decoding outside it, so threads overlap) with
+decoded tiles kept in the shared tile cache. Stripped (untiled) levels are decoded whole, once, and
+kept: they are small in practice, since large images are always tiled.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from magnet_zoo.wsi.array_source import as_rgb_uint8
+from magnet_zoo.wsi.cache import shared_tile_cache
+from magnet_zoo.wsi.errors import BackendUnavailableError, CorruptSlideError, UnreadableRegionError
+from magnet_zoo.wsi.protocol import BaseSource
+
+try:
+    import tifffile
+except ImportError as exc:  # pragma: no cover - tifffile is a core dependency
+    raise BackendUnavailableError("the tifffile backend needs `pip install tifffile imagecodecs`") from exc
+
+log = logging.getLogger(__name__)
+
+
+def _mpp_from_page(page) -> tuple[float, float] | None:
+    """Microns per pixel from Aperio's description (``MPP = 0.499``) or the TIFF resolution tags."""
+    match = re.search(r"\bMPP\s*=\s*([0-9.]+)", page.description or "")
+    if match and float(match.group(1)) > 0:
+        return float(match.group(1)), float(match.group(1))
+    try:
+        tags = page.tags
+        unit = tags["ResolutionUnit"].value if "ResolutionUnit" in tags else 2
+        xr = tags["XResolution"].value
+        yr = tags["YResolution"].value
+    except (KeyError, AttributeError):
+        return None
+    per = {2: 25400.0, 3: 10000.0}.get(int(unit))
+    if per is None:
+        return None
+    xres = xr[0] / xr[1] if xr[1] else 0
+    yres = yr[0] / yr[1] if yr[1] else 0
+    if xres <= 1 or yres <= 1:  # 1 px/unit is the "unknown" default many writers leave
+        return None
+    return per / xres, per / yres
+
+
+class TiffFileSource(BaseSource):
+    backend = "tifffile"
+
+    def __init__(self, path: str | Path) -> None:
+        self._path = str(path)
+        self._name = self._path
+        try:
+            self._tif = tifffile.TiffFile(self._path)
+            series = self._tif.series[0]
+            pages = [lvl.keyframe for lvl in series.levels]
+        except (tifffile.TiffFileError, ValueError, IndexError, OSError) as exc:
+            raise CorruptSlideError(
+                f"{self._path}: tifffile could not parse it ({exc}); the file is not a valid TIFF or is truncated"
+            ) from exc
+        if len(pages) == 1:
+            pages = self._reduced_pages(pages[0])
+        self._pages = pages
+        self._dims = tuple((int(p.imagewidth), int(p.imagelength)) for p in pages)
+        w0, h0 = self._dims[0]
+        self._downsamples = tuple(((w0 / w) + (h0 / h)) / 2 for w, h in self._dims)
+        self._mpp = _mpp_from_page(pages[0])
+        if self._mpp is None:
+            log.warning("%s: no microns-per-pixel metadata; levels are chosen by downsample only", self._path)
+        self._io_lock = threading.Lock()
+        self._whole: dict[int, np.ndarray] = {}
+        self._cache = shared_tile_cache()
+        self._key = (self._path, id(self))
+        if any(p.planarconfig == 2 and p.samplesperpixel > 1 for p in pages):
+            raise CorruptSlideError(
+                f"{self._path}: planar (separate-plane) TIFFs are not supported; convert to contiguous RGB"
+            )
+
+    def _reduced_pages(self, first):
+        """Single-series files whose coarser levels are separate reduced-resolution pages (SVS-like)."""
+        w0, h0 = first.imagewidth, first.imagelength
+        found = [first]
+        for page in self._tif.pages[1:]:
+            page = page.keyframe if hasattr(page, "keyframe") else page
+            w, h = page.imagewidth, page.imagelength
+            if w < found[-1].imagewidth and abs(w / w0 - h / h0) < 0.02 and page.is_tiled:
+                found.append(page)
+        return found
+
+    def _decode_tile(self, page, level: int, index: int) -> np.ndarray:
+        key = (self._key, level, index)
+        tile = self._cache.get(key)
+        if tile is not None:
+            return tile
+        offset, count = page.dataoffsets[index], page.databytecounts[index]
+        th, tw = page.tilelength, page.tilewidth
+        if count == 0:  # sparse tile: nothing was scanned there
+            tile = np.zeros((th, tw, 3), np.uint8)
+        else:
+            with self._io_lock:
+                fh = self._tif.filehandle
+                fh.seek(offset)
+                data = fh.read(count)
+            if len(data) != count:
+                raise UnreadableRegionError(
+                    f"{self._path}: tile {index} of level {level} is cut short; the file is truncated"
+                )
+            try:
+                decoded, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
+            except Exception as exc:  # codecs raise many types
+                raise UnreadableRegionError(
+                    f"{self._path}: cannot decode tile {index} of level {level}: {exc}"
+                ) from exc
+            if decoded is None:
+                raise UnreadableRegionError(f"{self._path}: tile {index} of level {level} is empty or unreadable")
+            tile = as_rgb_uint8(np.asarray(decoded).reshape(th, tw, -1), self._path)
+        self._cache.put(key, tile)
+        return tile
+
+    def _read_level(self, x: int, y: int, w: int, h: int, level: int) -> np.ndarray:
+        page = self._pages[level]
+        if not page.is_tiled:
+            whole = self._whole.get(level)
+            if whole is None:
+                try:
+                    whole = as_rgb_uint8(page.asarray(), self._path)
+                except Exception as exc:
+                    raise UnreadableRegionError(f"{self._path}: cannot decode level {level}: {exc}") from exc
+                self._whole[level] = whole
+            return whole[y : y + h, x : x + w]
+        th, tw = page.tilelength, page.tilewidth
+        across = -(-page.imagewidth // tw)
+        out = np.zeros((h, w, 3), np.uint8)
+        for ty in range(y // th, (y + h - 1) // th + 1):
+            for tx in range(x // tw, (x + w - 1) // tw + 1):
+                tile = self._decode_tile(page, level, ty * across + tx)
+                # Intersection of the tile with the request, in level pixels.
+                x0, y0 = max(x, tx * tw), max(y, ty * th)
+                x1, y1 = min(x + w, (tx + 1) * tw), min(y + h, (ty + 1) * th)
+                out[y0 - y : y1 - y, x0 - x : x1 - x] = tile[y0 - ty * th : y1 - ty * th, x0 - tx * tw : x1 - tx * tw]
+        return out
+
+    def close(self) -> None:
+        self._tif.close()
