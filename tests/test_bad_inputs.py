@@ -1,0 +1,138 @@
+"""Bad inputs: each gives a typed, readable error or a valid prediction; none crashes or returns garbage."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import magnet_zoo
+from magnet_zoo.wsi import (
+    CorruptSlideError,
+    SlideError,
+    SlideNotFoundError,
+    UnreadableRegionError,
+    UnsupportedFormatError,
+    open_slide,
+)
+from tests.conftest import tissue_image
+
+
+@pytest.fixture(scope="module")
+def model():
+    return magnet_zoo.create_model("magnet2_tiny").eval()
+
+
+def assert_valid_prediction(model, source):
+    pred = magnet_zoo.predict_slide(model, source)
+    assert math.isfinite(pred.probability) and 0 <= pred.probability <= 1
+    assert len(pred.tree) == 1 + 2 + 4
+    for node in pred.tree:
+        assert all(math.isfinite(v) for v in node.box)
+    return pred
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(SlideNotFoundError, match="no such file"):
+        open_slide(tmp_path / "nope.svs")
+
+
+def test_directory(tmp_path):
+    with pytest.raises(SlideNotFoundError, match="is a directory"):
+        open_slide(tmp_path)
+
+
+def test_zero_byte_file(tmp_path):
+    p = tmp_path / "empty.svs"
+    p.write_bytes(b"")
+    with pytest.raises(CorruptSlideError, match="0 bytes"):
+        open_slide(p)
+
+
+def test_text_file_named_svs(tmp_path):
+    p = tmp_path / "notes.svs"
+    p.write_text("this is not a slide\n" * 10)
+    with pytest.raises(UnsupportedFormatError, match="no backend can read"):
+        open_slide(p)
+
+
+def test_truncated_tiff(tmp_path, wsi_dir, model):
+    src_path = wsi_dir / "CMU-1-Small-Region_pyramid.tiff"
+    data = src_path.read_bytes()
+    p = tmp_path / "truncated.tiff"
+    p.write_bytes(data[: len(data) // 2])
+    # Either it refuses to open, or it opens and the missing tiles fail loudly when read.
+    try:
+        src = open_slide(p)
+    except SlideError as exc:
+        assert str(p) in str(exc)
+        return
+    with pytest.raises((UnreadableRegionError, CorruptSlideError)) as info:
+        for level in range(src.level_count):
+            src.read_region((0, 0), level, src.level_dimensions[level])
+    assert str(p) in str(info.value)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_png_and_jpeg_work(tmp_path, model, suffix):
+    p = tmp_path / f"tile{suffix}"
+    Image.fromarray(tissue_image(300, 400)).save(p)
+    with open_slide(p) as src:
+        assert src.backend == "pil" and src.dimensions == (400, 300)
+        assert_valid_prediction(model, src)
+
+
+@pytest.mark.parametrize(
+    ("mode", "make"),
+    [
+        ("RGBA", lambda img: Image.fromarray(np.dstack([img, np.full(img.shape[:2], 255, np.uint8)]), "RGBA")),
+        ("L", lambda img: Image.fromarray(img[..., 0], "L")),
+        ("I;16", lambda img: Image.fromarray(img[..., 0].astype(np.uint16) * 257)),
+    ],
+)
+def test_rgba_grayscale_and_16bit(tmp_path, model, mode, make):
+    p = tmp_path / f"img_{mode.replace(';', '')}.png"
+    im = make(tissue_image(200, 260))
+    assert im.mode == mode
+    im.save(p)
+    with open_slide(p) as src:
+        px = src.read_region((0, 0), 0, (260, 200))
+        assert px.dtype == np.uint8 and px.shape == (200, 260, 3)
+        assert px.max() > 0
+        assert_valid_prediction(model, src)
+
+
+def test_tiny_image(model):
+    img = tissue_image(10, 10)
+    pred = assert_valid_prediction(model, magnet_zoo.ArraySource(img))
+    assert pred.tree[0].box == (0.0, 0.0, 10.0, 10.0)
+
+
+def test_extreme_aspect_ratio(model):
+    img = tissue_image(50, 2500)
+    pred = assert_valid_prediction(model, magnet_zoo.ArraySource(img))
+    # The canvas is the square around the strip; the strip occupies its middle 2% (paper's padding).
+    assert pred.tree[0].box == (0.0, 0.0, 2500.0, 50.0)
+
+
+def test_all_white_slide_is_all_black_after_the_grey_filter(model):
+    img = np.full((800, 800, 3), 255, np.uint8)
+    fetcher = magnet_zoo.SlideFetcher(magnet_zoo.ArraySource(img))
+    from magnet_zoo.nn.tree import root_square
+
+    assert fetcher.fetch([root_square(800, 800)], 56).images.abs().sum() == 0
+    assert_valid_prediction(model, fetcher)
+
+
+def test_corrupt_slide_message_names_the_file_and_what_to_do(tmp_path, wsi_dir):
+    p = tmp_path / "broken slide é.tiff"  # unicode and a space in the name
+    shutil.copy(wsi_dir / "CMU-1-Small-Region_pyramid.tiff", p)
+    data = bytearray(p.read_bytes())
+    data[4:8] = b"\xff\xff\xff\x7f"  # first IFD offset points past the end of the file
+    p.write_bytes(bytes(data))
+    with pytest.raises(SlideError) as info:
+        open_slide(p)
+    assert str(p) in str(info.value)
