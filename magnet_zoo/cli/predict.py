@@ -1,0 +1,123 @@
+"""``magnet-zoo predict`` (a cohort, resumable, sharded under torchrun) and ``magnet-zoo explain``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="predict slides, folders of slides or CSV lists; one JSON per slide, predictions.csv, errors.csv",
+    )
+    p.add_argument("inputs", nargs="+", help="slide files, folders, or CSV files with a 'path' column")
+    _model_args(p)
+    p.add_argument("--out", required=True, help="output folder (created; reruns skip slides already done)")
+    p.add_argument("--batch-size", type=int, default=1, help="slides per forward pass (default 1)")
+    p.add_argument("--workers", type=int, default=4, help="threads opening the next slides ahead (default 4)")
+    p.add_argument("--backend", default="auto", help="slide backend: auto, openslide, tifffile, pil, monai, tiatoolbox")
+    p.add_argument("--recursive", action="store_true", help="look for slides in sub-folders too")
+    p.add_argument("--explain", action="store_true", help="also write the explanation PNG and GeoJSON per slide")
+    p.add_argument("--retry-errors", action="store_true", help="try again the slides listed in errors.csv")
+    p.set_defaults(func=run_predict)
+
+    p = sub.add_parser("explain", help="explanation PNG (ROIs on the slide + final patches) and QuPath GeoJSON")
+    p.add_argument("slide", help="a slide file")
+    _model_args(p)
+    p.add_argument("--out", default=".", help="output folder (default: here)")
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--thumb-size", type=int, default=1024, help="side of the slide picture in pixels")
+    p.set_defaults(func=run_explain)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", required=True, help="registered name with weights, hub repo (org/name) or checkpoint folder"
+    )
+    p.add_argument("--revision", default=None, help="hub revision (commit, tag or branch) for --model")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
+
+
+def load_model(args: argparse.Namespace):
+    from magnet_zoo.hub import load_pretrained
+
+    return load_pretrained(args.model, revision=args.revision, device=args.device).eval()
+
+
+def _distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    return rank, world
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from magnet_zoo.infer.batch import collect_slides, merge_rank_outputs, predict_many
+
+    rank, world = _distributed()
+    slides = collect_slides(args.inputs, recursive=args.recursive)
+    if not slides:
+        print("magnet-zoo predict: no slides found in the inputs", file=sys.stderr)
+        return 1
+    model = load_model(args)
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+
+    def bar(batches):
+        return tqdm(batches, desc=f"predict (rank {rank}/{world})" if world > 1 else "predict", unit="batch",
+                    disable=None)
+
+    summary = predict_many(
+        model,
+        slides,
+        args.out,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        backend=args.backend,
+        explain=args.explain,
+        retry_errors=args.retry_errors,
+        rank=rank,
+        world=world,
+        progress=bar,
+    )
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        if rank == 0:
+            merge_rank_outputs(args.out)
+        dist.barrier()
+        dist.destroy_process_group()
+    print(
+        f"{summary.predicted} predicted, {summary.skipped} already done, {summary.failed} failed "
+        f"(of {summary.total}{' on this rank' if world > 1 else ''}); results in {args.out}",
+        file=sys.stderr,
+    )
+    return 1 if summary.all_failed else 0
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    from magnet_zoo.explain import save_explanation, write_geojson
+    from magnet_zoo.infer.predict import predict_slide
+    from magnet_zoo.wsi.open import open_slide
+
+    model = load_model(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open_slide(args.slide, args.backend) as src:
+        pred = predict_slide(model, src)
+        stem = Path(args.slide).stem
+        png = save_explanation(src, pred, out / f"{stem}.magnet.png", thumb_size=args.thumb_size)
+        geo = write_geojson(pred.tree, out / f"{stem}.magnet.geojson", slide=str(args.slide))
+        (out / f"{stem}.magnet.json").write_text(json.dumps(pred.to_dict(), indent=1))
+    print(f"p({model.config.labels[1]}) = {pred.probability:.3f} -> {pred.label}")
+    print(f"wrote {png}, {geo} and {stem}.magnet.json")
+    return 0

@@ -1,0 +1,291 @@
+"""Predict a cohort: many slides, resumable, error-tolerant, sharded across ``torchrun`` ranks.
+
+Output folder layout::
+
+    OUT/slides/<key>.json          one prediction per slide (probability, label, ROI tree, accounting, timings)
+    OUT/slides/<key>.png|.geojson  explanations, with ``explain=True``
+    OUT/predictions.csv            one row per predicted slide (rebuilt from the JSONs at the end)
+    OUT/errors.csv                 one row per slide that could not be predicted, with the reason
+
+``<key>`` is the file stem plus a hash of the absolute path, so two ``slide.svs`` in different folders
+do not collide. A slide with a JSON (or an error row) is skipped on the next run: rerunning after a
+crash does only the missing work; ``retry_errors=True`` tries the failed ones again.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from magnet_zoo.infer.predict import Prediction
+from magnet_zoo.nn.magnet import MagNet
+from magnet_zoo.wsi.errors import SlideError
+from magnet_zoo.wsi.fetch import SlideFetcher
+from magnet_zoo.wsi.open import BACKENDS, open_slide
+
+log = logging.getLogger(__name__)
+
+SLIDE_SUFFIXES = {
+    ".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".dcm", ".btf", ".qptiff",
+    ".png", ".jpg", ".jpeg",
+}
+PREFETCH_BATCHES = 2
+PREDICTION_COLUMNS = ["slide", "path", "probability", "label", "seconds", "pixels_read", "values_fed"]
+
+
+class InputError(ValueError):
+    """The list of slides to predict is invalid (a missing path, a CSV without a path column)."""
+
+
+def slide_key(path: Path) -> str:
+    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
+    return f"{path.stem}-{digest}"
+
+
+def _from_csv(csv_path: Path) -> list[Path]:
+    with open(csv_path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        columns = reader.fieldnames or []
+        column = next((c for c in ("path", "slide", "image", "filename") if c in columns), None)
+        if column is None:
+            raise InputError(f"{csv_path}: needs a column named path, slide, image or filename; found {columns}")
+        base = csv_path.parent
+        return [(base / row[column]) if not Path(row[column]).is_absolute() else Path(row[column]) for row in reader]
+
+
+def collect_slides(inputs: Iterable[str | os.PathLike], recursive: bool = False) -> list[Path]:
+    """Expand files, folders (slides with known suffixes) and CSV lists into a sorted, unique list."""
+    found: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            pattern = "**/*" if recursive else "*"
+            found += sorted(q for q in p.glob(pattern) if q.is_file() and q.suffix.lower() in SLIDE_SUFFIXES)
+        elif p.suffix.lower() == ".csv" and p.is_file():
+            found += _from_csv(p)
+        elif p.exists():
+            found.append(p)
+        else:
+            raise InputError(f"{p}: no such file or folder")
+    unique: dict[Path, None] = {}
+    for p in found:
+        unique.setdefault(p, None)
+    return list(unique)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_errors(path: Path) -> dict[str, dict[str, str]]:
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as fh:
+        return {row["key"]: row for row in csv.DictReader(fh)}
+
+
+def write_errors(path: Path, rows: dict[str, dict[str, str]]) -> None:
+    lines = [["key", "path", "error", "message"]] + [
+        [r["key"], r["path"], r["error"], r["message"]] for r in sorted(rows.values(), key=lambda r: r["key"])
+    ]
+    text = "".join(",".join(_csv_cell(c) for c in row) + "\n" for row in lines)
+    _atomic_write(path, text)
+
+
+def _csv_cell(value: object) -> str:
+    s = str(value).replace("\n", " ")
+    return f'"{s.replace(chr(34), chr(34) * 2)}"' if any(c in s for c in ',"') else s
+
+
+def write_predictions_csv(out_dir: Path) -> Path:
+    """Rebuild ``predictions.csv`` from every per-slide JSON in ``out_dir/slides``."""
+    rows = []
+    for j in sorted((out_dir / "slides").glob("*.json")):
+        d = json.loads(j.read_text())
+        acc = d.get("accounting", {})
+        rows.append(
+            [j.stem, d["slide"], f"{d['probability']:.6f}", d["label"], f"{d['seconds']:.4f}",
+             acc.get("pixels_read", ""), acc.get("values_fed", "")]
+        )
+    path = out_dir / "predictions.csv"
+    text = "".join(",".join(_csv_cell(c) for c in row) + "\n" for row in [PREDICTION_COLUMNS, *rows])
+    _atomic_write(path, text)
+    return path
+
+
+@dataclass
+class RunSummary:
+    total: int = 0
+    skipped: int = 0
+    predicted: int = 0
+    failed: int = 0
+    errors: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def all_failed(self) -> bool:
+        """True when there was work and none of it succeeded (the CLI exits non-zero then)."""
+        todo = self.total - self.skipped
+        return todo > 0 and self.predicted == 0
+
+
+def shard(items: Sequence[Path], rank: int, world: int) -> list[Path]:
+    """Rank ``rank`` of ``world`` takes every ``world``-th slide: disjoint, together complete."""
+    return list(items[rank::world])
+
+
+def _open(path: Path, backend: str) -> tuple[Path, object]:
+    try:
+        return path, open_slide(path, backend)
+    except Exception as exc:  # reported per slide, never fatal
+        return path, exc
+
+
+def predict_many(
+    model: MagNet,
+    slides: Sequence[Path],
+    out_dir: str | os.PathLike,
+    *,
+    batch_size: int = 1,
+    workers: int = 4,
+    backend: str = "auto",
+    explain: bool = False,
+    retry_errors: bool = False,
+    rank: int = 0,
+    world: int = 1,
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> RunSummary:
+    """Predict every slide in ``slides`` (this rank's shard of it) into ``out_dir``; see module doc."""
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}")
+    out = Path(out_dir)
+    (out / "slides").mkdir(parents=True, exist_ok=True)
+    errors_path = out / ("errors.csv" if world == 1 else f"errors.rank{rank}.csv")
+    known_errors = {} if retry_errors else _all_errors(out)
+    mine = shard(slides, rank, world)
+    summary = RunSummary(total=len(mine))
+    todo = []
+    for p in mine:
+        key = slide_key(p)
+        if (out / "slides" / f"{key}.json").is_file() or key in known_errors:
+            summary.skipped += 1
+        else:
+            todo.append(p)
+    new_errors = read_errors(errors_path) if not retry_errors else {}
+    model.eval()
+    batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+    iterator: Iterable = progress(batches) if progress is not None else batches
+    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="magnet-open")
+    ahead: deque = deque()
+
+    def submit(i: int) -> None:
+        if i < len(batches):
+            ahead.append([pool.submit(_open, p, backend) for p in batches[i]])
+
+    try:
+        for i in range(PREFETCH_BATCHES):  # open the next slides while the current batch runs
+            submit(i)
+        for i, _ in enumerate(iterator):
+            opened = [f.result() for f in ahead.popleft()]
+            submit(i + PREFETCH_BATCHES)
+            good = []
+            for path, src in opened:
+                if isinstance(src, Exception):
+                    _record_error(new_errors, path, src, summary)
+                else:
+                    good.append((path, src))
+            if good:
+                _predict_batch(model, good, out, explain, new_errors, summary)
+            if new_errors:
+                write_errors(errors_path, new_errors)
+    finally:
+        pool.shutdown(wait=True)
+    if world == 1:
+        write_predictions_csv(out)
+    return summary
+
+
+def _all_errors(out: Path) -> dict[str, dict[str, str]]:
+    rows = read_errors(out / "errors.csv")
+    for extra in out.glob("errors.rank*.csv"):
+        rows.update(read_errors(extra))
+    return rows
+
+
+def _record_error(errors: dict, path: Path, exc: BaseException, summary: RunSummary) -> None:
+    key = slide_key(path)
+    errors[key] = {"key": key, "path": str(path), "error": type(exc).__name__, "message": str(exc)}
+    summary.failed += 1
+    summary.errors[str(path)] = f"{type(exc).__name__}: {exc}"
+    log.warning("skipping %s: %s: %s", path, type(exc).__name__, exc)
+
+
+def _predict_batch(model: MagNet, opened, out: Path, explain: bool, errors: dict, summary: RunSummary) -> None:
+    labels = model.config.labels
+    start = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            result = model([SlideFetcher(src, model.config.grey_threshold) for _, src in opened])
+    except (SlideError, OSError, ValueError) as exc:
+        if len(opened) == 1:
+            path, src = opened[0]
+            _record_error(errors, path, exc, summary)
+            src.close()
+            return
+        for item in opened:  # find the bad slide(s): one by one
+            _predict_batch(model, [item], out, explain, errors, summary)
+        return
+    seconds = (time.perf_counter() - start) / len(opened)
+    for i, (path, src) in enumerate(opened):
+        prob = float(result.probs[i])
+        pred = Prediction(
+            slide=str(path),
+            probability=prob,
+            label=labels[1] if prob >= 0.5 else labels[0],
+            aux_probabilities={},
+            tree=result.trees[i],
+            accounting=result.accounting[i],
+            seconds=seconds,
+            final_patches=result.final_patches[i].detach().cpu(),
+        )
+        key = slide_key(path)
+        if explain:
+            from magnet_zoo.explain import save_explanation, write_geojson
+
+            save_explanation(src, pred, out / "slides" / f"{key}.png")
+            write_geojson(pred.tree, out / "slides" / f"{key}.geojson", slide=str(path))
+        _atomic_write(out / "slides" / f"{key}.json", json.dumps(pred.to_dict(), indent=1))
+        summary.predicted += 1
+        src.close()
+
+
+def merge_rank_outputs(out_dir: str | os.PathLike) -> Path:
+    """After every rank finished: one ``errors.csv`` and one ``predictions.csv`` for the folder."""
+    out = Path(out_dir)
+    rows = _all_errors(out)
+    write_errors(out / "errors.csv", rows)
+    for extra in out.glob("errors.rank*.csv"):
+        extra.unlink()
+    if not rows:
+        (out / "errors.csv").unlink(missing_ok=True)
+    return write_predictions_csv(out)
