@@ -59,8 +59,14 @@ def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
 class OpenSlideSource(BaseSource):
     backend = "openslide"
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, tile_cache_bytes: int | None = None) -> None:
+        """``tile_cache_bytes=None`` shares one process-wide tile cache; a number gives this handle its own."""
         self._path = str(path)
+        self._private_cache = (
+            openslide.OpenSlideCache(tile_cache_bytes)
+            if tile_cache_bytes is not None and hasattr(openslide, "OpenSlideCache")
+            else None
+        )
         self._name = self._path
         self._lock = threading.Lock()
         self._slide = self._open()
@@ -89,7 +95,7 @@ class OpenSlideSource(BaseSource):
                 f"{self._path}: OpenSlide could not open it ({exc}); the file may be truncated or damaged - "
                 "re-export or re-copy it"
             ) from exc
-        cache = _shared_cache()
+        cache = self._private_cache if self._private_cache is not None else _shared_cache()
         if cache is not None:
             slide.set_cache(cache)
         return slide
