@@ -1,0 +1,595 @@
+"""Checkpoints and the Hub: save/load round trips, strict loading, model cards, and downloads from a
+local stand-in for the Hugging Face Hub (``tests/hub_server.py``) — no internet needed."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import magnet_zoo
+from magnet_zoo import registry
+from magnet_zoo.config import CONFIG_VERSION
+from magnet_zoo.hub import (
+    CARD_TEMPLATE,
+    CardData,
+    CheckpointError,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    HubError,
+    InvalidRepoIdError,
+    NoPretrainedWeightsError,
+    UnsupportedCheckpointVersionError,
+    load_pretrained,
+    parse_repo_spec,
+    push_to_hub,
+    save_pretrained,
+)
+from magnet_zoo.hub.card import card_metadata, to_yaml
+from tests.conftest import tissue_image
+from tests.hub_server import FakeHub, hub_environment, point_huggingface_hub_at
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MODEL_CARDS = REPO_ROOT / "model_cards"
+REPO = "org/name"
+CARD = {
+    "model_name": REPO,
+    "datasets": ["synthmets"],
+    "training_data": "SynthMets: 64 procedural slides, half with tumour-like regions.",
+    "reproduce": "magnet-zoo train --data labels.csv --model magnet2_tiny --out DIR",
+}
+METRICS = {"roc_auc": 0.84, "accuracy": 0.77}
+TRAINING = {"optimizer": "Adam", "lr": 3e-5, "epochs": 2}
+
+
+# --------------------------------------------------------------------------- shared fixtures
+@pytest.fixture(scope="module")
+def slide() -> magnet_zoo.ArraySource:
+    return magnet_zoo.ArraySource(tissue_image(400, 320, seed=3), name="synthetic")
+
+
+@pytest.fixture(scope="module")
+def model() -> magnet_zoo.MagNet:
+    torch.manual_seed(0)
+    return magnet_zoo.create_model("magnet2_tiny").eval()
+
+
+@pytest.fixture(scope="module")
+def saved(model, tmp_path_factory) -> Path:
+    return save_pretrained(
+        model, tmp_path_factory.mktemp("ckpt") / "magnet", card_data=CARD, metrics=METRICS, training=TRAINING
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(model, slide) -> magnet_zoo.Prediction:
+    return magnet_zoo.predict_slide(model, slide)
+
+
+@pytest.fixture(scope="module")
+def old_model(model) -> magnet_zoo.MagNet:
+    """Other weights for the same network: the "older commit" of the Hub tests."""
+    old = copy.deepcopy(model)
+    with torch.no_grad():
+        old.classifier.mlp[-1].bias.add_(2.0)
+    return old
+
+
+@pytest.fixture(scope="module")
+def old_saved(old_model, tmp_path_factory) -> Path:
+    return save_pretrained(old_model, tmp_path_factory.mktemp("ckpt_old") / "magnet", card_data=CARD)
+
+
+@pytest.fixture
+def no_unpickling(monkeypatch):
+    """Fail the test if anything tries to unpickle while it runs."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a checkpoint loader tried to unpickle")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+def assert_same_prediction(a: magnet_zoo.Prediction, b: magnet_zoo.Prediction) -> None:
+    assert a.probability == b.probability
+    assert a.label == b.label
+    assert a.aux_probabilities == b.aux_probabilities
+    assert [n.box for n in a.tree] == [n.box for n in b.tree]
+    assert torch.equal(a.final_patches, b.final_patches)
+
+
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+# --------------------------------------------------------------------------- local round trip
+def test_round_trip_gives_identical_outputs(model, saved, slide, reference, no_unpickling):
+    loaded = load_pretrained(saved)
+    assert not loaded.training
+    assert_same_weights(model, loaded)
+    assert loaded.config == model.config.replace(backbone_pretrained=False)
+    assert_same_prediction(reference, magnet_zoo.predict_slide(loaded, slide))
+    assert_same_weights(model, load_pretrained(str(saved)))  # a str path works too
+
+
+def test_checkpoint_folder_layout(model, saved):
+    assert sorted(p.name for p in saved.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    config = json.loads((saved / "config.json").read_text())
+    assert config["config_version"] == CONFIG_VERSION
+    assert config["magnet_zoo_version"] == magnet_zoo.__version__
+    assert config["model"] == model.config.to_dict()
+    io = config["io"]
+    assert io["input_size"] == 56 and io["final_patch_size"] == 64 and io["grey_threshold"] == 15
+    assert io["labels"] == ["normal", "tumour"]
+    assert set(io["normalisation"]) == {"classifier.backbone", "aux_heads.1.backbone", "aux_heads.2.backbone"}
+    assert io["normalisation"]["classifier.backbone"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    weights = load_file(str(saved / "model.safetensors"))
+    assert weights.keys() == model.state_dict().keys()
+
+
+def test_recorded_normalisation_is_used(saved, tmp_path):
+    ckpt = copy_checkpoint(saved, tmp_path / "ckpt")
+    config = json.loads((ckpt / "config.json").read_text())
+    config["io"]["normalisation"]["classifier.backbone"]["mean"] = [0.5, 0.5, 0.5]
+    (ckpt / "config.json").write_text(json.dumps(config))
+    loaded = load_pretrained(ckpt)
+    assert loaded.classifier.backbone.mean.flatten().tolist() == [0.5, 0.5, 0.5]
+
+
+def test_training_mode_and_device(saved):
+    loaded = load_pretrained(saved, device=torch.device("cpu"))
+    assert next(loaded.parameters()).device.type == "cpu"
+    assert not loaded.training
+
+
+# --------------------------------------------------------------------------- broken checkpoints
+def _drop_key(weights: dict[str, torch.Tensor]) -> str:
+    key = "classifier.mlp.0.weight"
+    del weights[key]
+    return key
+
+
+def _extra_key(weights: dict[str, torch.Tensor]) -> str:
+    key = "classifier.extra.weight"
+    weights[key] = torch.zeros(3)
+    return key
+
+
+def _wrong_shape(weights: dict[str, torch.Tensor]) -> str:
+    key = "classifier.mlp.0.weight"
+    weights[key] = torch.zeros(7, 5)
+    return key
+
+
+@pytest.mark.parametrize(
+    ("edit", "attribute"), [(_drop_key, "missing"), (_extra_key, "unexpected"), (_wrong_shape, "mismatched")]
+)
+def test_strict_loading_names_the_bad_tensor(saved, tmp_path, edit, attribute, no_unpickling):
+    ckpt = copy_checkpoint(saved, tmp_path / "ckpt")
+    weights = load_file(str(ckpt / "model.safetensors"))
+    key = edit(weights)
+    save_file(weights, str(ckpt / "model.safetensors"))
+    with pytest.raises(CheckpointMismatchError) as info:
+        load_pretrained(ckpt)
+    message = str(info.value)
+    assert key in message and "model.safetensors" in message
+    found = getattr(info.value, attribute)
+    assert [item[0] if isinstance(item, tuple) else item for item in found] == [key]
+    if attribute == "mismatched":
+        assert "[7, 5]" in message and "[64, 64]" in message
+
+
+def test_truncated_weights_are_refused(saved, tmp_path, no_unpickling):
+    ckpt = copy_checkpoint(saved, tmp_path / "ckpt")
+    data = (ckpt / "model.safetensors").read_bytes()
+    (ckpt / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*truncated"):
+        load_pretrained(ckpt)
+
+
+@pytest.mark.parametrize("where", ["top", "model"])
+def test_future_config_version_is_refused(saved, tmp_path, where):
+    ckpt = copy_checkpoint(saved, tmp_path / "ckpt")
+    config = json.loads((ckpt / "config.json").read_text())
+    if where == "top":
+        config["config_version"] = CONFIG_VERSION + 1
+        config["magnet_zoo_version"] = "9.0.0"
+    else:
+        config["model"]["version"] = CONFIG_VERSION + 1
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedCheckpointVersionError) as info:
+        load_pretrained(ckpt)
+    message = str(info.value)
+    assert "config.json" in message and str(CONFIG_VERSION + 1) in message
+    assert "pip install -U magnet-zoo" in message
+
+
+def test_inconsistent_or_foreign_config_is_refused(saved, tmp_path):
+    ckpt = copy_checkpoint(saved, tmp_path / "ckpt")
+    config = json.loads((ckpt / "config.json").read_text())
+    config["io"]["input_size"] = 112
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"io\.input_size = 112 but model\.input_size = 56"):
+        load_pretrained(ckpt)
+    (ckpt / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
+    with pytest.raises(CheckpointError, match="not a magnet_zoo checkpoint"):
+        load_pretrained(ckpt)
+    (ckpt / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not readable JSON"):
+        load_pretrained(ckpt)
+
+
+def test_pickled_weights_are_never_loaded(saved, tmp_path, no_unpickling):
+    ckpt = copy_checkpoint(saved, tmp_path / "ckpt")
+    (ckpt / "model.safetensors").unlink()
+    (ckpt / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(CheckpointNotFoundError, match=r"no model\.safetensors.*pytorch_model\.bin.*never unpickles"):
+        load_pretrained(ckpt)
+
+
+def test_folder_without_config_or_missing_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointNotFoundError, match=r"has no config\.json.*save_pretrained"):
+        load_pretrained(tmp_path / "empty")
+    with pytest.raises(CheckpointNotFoundError, match="no checkpoint folder"):
+        load_pretrained(str(tmp_path / "missing"))
+    with pytest.raises(InvalidRepoIdError, match="revision"):
+        load_pretrained(tmp_path / "empty", revision="main")
+
+
+def test_registered_name_without_weights_says_how_to_train():
+    with pytest.raises(NoPretrainedWeightsError) as info:
+        load_pretrained("magnet2_tiny")
+    message = str(info.value)
+    assert "No pretrained weights" in message
+    assert "magnet-zoo train --data labels.csv --model magnet2_tiny.scratch --out DIR" in message
+    assert "load_pretrained('DIR')" in message and "org/name" in message
+
+
+def test_unknown_name_suggests_close_names():
+    with pytest.raises(CheckpointNotFoundError, match="Did you mean 'magnet2_tiny'"):
+        load_pretrained("magnet2_tiyn")
+    with pytest.raises(InvalidRepoIdError):
+        load_pretrained("not a/valid--repo")
+
+
+@pytest.mark.parametrize(
+    ("spec", "revision", "expected"),
+    [
+        ("org/name", None, ("org/name", None)),
+        ("hf-hub:org/name", None, ("org/name", None)),
+        ("hf-hub:org/name@v1", None, ("org/name", "v1")),
+        ("org/my.model_v-2@" + "a" * 40, None, ("org/my.model_v-2", "a" * 40)),
+        ("org/name", "dev", ("org/name", "dev")),
+    ],
+)
+def test_parse_repo_spec(spec, revision, expected):
+    assert parse_repo_spec(spec, revision) == expected
+
+
+@pytest.mark.parametrize("spec", ["name", "a/b/c", "org/na--me", "org/..", "org/", "-org/name", "org/name.git", ""])
+def test_parse_repo_spec_refuses_bad_ids(spec):
+    with pytest.raises(InvalidRepoIdError):
+        parse_repo_spec(spec)
+
+
+def test_parse_repo_spec_refuses_conflicting_revisions():
+    with pytest.raises(InvalidRepoIdError, match="also given"):
+        parse_repo_spec("org/name@v1", "v2")
+
+
+# --------------------------------------------------------------------------- the Hub, served locally
+@pytest.fixture
+def hub(saved, old_saved, tmp_path, monkeypatch):
+    """A local Hub with ``org/name``: an older commit, then ``main``; huggingface_hub points at it."""
+    server = FakeHub()
+    old_sha = server.add_commit(REPO, old_saved, message="first weights")
+    new_sha = server.add_commit(REPO, saved, message="better weights")
+    server.add_commit("org/pickled", {"config.json": (saved / "config.json").read_bytes(), "pytorch_model.bin": b"x"})
+    endpoint = server.start()
+    point_huggingface_hub_at(monkeypatch, endpoint, tmp_path / "hf_home")
+    server.old_sha, server.new_sha = old_sha, new_sha
+    yield server
+    server.stop()
+
+
+def test_hub_load_gives_identical_outputs(hub, model, slide, reference, no_unpickling):
+    loaded = load_pretrained(REPO)
+    assert_same_weights(model, loaded)
+    assert_same_prediction(reference, magnet_zoo.predict_slide(loaded, slide))
+    assert ("GET", f"/api/models/{REPO}/revision/main") in hub.requests
+    assert any(path.startswith("/cdn/") for _, path in hub.requests)  # the LFS redirect was followed
+    # "hf-hub:" names the same repo; its files now come from the cache (no second weights download).
+    downloads = sum(path.startswith("/cdn/") for _, path in hub.requests)
+    assert_same_weights(model, load_pretrained(f"hf-hub:{REPO}"))
+    assert sum(path.startswith("/cdn/") for _, path in hub.requests) == downloads
+
+
+def test_pinned_revision_loads_older_weights(hub, model, old_model, monkeypatch):
+    assert_same_weights(old_model, load_pretrained(REPO, revision=hub.old_sha))
+    assert_same_weights(old_model, load_pretrained(f"{REPO}@{hub.old_sha}"))
+    assert ("GET", f"/api/models/{REPO}/revision/{hub.old_sha}") in hub.requests
+
+    # A registry name pins the revision the same way.
+    tag = registry.ModelTag("demo weights", hub_repo=REPO, hub_revision=hub.old_sha)
+    arch = registry.ModelArch(model.config, "test entry", {"demo": tag}, "demo")
+    monkeypatch.setitem(registry._REGISTRY, "magnet_hubtest", arch)
+    assert_same_weights(old_model, load_pretrained("magnet_hubtest"))
+    assert_same_weights(model, load_pretrained("magnet_hubtest.demo", revision="main"))
+
+
+def test_offline_cache_hit_with_server_stopped(hub, model, old_model, tmp_path, monkeypatch, no_unpickling):
+    load_pretrained(REPO)
+    load_pretrained(REPO, revision=hub.old_sha)
+    hub.stop()
+    requests = len(hub.requests)
+    point_huggingface_hub_at(monkeypatch, None, tmp_path / "hf_home", offline=True)
+    assert_same_weights(model, load_pretrained(REPO))
+    assert_same_weights(old_model, load_pretrained(REPO, revision=hub.old_sha))
+    assert len(hub.requests) == requests
+    with pytest.raises(HubError, match=r"not in the Hugging Face cache.*hf download org/name --revision v9"):
+        load_pretrained(REPO, revision="v9")
+
+
+def test_hub_errors_name_the_repo(hub):
+    with pytest.raises(HubError, match="org/missing was not found"):
+        load_pretrained("org/missing")
+    with pytest.raises(HubError, match="no revision 'nope'"):
+        load_pretrained(REPO, revision="nope")
+    with pytest.raises(HubError, match=r"org/pickled@main has no model\.safetensors.*never unpickles"):
+        load_pretrained("org/pickled")
+
+
+def _hf_executable() -> Path:
+    bindir = Path(sys.executable).parent
+    for name in ("hf", "hf.exe"):
+        if (bindir / name).is_file():
+            return bindir / name
+    pytest.skip(f"the `hf` command line of huggingface_hub is not installed next to {sys.executable}")
+
+
+def test_hf_download_cli_then_load_folder(hub, model, old_model, tmp_path, no_unpickling):
+    env = {**os.environ, **hub_environment(hub.endpoint, tmp_path / "cli_home")}
+    for key in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        env.pop(key, None)
+    hf = _hf_executable()
+    out = tmp_path / "downloaded"
+    result = subprocess.run(
+        [str(hf), "download", REPO, "--local-dir", str(out)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert ("GET", f"/api/models/{REPO}/revision/main") in hub.requests  # the CLI talked to the local Hub
+    assert {"config.json", "model.safetensors", "README.md"} <= {p.name for p in out.iterdir()}
+    assert_same_weights(model, load_pretrained(out))
+
+    pinned = tmp_path / "pinned"
+    result = subprocess.run(
+        [str(hf), "download", REPO, "--revision", hub.old_sha, "--local-dir", str(pinned)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert_same_weights(old_model, load_pretrained(pinned))
+
+
+def test_offline_process_loads_what_hf_download_cached(hub, model, tmp_path):
+    """Environment variables alone (read when huggingface_hub is imported) make a fresh process load
+    from the cache that `hf download` filled, without a single request."""
+    env = {**os.environ, **hub_environment(hub.endpoint, tmp_path / "cli_home")}
+    for key in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        env.pop(key, None)
+    result = subprocess.run(
+        [str(_hf_executable()), "download", REPO], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    requests = len(hub.requests)
+    env["HF_HUB_OFFLINE"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
+    code = (
+        "from magnet_zoo import load_pretrained; m = load_pretrained('org/name'); "
+        "print(repr(float(m.classifier.mlp[-1].bias.detach().sum())), m.training)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [repr(float(model.classifier.mlp[-1].bias.detach().sum())), "False"]
+    assert len(hub.requests) == requests
+
+
+# --------------------------------------------------------------------------- push (no real Hub here)
+class RecordingHfApi:
+    """Stands in for ``huggingface_hub.HfApi``: records calls, keeps a copy of the uploaded folder."""
+
+    calls: list[tuple[str, dict]] = []
+    uploads: list[Path] = []
+    keep_dir: Path
+    fail_with: Exception | None = None
+
+    def __init__(self, token=None, **kwargs):
+        self.calls.append(("__init__", {"token": token}))
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
+        if self.fail_with is not None:
+            raise self.fail_with
+        return f"https://hub.example/{repo_id}"
+
+    def create_branch(self, repo_id, **kwargs):
+        self.calls.append(("create_branch", {"repo_id": repo_id, **kwargs}))
+
+    def upload_folder(self, **kwargs):
+        self.calls.append(("upload_folder", kwargs))
+        kept = self.keep_dir / f"upload{len(self.uploads)}"
+        shutil.copytree(kwargs["folder_path"], kept)
+        self.uploads.append(kept)
+        return "commit-info"
+
+
+@pytest.fixture
+def fake_api(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    RecordingHfApi.calls, RecordingHfApi.uploads = [], []
+    RecordingHfApi.keep_dir, RecordingHfApi.fail_with = tmp_path, None
+    monkeypatch.setattr(huggingface_hub, "HfApi", RecordingHfApi)
+    return RecordingHfApi
+
+
+def test_push_to_hub_creates_repo_branch_and_uploads_a_loadable_folder(fake_api, model):
+    result = push_to_hub(model, "hf-hub:org/name", revision="dev", private=True, metrics=METRICS, token="tok")
+    assert result == "commit-info"
+    names = [name for name, _ in fake_api.calls]
+    assert names == ["__init__", "create_repo", "create_branch", "upload_folder"]
+    calls = dict(fake_api.calls)
+    assert calls["__init__"] == {"token": "tok"}
+    assert calls["create_repo"] == {"repo_id": REPO, "private": True, "repo_type": "model", "exist_ok": True}
+    assert calls["create_branch"]["branch"] == "dev" and calls["create_branch"]["exist_ok"] is True
+    assert calls["upload_folder"]["repo_id"] == REPO and calls["upload_folder"]["revision"] == "dev"
+    assert "magnet_zoo" in calls["upload_folder"]["commit_message"]
+    uploaded = fake_api.uploads[0]
+    assert sorted(p.name for p in uploaded.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert_same_weights(model, load_pretrained(uploaded))
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(uploaded / "README.md")
+    assert card.data.metrics == list(METRICS) and f"# {REPO}" in card.text
+
+
+def test_push_to_main_creates_no_branch(fake_api, model):
+    push_to_hub(model, REPO, commit_message="weights v1")
+    names = [name for name, _ in fake_api.calls]
+    assert "create_branch" not in names
+    assert dict(fake_api.calls)["upload_folder"]["commit_message"] == "weights v1"
+
+
+@pytest.mark.parametrize(
+    ("repo_id", "revision"), [("bad repo", None), ("org/na--me", None), ("a/b/c", None), (REPO, "a" * 40)]
+)
+def test_push_to_hub_refuses_bad_ids_before_any_call(fake_api, model, repo_id, revision):
+    with pytest.raises(InvalidRepoIdError):
+        push_to_hub(model, repo_id, revision=revision)
+    assert fake_api.calls == []
+
+
+def test_push_to_hub_wraps_hub_errors(fake_api, model):
+    import httpx
+    from huggingface_hub.utils import HfHubHTTPError
+
+    response = httpx.Response(403, request=httpx.Request("POST", "https://hub.example/api/repos/create"))
+    fake_api.fail_with = HfHubHTTPError("403 Forbidden", response=response)
+    with pytest.raises(HubError, match=r"pushing to org/name@main .* failed.*hf auth login"):
+        push_to_hub(model, REPO)
+
+
+# --------------------------------------------------------------------------- model cards
+def _check_card(card, *, where: str) -> None:
+    data = card.data
+    assert data.library_name == "magnet-zoo", where
+    assert data.license, where
+    assert "magnet-zoo" in (data.tags or []), where
+    assert "not for clinical use" in card.text.lower(), where
+    assert "## I/O contract" in card.text and "## Training data" in card.text, where
+
+
+def test_saved_card_is_a_valid_hub_card(saved):
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(saved / "README.md")
+    _check_card(card, where=str(saved))
+    assert card.data.datasets == ["synthmets"]
+    assert card.data.metrics == ["roc_auc", "accuracy"]
+    results = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert results == METRICS
+    text = card.text
+    assert CARD["reproduce"] in text and CARD["training_data"] in text
+    assert "| lr | `3e-05` |" in text and "| grey filter |" in text
+
+
+def test_minimal_card_is_valid(model, tmp_path):
+    from huggingface_hub import ModelCard
+
+    folder = save_pretrained(model, tmp_path / "plain")
+    card = ModelCard.load(folder / "README.md")
+    _check_card(card, where="minimal")
+    assert card.data.metrics is None and card.data.eval_results is None
+
+
+def test_every_card_in_model_cards_parses():
+    from huggingface_hub import ModelCard
+
+    cards = sorted(p for p in MODEL_CARDS.glob("*.md") if p.name not in {"README.md", "TEMPLATE.md"})
+    for path in cards:
+        _check_card(ModelCard.load(path), where=str(path))
+    # every registered model with weights has its card
+    for name in registry.list_models():
+        if registry.resolve(name)[3].hub_repo:
+            assert (MODEL_CARDS / f"{name}.md").is_file(), f"{name} has published weights but no model card"
+
+
+def test_model_cards_template_is_the_packaged_one():
+    assert (MODEL_CARDS / "TEMPLATE.md").read_text(encoding="utf-8") == CARD_TEMPLATE, (
+        "model_cards/TEMPLATE.md differs from magnet_zoo.hub.card.CARD_TEMPLATE; see model_cards/README.md"
+    )
+
+
+def test_card_metadata_yaml_round_trips():
+    import yaml
+
+    card = CardData(
+        model_name='org/odd "name": ü',
+        datasets=("camelyon16", "camelyon17"),
+        tags=("breast", "lymph-node"),
+        metrics={"roc_auc": 0.84},
+        metrics_dataset="camelyon16-test",
+    )
+    meta = card_metadata(card, card.model_name)
+    assert yaml.safe_load(to_yaml(meta)) == meta
+    assert meta["model-index"][0]["results"][0]["dataset"]["name"] == "camelyon16-test"
+
+
+def test_card_data_refuses_unknown_fields(model, tmp_path):
+    with pytest.raises(ValueError, match="unknown card_data fields: colour"):
+        save_pretrained(model, tmp_path / "x", card_data={"colour": "red"})
+
+
+def test_save_refuses_non_magnet(tmp_path):
+    with pytest.raises(TypeError, match="MagNet"):
+        save_pretrained(torch.nn.Linear(2, 2), tmp_path / "x")
+
+
+# --------------------------------------------------------------------------- packaging
+def test_top_level_exports():
+    assert magnet_zoo.load_pretrained is load_pretrained
+    assert magnet_zoo.save_pretrained is save_pretrained
+    assert magnet_zoo.push_to_hub is push_to_hub
+
+
+def test_importing_hub_errors_is_light():
+    code = (
+        "import sys; from magnet_zoo.hub import CheckpointError, NoPretrainedWeightsError, CardData; "
+        "heavy = [m for m in ('torch', 'huggingface_hub', 'timm') if m in sys.modules]; "
+        "assert not heavy, heavy"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
