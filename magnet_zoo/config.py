@@ -18,6 +18,8 @@ CONFIG_VERSION = 1
 
 SAMPLERS = ("linearized", "bilinear")
 ATTENTION_INITS = ("uniform", "random")
+TRANSLATIONS = ("tanh", "clamp")
+AUX_POOLINGS = ("mean", "per_patch")
 
 
 class ConfigError(ValueError):
@@ -48,6 +50,10 @@ class MagNetConfig:
     """Last 1x1 conv of each Branch stack: ``uniform`` (near-zero: the map starts uniform, looking at
     the whole view) or ``random`` (PyTorch's default init, as in the paper)."""
     attention_temperature: float = 1.0
+    translation: str = "tanh"
+    """How the expected position becomes the crop centre: ``tanh`` (paper eq. 2-3; centres beyond
+    ``tanh(1) = 0.76`` are unreachable) or ``clamp`` (the expected position itself, which always
+    lies inside the view)."""
     min_scale: float = 0.05
     max_scale: float = 1.0
 
@@ -56,6 +62,10 @@ class MagNetConfig:
     aux_layers: tuple[int, ...] = (1, 3)
     """Magnifying layers (1-based) whose patches feed an auxiliary head; the paradoxical loss
     compares the first two. Layers beyond the network's depth are dropped at build time."""
+    aux_pooling: str = "mean"
+    """How an auxiliary head turns a layer's patches into a slide logit: ``mean`` (average the
+    features, one linear layer) or ``per_patch`` (one logit per patch; the slide logit is their mean
+    and the auxiliary loss is the mean BCE over patches, so every patch must see the evidence)."""
     backbone_pretrained: bool = True
     gru_hidden: int = 512
     mlp_hidden: tuple[int, ...] = (512, 256)
@@ -119,6 +129,10 @@ class MagNetConfig:
             raise ConfigError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         if self.attention_init not in ATTENTION_INITS:
             raise ConfigError(f"attention_init must be one of {ATTENTION_INITS}, got {self.attention_init!r}")
+        if self.translation not in TRANSLATIONS:
+            raise ConfigError(f"translation must be one of {TRANSLATIONS}, got {self.translation!r}")
+        if self.aux_pooling not in AUX_POOLINGS:
+            raise ConfigError(f"aux_pooling must be one of {AUX_POOLINGS}, got {self.aux_pooling!r}")
         if not 0 < self.min_scale <= self.max_scale <= 1:
             raise ConfigError(
                 f"need 0 < min_scale <= max_scale <= 1, got min_scale={self.min_scale}, "

@@ -52,12 +52,14 @@ def attention_to_affine(
     min_scale: float = 0.05,
     max_scale: float = 1.0,
     temperature: float = 1.0,
+    translation: str = "tanh",
 ) -> Affine:
     """Turn attention logit maps ``(..., H, W)`` into crop parameters.
 
     entmax-1.5 over all ``H * W`` positions gives a sparse probability map ``p``. Translation is
     ``tanh(E_p[x])``, ``tanh(E_p[y])``; scale is ``E_p[|x - E x| + |y - E y|]``, bounded so the crop
-    stays inside the view and clamped to ``[min_scale, max_scale]``.
+    stays inside the view and clamped to ``[min_scale, max_scale]``. ``translation="clamp"`` uses the
+    expected position itself (it always lies in the view) instead of its ``tanh``.
     """
     *lead, h, w = logits.shape
     flat = logits.reshape(*lead, h * w).float() / temperature
@@ -69,8 +71,12 @@ def attention_to_affine(
     mean_x = (px * xs).sum(-1)
     mean_y = (py * ys).sum(-1)
     spread = (px * (xs - mean_x.unsqueeze(-1)).abs()).sum(-1) + (py * (ys - mean_y.unsqueeze(-1)).abs()).sum(-1)
-    tx = torch.tanh(mean_x)
-    ty = torch.tanh(mean_y)
+    if translation == "tanh":
+        tx, ty = torch.tanh(mean_x), torch.tanh(mean_y)
+    elif translation == "clamp":
+        tx, ty = mean_x.clamp(-1, 1), mean_y.clamp(-1, 1)
+    else:
+        raise ValueError(f"translation must be 'tanh' or 'clamp', got {translation!r}")
     scale = torch.minimum(spread, 1 - torch.maximum(tx.abs(), ty.abs()))
     scale = scale.clamp(min_scale, max_scale)
     return Affine(scale=scale, tx=tx, ty=ty, probs=probs)

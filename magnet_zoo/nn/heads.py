@@ -91,3 +91,10 @@ class AuxiliaryHead(nn.Module):
         b, n = patches.shape[:2]
         features = self.backbone(patches.flatten(0, 1)).view(b, n, -1)
         return self.fc(features.mean(1)).squeeze(-1)
+
+    def patch_logits(self, patches: torch.Tensor) -> torch.Tensor:
+        """One logit per patch, ``(B, N)`` (``aux_pooling="per_patch"``): the same backbone and linear
+        layer, with the pooling moved after the linear layer so that every patch gets its own loss."""
+        b, n = patches.shape[:2]
+        features = self.backbone(patches.flatten(0, 1)).view(b, n, -1)
+        return self.fc(features).squeeze(-1)

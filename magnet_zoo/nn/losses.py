@@ -3,7 +3,8 @@
 * L1, paradoxical: ``mean(max(P_a - P_b, 0))`` where ``P_a`` and ``P_b`` are the probabilities the
   first and second auxiliary heads (layers 1 and 3 by default) give to the *true* class: looking
   closer should never make the prediction worse.
-* L2, auxiliary: binary cross-entropy of every auxiliary head, averaged over heads.
+* L2, auxiliary: binary cross-entropy of every auxiliary head, averaged over heads (with per-patch
+  auxiliary logits, the BCE of every patch against the slide label, averaged over patches).
 * L3, classifier: binary cross-entropy of the classifier.
 
 The total is ``L1 + L2 + L3`` over the enabled terms. (The paper writes L2 without the minus sign;
@@ -48,16 +49,20 @@ def magnet_loss(
     paradoxical: bool = True,
     auxiliary: bool = True,
     classifier: bool = True,
+    aux_patch_logits: dict[int, torch.Tensor] | None = None,
 ) -> LossTerms:
     """Combine the enabled terms. ``logits`` ``(B,)``, ``aux_logits`` ``{layer: (B,)}``, ``targets`` ``(B,)``."""
     targets = targets.to(logits.dtype)
     zero = logits.new_zeros(())
     heads = [aux_logits[k].float() for k in sorted(aux_logits)]
     l1 = paradoxical_loss(heads[0], heads[1], targets) if paradoxical and len(heads) >= 2 else zero
-    l2 = (
-        torch.stack([F.binary_cross_entropy_with_logits(h, targets) for h in heads]).mean()
-        if auxiliary and heads
-        else zero
-    )
+    if aux_patch_logits:
+        per_head = [
+            F.binary_cross_entropy_with_logits(v.float(), targets[:, None].expand_as(v))
+            for _, v in sorted(aux_patch_logits.items())
+        ]
+    else:
+        per_head = [F.binary_cross_entropy_with_logits(h, targets) for h in heads]
+    l2 = torch.stack(per_head).mean() if auxiliary and per_head else zero
     l3 = F.binary_cross_entropy_with_logits(logits.float(), targets) if classifier else zero
     return LossTerms(total=l1 + l2 + l3, paradoxical=l1, auxiliary=l2, classifier=l3)

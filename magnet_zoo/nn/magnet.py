@@ -51,6 +51,8 @@ class MagNetOutput:
     """The classifier's input ``(B, N_final, 3, S, S)`` in tree order."""
     crops: dict[int, torch.Tensor] = field(default_factory=dict)
     """Crops produced by each layer, ``(B, N_l * P_l, 3, s, s)``; kept for explanation and analysis."""
+    aux_patch_logits: dict[int, torch.Tensor] = field(default_factory=dict)
+    """With ``aux_pooling="per_patch"``: the auxiliary heads' logits per patch, each ``(B, N_l * P_l)``."""
 
     @property
     def probs(self) -> torch.Tensor:
@@ -154,6 +156,7 @@ class MagNet(nn.Module):
         affines: list[Affine] = []
         crops_by_layer: dict[int, torch.Tensor] = {}
         aux_logits: dict[int, torch.Tensor] = {}
+        aux_patch_logits: dict[int, torch.Tensor] = {}
         for layer_idx, layer in enumerate(self.layers, start=1):
             affine = layer(image)
             affines.append(affine)
@@ -161,7 +164,12 @@ class MagNet(nn.Module):
             crops = self._crop(iprime, affine, size)
             crops_by_layer[layer_idx] = crops
             if run_aux and str(layer_idx) in self.aux_heads:
-                aux_logits[layer_idx] = self.aux_heads[str(layer_idx)](crops)
+                head = self.aux_heads[str(layer_idx)]
+                if cfg.aux_pooling == "per_patch":
+                    aux_patch_logits[layer_idx] = head.patch_logits(crops)
+                    aux_logits[layer_idx] = aux_patch_logits[layer_idx].mean(1)
+                else:
+                    aux_logits[layer_idx] = head(crops)
 
             # Geometry of the children (no gradient: boxes only decide where to read).
             p = affine.scale.shape[-1]
@@ -215,6 +223,7 @@ class MagNet(nn.Module):
             affines=affines,
             final_patches=final,
             crops=crops_by_layer,
+            aux_patch_logits=aux_patch_logits,
         )
 
     def loss(self, output: MagNetOutput, targets: torch.Tensor) -> LossTerms:
@@ -227,4 +236,5 @@ class MagNet(nn.Module):
             paradoxical=cfg.loss_paradoxical,
             auxiliary=cfg.loss_auxiliary,
             classifier=cfg.loss_classifier,
+            aux_patch_logits=output.aux_patch_logits or None,
         )

@@ -27,6 +27,7 @@ class MagnifyingLayer(nn.Module):
         self.min_scale = config.min_scale
         self.max_scale = config.max_scale
         self.temperature = config.attention_temperature
+        self.translation = config.translation
         positions = [
             (n, p)
             for n in range(self.num_nodes)
@@ -65,6 +66,7 @@ class MagnifyingLayer(nn.Module):
                 min_scale=self.min_scale,
                 max_scale=self.max_scale,
                 temperature=self.temperature,
+                translation=self.translation,
             )
             where = (self.slot >= 0).nonzero().squeeze(1)
             src = self.slot[where]

@@ -1,0 +1,317 @@
+"""Learn-to-look experiment runner (issue 7): train and evaluate a grid of MagNet settings on FindIt.
+
+Every run builds a small MagNet (``magnet2_tiny`` plus config overrides), trains it on fresh FindIt
+images with :func:`magnet_zoo.tasks.train.train`, evaluates it on held-out images and writes one JSON
+row (settings, metrics, timings) plus a Fig. 5-style picture of a few test images with their crops.
+At the end it writes all rows to ``<out>/<grid>.json`` and a markdown table to ``<out>/<grid>.md``
+(per setting: median and worst seed).
+
+    PYTHONPATH=. python benchmarks/learn_to_look.py --grid target --out benchmarks/results
+    PYTHONPATH=. python benchmarks/learn_to_look.py --grid ablations --parallel 7 --threads 2
+
+Runs go to separate processes (``--parallel``), each limited to ``--threads`` CPU threads, so a
+grid on a 16-core machine runs 7 two-thread trainings at once; ``--device cuda`` trains on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import fnmatch
+import json
+import logging
+import math
+import multiprocessing as mp
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger("learn_to_look")
+
+RECIPE_CONFIG: dict[str, Any] = {}
+"""Config overrides of the recipe on top of ``magnet2_tiny`` (filled from the trainer module)."""
+
+
+def _recipe() -> tuple[dict[str, Any], dict[str, Any]]:
+    from magnet_zoo.tasks.train import RECIPE_CONFIG as cfg
+    from magnet_zoo.tasks.train import RECIPE_SETTINGS as st
+
+    return dict(cfg), dict(st)
+
+
+def run_spec(name: str, cfg: dict[str, Any] | None = None, st: dict[str, Any] | None = None,
+             task: dict[str, Any] | None = None, base_model: str = "magnet2_tiny") -> dict[str, Any]:
+    """One grid entry: ``name`` plus overrides of the recipe's config, settings and the task."""
+    rcfg, rst = _recipe()
+    rcfg.update(cfg or {})
+    rst.update(st or {})
+    return {"name": name, "model": base_model, "config": rcfg, "settings": rst, "task": dict(task or {})}
+
+
+def grid(name: str) -> list[dict[str, Any]]:
+    """Named grids of settings (seeds are added by the caller)."""
+    r = run_spec
+    if name == "target":
+        return [r("recipe")]
+    if name == "onepct":
+        return [r("recipe-1pct", task={"object_frac": 0.01})]
+    if name == "search":
+        return [
+            r("recipe"),
+            r("paper-like", cfg={"translation": "tanh"}, st={"max_scale_start": None, "curriculum_start": 1.0,
+                                                            "scale_weight": 0.0, "lr": 1e-3, "attention_lr": 1e-3}),
+            r("random-init", cfg={"attention_init": "random"}),
+            r("no-anneal", st={"max_scale_start": None}),
+            r("no-curriculum", st={"curriculum_start": 1.0}),
+            r("tanh", cfg={"translation": "tanh"}),
+            r("bilinear", cfg={"sampler": "bilinear"}),
+            r("att-lr-1e-4", st={"attention_lr": 1e-4}),
+            r("att-lr-3e-3", st={"attention_lr": 3e-3}),
+            r("prior-0.3", st={"max_scale_start": None, "scale_weight": 1.0}),
+            r("no-frozen", cfg={"frozen_patch": False}),
+            r("no-aux-par", cfg={"loss_auxiliary": False, "loss_paradoxical": False}),
+            r("patches-3-2", cfg={"patches": (3, 2)}),
+            r("max-scale-0.5", cfg={"max_scale": 0.5}),
+            r("temp-anneal", st={"temperature_start": 4.0}),
+        ]
+    if name == "patches":
+        return [
+            r("recipe, patches (1,2)", cfg={"patches": (1, 2)}),
+            r("recipe, patches (2,2)"),
+        ]
+    if name == "final":
+        return [
+            r("recipe"),
+            r("aux_pooling=mean", cfg={"aux_pooling": "mean"}),
+            r("attention lr 1e-3", st={"attention_lr": 1e-3}),
+            r("sampler=bilinear", cfg={"sampler": "bilinear"}),
+            r("translation=tanh", cfg={"translation": "tanh"}),
+            r("curriculum 4x->1x", st={"curriculum_start": 4.0, "curriculum_frac": 0.5}),
+            r("init=random", cfg={"attention_init": "random"}),
+            r("frozen_patch=off", cfg={"frozen_patch": False}),
+            r("recipe, object 1%", task={"object_frac": 0.01}),
+        ]
+    if name == "ablations":
+        return [
+            r("recipe"),
+            r("sampler=bilinear", cfg={"sampler": "bilinear"}),
+            r("init=random", cfg={"attention_init": "random"}),
+            r("frozen_patch=off", cfg={"frozen_patch": False}),
+            r("patches=(3,2)", cfg={"patches": (3, 2)}),
+            r("patches=(3,2,3)", cfg={"patches": (3, 2, 3), "aux_layers": (1, 3)}),
+            r("loss-paradoxical", cfg={"loss_paradoxical": False}),
+            r("loss-auxiliary", cfg={"loss_auxiliary": False, "loss_paradoxical": False}),
+            r("loss-classifier(aux only)", cfg={"loss_classifier": False}),
+            r("translation=tanh", cfg={"translation": "tanh"}),
+            r("no max_scale anneal", st={"max_scale_start": None}),
+            r("scale prior instead of anneal", st={"max_scale_start": None, "scale_weight": 1.0}),
+            r("temperature anneal 4->1", st={"temperature_start": 4.0}),
+            r("attention lr 3e-5 (paper)", st={"attention_lr": 3e-5}),
+            r("curriculum 4x->1x", st={"curriculum_start": 4.0, "curriculum_frac": 0.5}),
+        ]
+    raise SystemExit(f"unknown grid {name!r}")
+
+
+# ------------------------------------------------------------------------------------------ one run
+def picture(kept: list[Any], path: Path, image_px: int = 320) -> None:
+    """Fig. 5-style sheet: each row one test image (object box green, layer-1 crops blue, final crops
+    red) followed by its final patches as the classifier saw them."""
+    from PIL import Image, ImageDraw
+
+    rows = []
+    for smp, out, i in kept:
+        n = smp.image.shape[0]
+        k = image_px / n
+        img = Image.fromarray(smp.image).resize((image_px, image_px), Image.Resampling.BOX)
+        draw = ImageDraw.Draw(img)
+        x, y, w, h = smp.box
+        draw.rectangle([x * k - 2, y * k - 2, (x + w) * k + 2, (y + h) * k + 2], outline=(0, 200, 0), width=2)
+        last = max(node.layer for node in out.trees[i])
+        for node in out.trees[i]:
+            if node.layer == 0:
+                continue
+            bx, by, bw, bh = node.box
+            colour = (255, 0, 0) if node.layer == last else (0, 90, 255)
+            draw.rectangle([bx * k, by * k, (bx + bw) * k, (by + bh) * k], outline=colour, width=1)
+        patches = out.final_patches[i].detach().float().cpu().clamp(0, 1).numpy()
+        tiles = [Image.fromarray((p.transpose(1, 2, 0) * 255).astype(np.uint8)).resize((image_px // 2,) * 2)
+                 for p in patches]
+        row = Image.new("RGB", (image_px + len(tiles) * (image_px // 2 + 4), image_px), (255, 255, 255))
+        row.paste(img, (0, 0))
+        for j, t in enumerate(tiles):
+            row.paste(t, (image_px + 4 + j * (image_px // 2 + 4), 0))
+        rows.append(row)
+    if not rows:
+        return
+    sheet = Image.new("RGB", (max(r.width for r in rows), sum(r.height + 4 for r in rows)), (255, 255, 255))
+    yy = 0
+    for r in rows:
+        sheet.paste(r, (0, yy))
+        yy += r.height + 4
+    sheet.save(path)
+
+
+def run_one(job: dict[str, Any]) -> dict[str, Any]:
+    """Train and evaluate one (setting, seed); returns the JSON row. Runs in a worker process."""
+    import torch
+
+    from magnet_zoo.factory import create_model
+    from magnet_zoo.tasks.findit import FindItSpec, evaluate
+    from magnet_zoo.tasks.train import TrainSettings, eval_seeds, train
+
+    label = job["name"].replace("%", "%%")
+    logging.basicConfig(level=logging.INFO, format=f"[{label}/s{job['seed']}] %(message)s")
+    st = dict(job["settings"])
+    st["seed"] = job["seed"]
+    st["scale_target"] = tuple(st.get("scale_target", (0.3,)))
+    settings = TrainSettings(**st)
+    torch.set_num_threads(settings.threads or 2)
+    torch.manual_seed(job["seed"])
+    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in job["config"].items()}
+    model = create_model(job["model"], **cfg)
+    spec = FindItSpec(**job["task"])
+    t0 = time.perf_counter()
+    res = train(model, spec, settings)
+    ev, kept = evaluate(model, spec, eval_seeds(job["n_eval"]), keep_outputs=4)
+    row = {
+        "name": job["name"],
+        "seed": job["seed"],
+        "model": job["model"],
+        "config": model.config.to_dict(),
+        "settings": settings.to_dict(),
+        "task": spec.to_dict(),
+        "steps_done": res.steps_done,
+        "train_seconds": round(res.train_seconds, 1),
+        "total_seconds": round(time.perf_counter() - t0, 1),
+        "metrics": ev.as_dict(),
+        "interim": res.evals,
+        "final_train_loss": float(np.mean([h["total"] for h in res.history[-20:]])),
+        "threads": settings.threads,
+        "device": settings.device,
+    }
+    if job.get("pictures"):
+        pic = Path(job["pictures"]) / f"{_slug(job['name'])}_s{job['seed']}.png"
+        pic.parent.mkdir(parents=True, exist_ok=True)
+        picture(kept, pic)
+        row["picture"] = str(pic)
+    return row
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+# ------------------------------------------------------------------------------------------ tables
+def _fmt(v: float, nd: int = 2) -> str:
+    return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{nd}f}"
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: one line per setting, medians over seeds and the worst seed's values."""
+    by: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by.setdefault(row["name"], []).append(row)
+    head = (
+        "| setting | seeds | acc median (worst) | AUROC median | final-crop hit median (worst) | random-crop hit |"
+        " layer-1 hit | scale per layer (mean ± sd) | final side / image | steps | train s |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for name, rs in by.items():
+        m = [r["metrics"] for r in rs]
+        acc = [x["accuracy"] for x in m]
+        hit = [x["hit_rate"] for x in m]
+        au = [x["auroc"] for x in m]
+        rnd = [x["random_hit_rate"] for x in m]
+        l1 = [x["layer_hit_rate"].get("1", float("nan")) for x in m]
+        layers = sorted(m[0]["layer_scale_mean"])
+        scales = ", ".join(
+            f"{statistics.median(x['layer_scale_mean'][k] for x in m):.2f}±"
+            f"{statistics.median(x['layer_scale_std'][k] for x in m):.2f}"
+            for k in layers
+        )
+        side = statistics.median(x["final_side_frac"] for x in m)
+        lines.append(
+            f"| {name} | {len(rs)} | {_fmt(statistics.median(acc))} ({_fmt(min(acc))}) |"
+            f" {_fmt(statistics.median(au))} |"
+            f" {_fmt(statistics.median(hit))} ({_fmt(min(hit))}) | {_fmt(statistics.median(rnd), 3)} |"
+            f" {_fmt(statistics.median(l1))} | {scales} | {side:.3f} |"
+            f" {int(statistics.median(r['steps_done'] for r in rs))} |"
+            f" {int(statistics.median(r['train_seconds'] for r in rs))} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--grid", default="target", help="target | onepct | search | ablations")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--only", default="*", help="shell pattern on setting names")
+    ap.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
+    ap.add_argument("--time-limit", type=float, default=None, help="seconds of training per run")
+    ap.add_argument("--n-eval", type=int, default=128)
+    ap.add_argument("--parallel", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--tag", default=None, help="file stem (default learn_to_look_<grid>)")
+    ap.add_argument("--no-pictures", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = args.tag or f"learn_to_look_{args.grid}"
+    jobs = []
+    for entry in grid(args.grid):
+        if not fnmatch.fnmatch(entry["name"], args.only):
+            continue
+        for seed in args.seeds:
+            job = json.loads(json.dumps(entry))
+            job["seed"] = seed
+            job["n_eval"] = args.n_eval
+            job["settings"]["threads"] = args.threads
+            job["settings"]["device"] = args.device
+            job["settings"]["log_every"] = 100
+            if args.steps is not None:
+                job["settings"]["steps"] = args.steps
+            if args.time_limit is not None:
+                job["settings"]["time_limit_s"] = args.time_limit
+            job["pictures"] = None if args.no_pictures else str(out / f"{stem}_pictures")
+            jobs.append(job)
+    logger.info("%d runs, %d at a time", len(jobs), args.parallel)
+    rows: list[dict[str, Any]] = []
+    jsonl = out / f"{stem}.jsonl"
+    with cf.ProcessPoolExecutor(max_workers=args.parallel, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(run_one, j): j for j in jobs}
+        for fut in cf.as_completed(futures):
+            job = futures[fut]
+            try:
+                row = fut.result()
+            except Exception:  # a failed run is reported and the grid goes on
+                logger.exception("run %s seed %s failed", job["name"], job["seed"])
+                continue
+            rows.append(row)
+            with jsonl.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            m = row["metrics"]
+            logger.info(
+                "%s seed %d: acc %.3f hit %.3f (random %.4f) layer hits %s scales %s in %.0fs",
+                row["name"], row["seed"], m["accuracy"], m["hit_rate"], m["random_hit_rate"],
+                m["layer_hit_rate"], m["layer_scale_mean"], row["train_seconds"],
+            )
+    order = {e["name"]: k for k, e in enumerate(grid(args.grid))}
+    rows.sort(key=lambda r: (order.get(r["name"], 99), r["seed"]))
+    (out / f"{stem}.json").write_text(json.dumps(rows, indent=1))
+    (out / f"{stem}.md").write_text(table(rows))
+    sys.stdout.write(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,241 @@
+"""A minimal in-memory trainer for tasks such as FindIt (issue 7); the slide trainer comes later.
+
+Adam with separate learning rates for the attention stacks (the magnifying layers) and for the rest
+(classifier and auxiliary heads), linear warm-up then cosine annealing, gradient clipping, and the
+schedules the learn-to-look ablations need:
+
+* a *scale prior*: ``scale_weight * mean(relu(s - target_l)^2)`` over the learned crops of layer ``l``
+  (pressure to zoom; the crop itself is still chosen by the attention map);
+* an annealed ``max_scale`` (the clamp's upper bound falls from ``max_scale_start`` to the config's
+  ``max_scale`` over the first ``anneal_frac`` of training) and an annealed entmax temperature;
+* a curriculum on object size: the object starts ``curriculum_start`` times larger and shrinks to
+  the task's size over the first ``curriculum_frac`` of training.
+
+Training images are fresh draws every step (seeds ``seed * 10**6 + step * batch + i``); evaluation
+uses a disjoint, fixed set of seeds.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from magnet_zoo.nn.magnet import MagNet
+from magnet_zoo.tasks.findit import EvalResult, FindItSpec, evaluate, make_batch
+
+logger = logging.getLogger(__name__)
+
+EVAL_SEED_BASE = 7_000_000_000
+"""Evaluation images use seeds from here on; training seeds stay far below."""
+
+
+@dataclass
+class TrainSettings:
+    """How to train one run. Defaults are the learn-to-look recipe (docs/learn_to_look.md)."""
+
+    steps: int = 300
+    batch_size: int = 8
+    lr: float = 1e-3
+    """Learning rate of the classifier and auxiliary heads."""
+    attention_lr: float | None = 3e-3
+    """Learning rate of the magnifying layers' attention stacks (``None``: same as ``lr``)."""
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    grad_clip: float = 5.0
+    scale_weight: float = 0.0
+    """Weight of the scale prior (0: off)."""
+    scale_target: tuple[float, ...] = (0.3, 0.3)
+    """Per-layer scale above which the prior pushes back (last entry repeats for deeper layers)."""
+    max_scale_start: float | None = 1.0
+    """Anneal the clamp's upper bound from this to the config's ``max_scale`` (``None``: no anneal)."""
+    temperature_start: float | None = None
+    """Anneal the entmax temperature from this to the config's (``None``: no anneal)."""
+    anneal_frac: float = 0.3
+    curriculum_start: float = 1.0
+    """Initial object size multiplier (1: no curriculum)."""
+    curriculum_frac: float = 0.5
+    time_limit_s: float | None = None
+    """Stop early (cosine schedule as planned) when training exceeds this many seconds."""
+    seed: int = 0
+    threads: int | None = 2
+    device: str = "cpu"
+    log_every: int = 50
+    eval_every: int = 0
+    """Evaluate on ``eval_every_n`` images every this many steps (0: only at the end)."""
+    eval_every_n: int = 32
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["scale_target"] = list(self.scale_target)
+        return d
+
+
+@dataclass
+class TrainResult:
+    steps_done: int
+    train_seconds: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _ramp(step: int, total: int, frac: float, start: float, end: float) -> float:
+    """Cosine interpolation from ``start`` to ``end`` over the first ``frac`` of ``total`` steps."""
+    span = max(int(total * frac), 1)
+    t = min(step / span, 1.0)
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(total - warmup, 1)
+    return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def scale_prior(model: MagNet, affines: list[Any], targets: tuple[float, ...]) -> torch.Tensor:
+    """``mean(relu(s - target)^2)`` over every learned crop of every layer."""
+    terms = []
+    for layer_idx, (layer, aff) in enumerate(zip(model.layers, affines, strict=True)):
+        target = targets[min(layer_idx, len(targets) - 1)]
+        learned = (layer.slot >= 0).view(1, layer.num_nodes, layer.num_patches)
+        excess = torch.relu(aff.scale - target) ** 2
+        terms.append(excess.masked_select(learned.expand_as(excess)))
+    flat = torch.cat(terms) if terms else torch.zeros(1)
+    return flat.mean() if flat.numel() else flat.sum()
+
+
+def build_optimizer(model: MagNet, settings: TrainSettings) -> torch.optim.Optimizer:
+    attention = [p for p in model.layers.parameters() if p.requires_grad]
+    ids = {id(p) for p in attention}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    att_lr = settings.lr if settings.attention_lr is None else settings.attention_lr
+    return torch.optim.Adam(
+        [
+            {"params": attention, "lr": att_lr, "base_lr": att_lr},
+            {"params": rest, "lr": settings.lr, "base_lr": settings.lr},
+        ],
+        weight_decay=settings.weight_decay,
+    )
+
+
+def eval_seeds(n: int, offset: int = 0) -> list[int]:
+    return [EVAL_SEED_BASE + offset + i for i in range(n)]
+
+
+def train(
+    model: MagNet,
+    spec: FindItSpec,
+    settings: TrainSettings,
+    callback: Callable[[int, MagNet], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` on FindIt images of ``spec``; returns the loss history and interim evaluations."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    torch.manual_seed(settings.seed)
+    model.to(settings.device)
+    model.train()
+    opt = build_optimizer(model, settings)
+    cfg = model.config
+    result = TrainResult(steps_done=0, train_seconds=0.0)
+    started = time.perf_counter()
+    for step in range(settings.steps):
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * lr_factor(step, settings.steps, settings.warmup_steps)
+        if settings.max_scale_start is not None:
+            ms = _ramp(step, settings.steps, settings.anneal_frac, settings.max_scale_start, cfg.max_scale)
+            for layer in model.layers:
+                layer.max_scale = ms
+        if settings.temperature_start is not None:
+            temp = _ramp(
+                step, settings.steps, settings.anneal_frac, settings.temperature_start, cfg.attention_temperature
+            )
+            for layer in model.layers:
+                layer.temperature = temp
+        mult = _ramp(step, settings.steps, settings.curriculum_frac, settings.curriculum_start, 1.0)
+        step_spec = spec if mult == 1.0 else spec.replace(object_frac=min(spec.object_frac * mult, 0.4))
+        base = settings.seed * 10**6 + step * settings.batch_size
+        fetchers, labels, _ = make_batch(step_spec, range(base, base + settings.batch_size), cfg.grey_threshold)
+        out = model(fetchers)
+        terms = model.loss(out, labels)
+        loss = terms.total
+        prior = loss.new_zeros(())
+        if settings.scale_weight > 0:
+            prior = scale_prior(model, out.affines, settings.scale_target)
+            loss = loss + settings.scale_weight * prior
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if settings.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+        opt.step()
+        result.steps_done = step + 1
+        row = {
+            "step": step,
+            **terms.as_floats(),
+            "prior": float(prior),
+            "scales": [float(a.scale.detach().mean()) for a in out.affines],
+            "object_frac": step_spec.object_frac,
+        }
+        result.history.append(row)
+        if settings.log_every and step % settings.log_every == 0:
+            logger.info(
+                "step %d loss %.3f cls %.3f aux %.3f par %.3f prior %.4f scales %s obj %.3f (%.0fs)",
+                step,
+                row["total"],
+                row["classifier"],
+                row["auxiliary"],
+                row["paradoxical"],
+                row["prior"],
+                [round(s, 3) for s in row["scales"]],
+                row["object_frac"],
+                time.perf_counter() - started,
+            )
+        if settings.eval_every and (step + 1) % settings.eval_every == 0 and step + 1 < settings.steps:
+            ev, _ = evaluate(model, spec, eval_seeds(settings.eval_every_n, offset=10**6))
+            result.evals.append({"step": step + 1, **ev.as_dict()})
+            logger.info("eval step %d acc %.3f hit %.3f", step + 1, ev.accuracy, ev.hit_rate)
+            model.train()
+        if callback is not None:
+            callback(step, model)
+        if settings.time_limit_s is not None and time.perf_counter() - started > settings.time_limit_s:
+            logger.info("time limit reached after %d steps", step + 1)
+            break
+    result.train_seconds = time.perf_counter() - started
+    # Leave schedules at their final values.
+    for layer in model.layers:
+        layer.max_scale = cfg.max_scale
+        layer.temperature = cfg.attention_temperature
+    return result
+
+
+def train_and_evaluate(
+    model: MagNet, spec: FindItSpec, settings: TrainSettings, n_eval: int = 128
+) -> tuple[TrainResult, EvalResult]:
+    """Train, then evaluate on ``n_eval`` held-out images."""
+    res = train(model, spec, settings)
+    ev, _ = evaluate(model, spec, eval_seeds(n_eval))
+    return res, ev
+
+
+RECIPE_CONFIG: dict[str, Any] = {
+    "translation": "clamp",
+    "max_scale": 0.35,
+    "aux_pooling": "per_patch",
+}
+"""Config overrides of the learn-to-look recipe on top of ``magnet2_tiny`` (see docs/learn_to_look.md)."""
+
+RECIPE_SETTINGS: dict[str, Any] = {
+    "steps": 300,
+    "batch_size": 8,
+    "lr": 1e-3,
+    "attention_lr": 3e-3,
+    "max_scale_start": 1.0,
+    "anneal_frac": 0.3,
+    "curriculum_start": 1.0,
+}
+"""Trainer settings of the recipe."""
