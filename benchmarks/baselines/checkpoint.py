@@ -1,0 +1,77 @@
+"""Write the benchmark's trained MagNet as a checkpoint folder with a model card (the demo checkpoint)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from magnet_zoo.hub import CardData, save_pretrained
+from magnet_zoo.nn.magnet import MagNet
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def save_demo_checkpoint(model: MagNet, directory: Path, result: dict[str, Any], note: str = "") -> Path:
+    """Save ``model`` to ``directory`` with a card stating its data, recipe, test metrics and command."""
+    magnet = result["methods"]["magnet"]
+    met = magnet["summary"]["metrics"]
+    metrics = {"roc_auc": met["auroc"], "accuracy": met["accuracy"]}
+    for cat, values in met["per_category"].items():
+        if cat != "normal":
+            metrics[f"roc_auc_{cat}"] = values["auroc"]
+    metrics = {k: float(v) for k, v in metrics.items() if _finite(v)}
+    loc = (result.get("localisation") or {}).get("by_category", {})
+    for cat, d in loc.items():
+        if _finite(d.get("hit")):
+            metrics[f"final_patches_on_tumour_{cat}"] = float(d["hit"])
+        if _finite(d.get("random_hit")):
+            metrics[f"random_patches_on_tumour_{cat}"] = float(d["random_hit"])
+    splits = result["data"]["splits"]
+    data = "; ".join(
+        f"{name}: {v['n']} slides of {v['size']} x {v['size']} px at 0.5 mpp (dataset seed {v['seed']}; "
+        + ", ".join(f"{c} {n}" for c, n in v["categories"].items()) + ")"
+        for name, v in splits.items()
+    )
+    trainer = magnet["settings"]["trainer"]
+    training = {
+        "optimizer": "Adam (attention stacks at their own learning rate)",
+        "lr (heads)": trainer["lr"],
+        "lr (attention)": trainer["attention_lr"],
+        "schedule": trainer["schedule"],
+        "warm-up share": round(trainer["warmup_frac"], 4),
+        "max_scale anneal": f"{trainer['max_scale_start']} -> {model.config.max_scale} over the first "
+        f"{trainer['anneal_frac']:.0%}",
+        "gradient clip": trainer["grad_clip"],
+        "batch size": trainer["batch_size"],
+        "steps": magnet["training"]["steps"],
+        "best step (validation AUROC)": magnet["training"]["best_step"],
+        "wall-clock budget (s)": trainer["budget_s"],
+        "augmentation": trainer["augmentation"],
+        "threads": result["threads"],
+        "seed": trainer["seed"],
+    }
+    quick = " This checkpoint comes from a --quick smoke run: its numbers mean nothing." if result["quick"] else ""
+    card = CardData(
+        model_name="MagNet SynthMets demo (magnet2_tiny, small backbones)",
+        datasets=["SynthMets"],
+        tags=["synthmets", "demo"],
+        summary=(
+            "The small MagNet that `benchmarks/synthmets.py` trains on a CPU, shipped inside magnet_zoo for "
+            "`magnet-zoo demo`. It was trained on SynthMets procedural slides only (synthetic H&E-like tissue "
+            "with tumour regions whose mean colour matches normal tissue): it demonstrates the method and the "
+            "tooling; it knows nothing about real tissue." + quick + (f" {note}" if note else "")
+        ),
+        intended_use=(
+            "Offline demonstrations and tests of magnet_zoo (`magnet-zoo demo`) on SynthMets slides. Not for "
+            "real slides: it has never seen one."
+        ),
+        training_data=f"SynthMets ({result['data']['generator_version']}): {data}.",
+        training=training,
+        metrics=metrics,
+        metrics_dataset="SynthMets test split",
+        reproduce=result["command"],
+    )
+    return save_pretrained(model, directory, card_data=card)

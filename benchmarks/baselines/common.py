@@ -1,0 +1,171 @@
+"""What every SynthMets method shares: the slide list, the result records, budgets, views and augmentation.
+
+Every method (MagNet and each baseline) is trained on the ``train`` split, picks its epoch / step / hyper-
+parameters on the ``val`` split, and is evaluated once on the ``test`` split, one slide at a time, from the
+slide file to a probability. A :class:`SlideResult` per test slide records the probability and the cost of
+getting it (values fed to networks, pixels read from the slide, wall seconds); :class:`MethodReport` bundles
+them with what the training did.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from magnet_zoo.nn.tree import root_square
+from magnet_zoo.synth import read_labels
+from magnet_zoo.wsi import grey_filter, read_square, select_level
+from magnet_zoo.wsi.protocol import RegionSource
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Slide:
+    """One SynthMets slide of a split (a row of its ``labels.csv``)."""
+
+    path: str
+    label: int
+    category: str
+    width: int
+    height: int
+    split: str
+
+    @property
+    def sidecar(self) -> Path:
+        return Path(self.path).with_suffix(".json")
+
+    @property
+    def size(self) -> int:
+        return max(self.width, self.height)
+
+
+def load_split(labels_csv: str | Path, split: str) -> list[Slide]:
+    """The slides listed in a ``labels.csv`` written by :func:`magnet_zoo.synth.generate_dataset`."""
+    return [
+        Slide(r["path"], int(r["label"]), r["category"], int(r["width"]), int(r["height"]), split)
+        for r in read_labels(labels_csv)
+    ]
+
+
+@dataclass
+class SlideResult:
+    """One test slide through one method."""
+
+    path: str
+    label: int
+    category: str
+    size: int
+    probability: float
+    values_fed: int
+    """Numbers given to the method's networks (or classifier) for this slide."""
+    pixels_read: int
+    """Pixels decoded from the slide file, at the levels read."""
+    seconds: float
+    """Wall time from the slide's path to its probability (opening and reading included)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["path"] = Path(self.path).name
+        return d
+
+
+@dataclass
+class MethodReport:
+    """A method's test results and what its training did."""
+
+    name: str
+    description: str
+    results: list[SlideResult]
+    training: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+class Budget:
+    """A wall-clock budget: ``elapsed`` and ``fraction`` used; ``seconds=None`` means no time limit."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self.start = time.perf_counter()
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    @property
+    def fraction(self) -> float:
+        if not self.seconds:
+            return 0.0
+        return min(self.elapsed / self.seconds, 1.0)
+
+    @property
+    def over(self) -> bool:
+        return bool(self.seconds) and self.elapsed >= self.seconds
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 - seeds the legacy RNG third-party code may use
+    torch.manual_seed(seed)
+
+
+def whole_slide_view(source: RegionSource, size: int, grey_threshold: int = 15) -> tuple[np.ndarray, int]:
+    """The slide's square canvas at ``size`` x ``size`` (MagNet's input protocol: longer side resized,
+    black padding, grey filter), read from the coarsest sufficient level; and the pixels decoded."""
+    w, h = source.dimensions
+    square = root_square(w, h)
+    level = select_level(source.level_downsamples, square.side, size)
+    pixels, read = read_square(source, square, size, level)
+    return grey_filter(pixels, grey_threshold), read
+
+
+def tissue_view(source: RegionSource, target: int = 1024, grey_threshold: int = 15) -> tuple[np.ndarray, float, int]:
+    """A whole-slide view whose longer side is at least ``target`` px, grey-filtered (glass is black):
+    ``(rgb, downsample from level 0, pixels read)``. Reads the coarsest level that is large enough."""
+    w, h = source.dimensions
+    level = select_level(source.level_downsamples, max(w, h), target)
+    lw, lh = source.level_dimensions[level]
+    rgb = np.ascontiguousarray(source.read_region((0, 0), level, (lw, lh))[..., :3])
+    grey_filter(rgb, grey_threshold)
+    return rgb, float(source.level_downsamples[level]), lw * lh
+
+
+def d4(images: torch.Tensor, k: int) -> torch.Tensor:
+    """Orientation ``k`` in 0..7 of ``(..., H, W)`` images: ``k % 4`` quarter turns, then a flip if ``k >= 4``."""
+    out = torch.rot90(images, k % 4, dims=(-2, -1))
+    return out.flip(-1) if k >= 4 else out
+
+
+def category_counts(slides: Sequence[Slide]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for s in slides:
+        counts[s.category] = counts.get(s.category, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def finite_or_none(value: float) -> float | None:
+    """JSON has no NaN: undefined numbers are written as ``null``."""
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` with NaN/inf replaced by ``None`` and numpy scalars made plain, recursively."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float):
+        return finite_or_none(obj)
+    return obj

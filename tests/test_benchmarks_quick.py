@@ -1,0 +1,120 @@
+"""Smoke tests of the benchmark scripts' ``--quick`` modes and of ``magnet-zoo demo``.
+
+Each benchmark runs as a subprocess, as a user would run it, with its JSON written to a temporary folder;
+the tests check that the JSON exists and holds what the script promises. The numbers of ``--quick`` runs
+are not benchmark results (tiny slides, a few steps), so nothing here asserts on them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+
+
+def run_script(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def read_json(path: Path) -> dict:
+    assert path.is_file(), f"{path} was not written"
+    return json.loads(path.read_text())
+
+
+def is_probability(value: object) -> bool:
+    return isinstance(value, float | int) and 0.0 <= value <= 1.0
+
+
+def check_machine(result: dict) -> None:
+    machine = result["machine"]
+    assert {"torch", "python", "platform", "date"} <= set(machine)
+
+
+@pytest.mark.slow
+def test_synthmets_quick(tmp_path):
+    run_script("synthmets.py", "--quick", "--no-progress", "--data", str(tmp_path / "data"),
+               "--out", str(tmp_path / "synthmets.json"))
+    result = read_json(tmp_path / "synthmets_quick.json")
+    assert result["benchmark"] == "synthmets" and result["quick"] is True
+    check_machine(result)
+    splits = result["data"]["splits"]
+    assert {"train", "val", "test"} <= set(splits)
+    n_test = sum(v["n"] for k, v in splits.items() if k.startswith("test"))
+    assert set(result["methods"]) == {"magnet", "mean_rgb", "thumbnail_cnn", "dense_mil"}
+    for name, method in result["methods"].items():
+        preds = method["predictions"]
+        assert len(preds) == n_test, name
+        for p in preds:
+            assert is_probability(p["probability"]), (name, p)
+            assert p["values_fed"] > 0 and p["pixels_read"] > 0 and p["seconds"] > 0, (name, p)
+        summary = method["summary"]
+        assert {"auroc", "accuracy", "per_category"} <= set(summary["metrics"])
+        assert {"values_fed_mean", "pixels_read_mean", "seconds_mean"} <= set(summary["cost"])
+        assert "seconds" in method["training"]
+    magnet = result["methods"]["magnet"]
+    counts = magnet["settings"]["counts"]
+    assert magnet["predictions"][0]["values_fed"] == counts["values_fed"]
+    n_final = math.prod(magnet["settings"]["config"]["patches"])
+    assert all(len(p["extra"]["final_boxes"]) == n_final for p in magnet["predictions"])
+    loc = result["localisation"]
+    assert loc["all"]["n"] >= 1
+    assert 0.0 <= loc["all"]["hit"] <= 1.0 and 0.0 <= loc["all"]["random_hit"] <= 1.0
+    assert result["targets"] and all("value" in row for row in result["targets"].values())
+    markdown = (tmp_path / "synthmets_quick.md").read_text()
+    assert "python benchmarks/synthmets.py --quick" in markdown
+    assert "| magnet |" in markdown and "| dense_mil |" in markdown
+
+
+@pytest.mark.slow
+def test_speed_quick(tmp_path):
+    run_script("speed.py", "--quick", "--out", str(tmp_path / "speed.json"))
+    result = read_json(tmp_path / "speed_quick.json")
+    check_machine(result)
+    assert [m["model"] for m in result["magnet"]] == ["magnet3_inception_v3", "magnet4_inception_v3"]
+    for m in result["magnet"]:
+        assert m["seconds_per_slide"] > 0 and m["values_fed"] > 0 and m["pixels_read"] > 0
+    assert result["dense"]["tissue_tiles"] > 0 and result["dense"]["seconds_per_slide_estimated"] > 0
+
+
+def test_read_speed_quick(tmp_path):
+    run_script("read_speed.py", "--quick", "--out", str(tmp_path / "read_speed.json"))
+    result = read_json(tmp_path / "read_speed_quick.json")
+    check_machine(result)
+    assert result["reads_per_slide"] > 0
+    assert result["serial_seconds_median"] > 0 and result["concurrent_seconds_median"] > 0
+
+
+def test_demo_command(tmp_path, capsys):
+    """``magnet-zoo demo`` with the shipped checkpoint on two small generated slides."""
+    from magnet_zoo.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--size", "4096", "--thumb-size", "256"]) == 0
+    printed = capsys.readouterr().out
+    assert "p(tumour)" in printed and "demo_tumour_4096" in printed and "demo_normal_4096" in printed
+    for stem in ("demo_tumour_4096", "demo_normal_4096"):
+        record = json.loads((out / f"{stem}.magnet.json").read_text())
+        assert is_probability(record["probability"]) and record["tree"]
+        assert record["truth"]["label"] in ("tumour", "normal")
+        geo = json.loads((out / f"{stem}.magnet.geojson").read_text())
+        assert geo["type"] == "FeatureCollection" and geo["features"]
+        assert (out / f"{stem}.magnet.png").stat().st_size > 1000
+    tumour = json.loads((out / "demo_tumour_4096.magnet.json").read_text())
+    assert 0 <= tumour["final_patches_on_tumour"] <= len([n for n in tumour["tree"] if n["layer"] == max(
+        m["layer"] for m in tumour["tree"])])
