@@ -12,8 +12,10 @@ from magnet_zoo import __version__
 
 # Modules with an ``add_parser(subparsers)`` function, in the order ``--help`` lists them.
 COMMAND_MODULES = [
+    "magnet_zoo.cli.demo",
     "magnet_zoo.cli.models",
     "magnet_zoo.cli.predict",
+    "magnet_zoo.cli.train",
     "magnet_zoo.synth.cli",
 ]
 
