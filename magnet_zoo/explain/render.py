@@ -24,6 +24,8 @@ from magnet_zoo.wsi.protocol import RegionSource
 HEADER = 44
 CAPTION = 18
 GAP = 6
+MIN_TILE = 160
+"""Patches smaller than this are shown enlarged (nearest neighbour, every pixel a crisp block)."""
 
 
 def _font(size: int) -> ImageFont.ImageFont:
@@ -69,16 +71,22 @@ def render_explanation(source: RegionSource, prediction: Prediction, *, thumb_si
     if patches is None:
         raise ValueError("the prediction carries no final patches (it was loaded from JSON); predict again")
     n, _, s, _ = patches.shape
-    rows = max(1, min(n, thumb_size // (s + CAPTION + GAP)))
+    zoom = max(1, math.ceil(MIN_TILE / s))
+    tile = s * zoom
+    caption_font = _font(12)
+    caption_w = max((int(caption_font.getlength(f"{node.name}  (level {node.level})")) for node in finals), default=0)
+    cell = max(tile, caption_w) + GAP
+    rows = max(1, min(n, thumb_size // (tile + CAPTION + GAP)))
     cols = math.ceil(n / rows)
-    gallery_w = cols * (s + GAP)
+    gallery_w = cols * cell
     out = Image.new("RGB", (thumb_size + GAP * 3 + gallery_w, thumb_size + HEADER), (255, 255, 255))
     out.paste(thumb, (GAP, HEADER))
     d = ImageDraw.Draw(out)
     title = f"{Path(prediction.slide).name}   p(positive) = {prediction.probability:.3f} -> {prediction.label}"
     acc = prediction.accounting
+    shown = f" (shown {zoom}x)" if zoom > 1 else ""
     sub = (
-        f"{len(finals)} final patches of {s}x{s};  {acc.get('values_fed', 0) / 1e6:.2f} M values fed;  "
+        f"{len(finals)} final patches of {s}x{s}{shown};  {acc.get('values_fed', 0) / 1e6:.2f} M values fed;  "
         f"{acc.get('pixels_read', 0) / 1e6:.2f} M pixels read;  {prediction.seconds:.2f} s"
     )
     d.text((GAP, 4), title, fill=(0, 0, 0), font=_font(18))
@@ -87,11 +95,14 @@ def render_explanation(source: RegionSource, prediction: Prediction, *, thumb_si
     x_start = thumb_size + GAP * 2
     for i, node in enumerate(finals[:n]):
         r, c = i // cols, i % cols
-        px = x_start + c * (s + GAP)
-        py = HEADER + r * (s + CAPTION + GAP)
-        out.paste(Image.fromarray(arr[i]), (px, py))
-        d.rectangle([px - 1, py - 1, px + s, py + s], outline=patch_colour(node.name), width=2)
-        d.text((px, py + s + 2), f"{node.name}  (level {node.level})", fill=(0, 0, 0), font=_font(12))
+        px = x_start + c * cell
+        py = HEADER + r * (tile + CAPTION + GAP)
+        shown_patch = Image.fromarray(arr[i])
+        if zoom > 1:
+            shown_patch = shown_patch.resize((tile, tile), Image.Resampling.NEAREST)
+        out.paste(shown_patch, (px, py))
+        d.rectangle([px - 1, py - 1, px + tile, py + tile], outline=patch_colour(node.name), width=2)
+        d.text((px, py + tile + 2), f"{node.name}  (level {node.level})", fill=(0, 0, 0), font=caption_font)
     return out
 
 
