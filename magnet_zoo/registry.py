@@ -29,7 +29,13 @@ class ModelTag:
     description: str
     hub_repo: str | None = None
     hub_revision: str | None = None
+    packaged: str | None = None
+    """Weights shipped inside the installed package: ``"module:folder"`` (e.g. the offline demo)."""
     overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def has_weights(self) -> bool:
+        return bool(self.hub_repo or self.packaged)
 
 
 @dataclass(frozen=True)
@@ -104,6 +110,36 @@ register_model(
         "stand-in for magnet3_inception_v3.",
         {"scratch": _SCRATCH},
         "scratch",
+    ),
+)
+
+
+register_model(
+    "magnet2_micro",
+    ModelArch(
+        MagNetConfig(
+            patches=(2, 2),
+            aux_layers=(1, 2),
+            classifier_backbone="test_resnet",
+            aux_backbone="test_resnet",
+            backbone_pretrained=False,
+            final_patch_size=64,
+            gru_hidden=64,
+            mlp_hidden=(64, 32),
+            translation="clamp",
+            max_scale=0.35,
+            aux_pooling="per_patch",
+        ),
+        "A 2-layer (2, 2) MagNet with timm's 0.4 M-parameter test_resnet backbones (1.2 M parameters in "
+        "all): the offline demo model.",
+        {
+            "synthmets_demo": ModelTag(
+                "Trained on SynthMets slides by benchmarks/synthmets.py; ships inside the package "
+                "(see model_cards/magnet2_micro.synthmets_demo.md). Synthetic data only.",
+                packaged="magnet_zoo.demo:checkpoint",
+            )
+        },
+        "synthmets_demo",
     ),
 )
 

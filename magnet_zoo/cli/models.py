@@ -24,7 +24,10 @@ def run_list(args: argparse.Namespace) -> int:
     width = max((len(n) for n in names), default=10)
     for name in names:
         _, _, arch, tag = resolve(name)
-        weights = f"weights: {tag.hub_repo}@{tag.hub_revision}" if tag.hub_repo else "no published weights"
+        if tag.hub_repo:
+            weights = f"weights: {tag.hub_repo}@{tag.hub_revision}"
+        else:
+            weights = "weights: shipped in the package" if tag.packaged else "no published weights"
         print(f"{name:<{width}}  {arch.description}  [{weights}]")
     return 0
 

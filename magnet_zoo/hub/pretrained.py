@@ -18,8 +18,21 @@ logger = logging.getLogger(__name__)
 
 
 def models_with_weights() -> list[str]:
-    """Registered names whose tag points at a Hub repo."""
-    return [name for name in list_models() if resolve(name)[3].hub_repo]
+    """Registered names whose tag points at a Hub repo or at weights shipped in the package."""
+    return [name for name in list_models() if resolve(name)[3].has_weights]
+
+
+def packaged_checkpoint(spec: str) -> Path:
+    """The folder of weights shipped in the package, from a ``"module:folder"`` registry entry."""
+    import importlib.resources
+
+    module, _, folder = spec.partition(":")
+    path = Path(str(importlib.resources.files(module))) / folder
+    if not (path / "model.safetensors").is_file():
+        raise CheckpointNotFoundError(
+            f"the packaged checkpoint {spec!r} is missing from {path}; reinstall magnet-zoo"
+        )
+    return path
 
 
 def _no_weights(name: str, description: str) -> NoPretrainedWeightsError:
@@ -80,6 +93,8 @@ def load_pretrained(
         except UnknownModelError as exc:
             raise CheckpointNotFoundError(f"{exc} Or pass a checkpoint folder or a Hub repo id ('org/name').") from exc
         registered = f"{arch_name}.{tag_name}"
+        if tag.packaged and not tag.hub_repo:
+            return _load_dir(packaged_checkpoint(tag.packaged), revision, device)
         if not tag.hub_repo:
             raise _no_weights(registered, tag.description)
         rev = revision or tag.hub_revision
