@@ -1,0 +1,176 @@
+"""MONAI integration: transforms in ``monai.data.Dataset``, ``SupervisedTrainer``/``Evaluator``, the bundle."""
+
+from __future__ import annotations
+
+import csv
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from monai.data import DataLoader, Dataset
+from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.handlers import ROCAUC, from_engine
+from monai.transforms import Compose
+
+from magnet_zoo import create_model, open_slide
+from magnet_zoo.integrations.monai import (
+    LoadSlided,
+    MagNetInferer,
+    MagNetLoss,
+    MagNetPrepareBatch,
+    RandSlideOrientd,
+    SavePretrained,
+    collate_slides,
+    datalist_from_csv,
+)
+from magnet_zoo.nn.tree import root_square
+from magnet_zoo.train import SlideRef
+from magnet_zoo.wsi import OrientedSource, SlideFetcher
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"classifier_backbone": "test_convnext", "aux_backbone": "test_convnext"}
+
+
+@pytest.fixture(scope="module")
+def data_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 SynthMets slides of 1024 px (normal and macro): 4 train, 2 val."""
+    from magnet_zoo.synth import generate_dataset
+
+    folder = tmp_path_factory.mktemp("monai_synth")
+    labels = generate_dataset(folder, n=6, size=1024, seed=3, categories=("normal", "macro"), progress=False)
+    rows = list(csv.DictReader(labels.open()))
+    val = [next(i for i, r in enumerate(rows) if r["label"] == lab) for lab in ("0", "1")]
+    for i, row in enumerate(rows):
+        row["split"] = "val" if i in val else "train"
+    out = folder / "split.csv"
+    with out.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return out
+
+
+def test_transforms_give_lazy_oriented_slide_sources(data_csv: Path) -> None:
+    items = datalist_from_csv(data_csv, split="train")
+    assert len(items) == 4 and set(items[0]) == {"image", "label", "category"}
+    orient = RandSlideOrientd("image", prob=1.0)
+    orient.set_random_state(seed=5)
+    ds = Dataset(items, Compose([LoadSlided("image"), orient]))
+    item = ds[0]
+    ref = item["image"]
+    assert isinstance(ref, SlideRef)
+    assert pickle.loads(pickle.dumps(ref)).orientation == ref.orientation  # travels to DataLoader workers
+    expected = SlideFetcher(OrientedSource(open_slide(items[0]["image"]), ref.orientation))
+    got = SlideFetcher(ref)
+    root = root_square(*expected.slide_size)
+    assert got.slide_size == expected.slide_size
+    assert torch.equal(got.fetch([root], 56).images, expected.fetch([root], 56).images)
+    loader = DataLoader(ds, batch_size=2, num_workers=1, collate_fn=collate_slides)
+    batch = next(iter(loader))
+    assert len(batch["image"]) == 2 and batch["label"].dtype == torch.float32
+
+
+def _needs_ignite() -> None:
+    pytest.importorskip("ignite", reason="MONAI engines need pytorch-ignite (pip install pytorch-ignite)")
+
+
+def test_supervised_trainer_and_evaluator_drive_a_magnet(data_csv: Path, tmp_path: Path) -> None:
+    _needs_ignite()
+    torch.manual_seed(0)
+    device = torch.device("cpu")
+    model = create_model("magnet2_tiny", **TINY)
+    train_ds = Dataset(datalist_from_csv(data_csv, "train"), Compose([LoadSlided("image"), RandSlideOrientd("image")]))
+    val_ds = Dataset(datalist_from_csv(data_csv, "val"), LoadSlided("image"))
+    prepare = MagNetPrepareBatch(grey_threshold=model.config.grey_threshold)
+    evaluator = SupervisedEvaluator(
+        device=device,
+        val_data_loader=DataLoader(val_ds, batch_size=2, collate_fn=collate_slides),
+        network=model,
+        inferer=MagNetInferer(),
+        prepare_batch=prepare,
+        key_val_metric={"val_auroc": ROCAUC(output_transform=from_engine(["pred", "label"]))},
+        val_handlers=[SavePretrained(tmp_path / "best", model, best_only=True)],
+        decollate=False,
+    )
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    losses: list[float] = []
+    trainer = SupervisedTrainer(
+        device=device,
+        max_epochs=2,
+        train_data_loader=DataLoader(train_ds, batch_size=2, shuffle=True, collate_fn=collate_slides),
+        network=model,
+        optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
+        loss_function=MagNetLoss(model),
+        prepare_batch=prepare,
+        decollate=False,
+    )
+    from ignite.engine import Events
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output["loss"].item()))
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: evaluator.run(e.state.epoch))
+    SavePretrained(tmp_path / "last", model).attach(trainer)
+    trainer.run()
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    auroc = evaluator.state.metrics["val_auroc"]
+    assert 0.0 <= auroc <= 1.0
+    for name in ("last", "best"):
+        assert sorted(p.name for p in (tmp_path / name).iterdir()) == ["README.md", "config.json", "model.safetensors"]
+
+
+def test_magnet_loss_matches_the_models_own_loss(data_csv: Path) -> None:
+    torch.manual_seed(1)
+    model = create_model("magnet2_tiny", **TINY, loss_paradoxical=False)
+    batch = collate_slides([LoadSlided("image")(d) for d in datalist_from_csv(data_csv)[:2]])
+    fetchers, labels = MagNetPrepareBatch()(batch)
+    torch.manual_seed(2)
+    out = model(fetchers)
+    assert torch.allclose(MagNetLoss(model)(out, labels), model.loss(out, labels).total)
+    with pytest.raises(TypeError, match="MagNetOutput"):
+        MagNetLoss(model)(out.logits, labels)
+
+
+def _bundle(config: str, *overrides: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "2"
+    bundle = REPO / "bundle"
+    cmd = [
+        sys.executable, "-m", "monai.bundle", "run",
+        "--config_file", str(bundle / "configs" / config),
+        "--meta_file", str(bundle / "configs" / "metadata.json"),
+        "--bundle_root", str(bundle),
+        *overrides,
+    ]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_bundle_trains_then_infers(data_csv: Path, tmp_path: Path) -> None:
+    _needs_ignite()
+    pytest.importorskip("fire", reason="`python -m monai.bundle` needs fire (pip install fire)")
+    models = tmp_path / "models"
+    proc = _bundle(
+        "train.json",
+        "--data_csv", str(data_csv), "--output_dir", str(models), "--epochs", "1", "--batch_size", "2",
+        "--num_workers", "0", "--learning_rate", "0.001", "--model_name", "magnet2_tiny",
+        "--model_overrides", repr(TINY),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("last", "best"):
+        assert (models / name / "model.safetensors").is_file(), proc.stderr[-2000:]
+    evals = tmp_path / "eval"
+    proc = _bundle(
+        "inference.json",
+        "--data_csv", str(data_csv), "--checkpoint", str(models / "best"), "--output_dir", str(evals),
+        "--num_workers", "0",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader((evals / "predictions.csv").open()))
+    assert len(rows) == 6
+    assert all(0.0 <= float(r["probability"]) <= 1.0 for r in rows)
+    assert {r["category"] for r in rows} == {"normal", "macro"}

@@ -1,0 +1,72 @@
+"""TIAToolbox integration: the ``ModelABC`` MagNet predicts slides opened with TIAToolbox's ``WSIReader``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("tiatoolbox", reason="TIAToolbox not installed (pip install 'magnet-zoo[tiatoolbox]')")
+
+from tiatoolbox.wsicore.wsireader import OpenSlideWSIReader, VirtualWSIReader, WSIReader  # noqa: E402
+
+from magnet_zoo import ArraySource, create_model, open_slide, predict_slide  # noqa: E402
+from magnet_zoo.integrations.tiatoolbox import MagNetTIAModel  # noqa: E402
+
+SLIDE = "CMU-1-Small-Region_pyramid.tiff"
+
+
+@pytest.fixture(scope="module")
+def model() -> MagNetTIAModel:
+    torch.manual_seed(0)
+    return MagNetTIAModel(create_model("magnet2_tiny").eval())
+
+
+def test_predicts_a_wsireader_slide_like_predict_slide(model: MagNetTIAModel, wsi_dir: Path) -> None:
+    path = wsi_dir / SLIDE
+    reference = predict_slide(model.magnet, open_slide(path))
+    # TIAToolbox's OpenSlide reader sees the file's pyramid: the very same pixels, the very same prediction.
+    same = MagNetTIAModel.infer_batch(model, [OpenSlideWSIReader(path)], device="cpu")
+    assert same["probabilities"][0] == pytest.approx(reference.probability, abs=1e-6)
+    boxes = np.array([n["box"] for n in same["trees"][0]])
+    assert np.allclose(boxes, np.array([n.box for n in reference.tree]), atol=1e-3)
+    # WSIReader.open gives a VirtualWSIReader of level 0 only for this generic TIFF: the coarse views are
+    # then computed from level 0 instead of read from the file's (JPEG) pyramid, so only nearly equal.
+    reader = WSIReader.open(path)
+    out = MagNetTIAModel.infer_batch(model, [reader], device="cpu")
+    assert out["probabilities"].shape == (1,)
+    assert out["probabilities"][0] == pytest.approx(reference.probability, abs=2e-3)
+    assert out["trees"][0][0]["box"] == list(reference.tree[0].box)
+    assert model.postproc_func(out["probabilities"]).tolist() == [int(reference.probability >= 0.5)]
+
+
+def test_virtual_reader_over_an_array_matches_array_source(model: MagNetTIAModel) -> None:
+    rng = np.random.default_rng(0)
+    image = np.full((400, 480, 3), 240, dtype=np.uint8)
+    image[100:300, 120:400] = rng.integers(60, 200, size=(200, 280, 3), dtype=np.uint8)
+    out = MagNetTIAModel.infer_batch(model, [VirtualWSIReader(image), image], device="cpu")
+    expected = predict_slide(model.magnet, ArraySource(image)).probability
+    assert out["probabilities"] == pytest.approx([expected, expected], abs=1e-6)
+
+
+def test_model_contract_and_safe_weight_loading(model: MagNetTIAModel, tmp_path: Path) -> None:
+    from magnet_zoo.hub import save_pretrained
+
+    assert model.class_dict == {0: "normal", 1: "tumour"}
+    assert model.postproc_func(np.array([0.2, 0.7])).tolist() == [0, 1]
+    assert model.preproc_func is not None and callable(model.preproc_func)
+    save_pretrained(model.magnet, tmp_path / "ckpt")
+    torch.manual_seed(1)
+    fresh = MagNetTIAModel(create_model("magnet2_tiny"))
+    fresh.load_weights_from_file(tmp_path / "ckpt")
+    for key, value in model.magnet.state_dict().items():
+        assert torch.equal(fresh.magnet.state_dict()[key], value)
+    torch.save({}, tmp_path / "weights.pth")
+    with pytest.raises(ValueError, match="safetensors"):
+        fresh.load_weights_from_file(tmp_path / "weights.pth")
+    loaded = MagNetTIAModel.from_pretrained(tmp_path / "ckpt")
+    assert isinstance(loaded.magnet, type(model.magnet))
+    with pytest.raises(TypeError, match="slide"):
+        MagNetTIAModel.infer_batch(model, [42], device="cpu")
