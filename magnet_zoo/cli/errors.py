@@ -10,10 +10,9 @@ def is_user_error(exc: BaseException) -> bool:
     from magnet_zoo.wsi.errors import SlideError
 
     user = (ConfigError, InputError, UnknownModelError, SlideError, FileNotFoundError)
-    try:
-        from magnet_zoo.hub import CheckpointError, NoPretrainedWeightsError
+    from magnet_zoo.hub import CheckpointError, NoPretrainedWeightsError
+    from magnet_zoo.train.checkpointing import ResumeError
+    from magnet_zoo.train.data import DataError
 
-        user = (*user, CheckpointError, NoPretrainedWeightsError)
-    except ImportError:  # pragma: no cover - hub is part of the package
-        pass
+    user = (*user, CheckpointError, NoPretrainedWeightsError, ResumeError, DataError)
     return isinstance(exc, user)
