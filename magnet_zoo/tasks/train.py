@@ -225,6 +225,8 @@ def train_and_evaluate(
 RECIPE_CONFIG: dict[str, Any] = {
     "translation": "clamp",
     "max_scale": 0.35,
+    "min_scale": 0.1,
+    "attention_init": "random",
     "aux_pooling": "per_patch",
 }
 """Config overrides of the learn-to-look recipe on top of ``magnet2_tiny`` (see docs/learn_to_look.md)."""
