@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 
+from magnet_zoo.atomic import atomic_write_text
 from magnet_zoo.train import (
     DataError,
     ResumableSampler,
@@ -37,7 +38,6 @@ from magnet_zoo.train import (
 )
 from magnet_zoo.train.checkpointing import (
     atomic_directory,
-    atomic_write_text,
     capture_rng_state,
     join_tensors,
     load_training_state,

@@ -152,8 +152,8 @@ def _is_main() -> bool:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    from magnet_zoo.atomic import atomic_write_text
     from magnet_zoo.hub import load_pretrained
-    from magnet_zoo.train.checkpointing import atomic_write_text
     from magnet_zoo.train.data import DataError
     from magnet_zoo.train.distributed import cleanup_distributed
     from magnet_zoo.train.evaluate import evaluate

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 import magnet_zoo
+from magnet_zoo.atomic import atomic_write_text
 from magnet_zoo.config import CONFIG_VERSION, ConfigError, MagNetConfig
 from magnet_zoo.hub.card import CardData, render_card
 from magnet_zoo.hub.errors import (
@@ -110,12 +111,6 @@ def _unwrap(model: Any) -> MagNet:
     return model
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def checkpoint_config(model: MagNet) -> dict[str, Any]:
     """The content of ``config.json`` for ``model``."""
     return {
@@ -175,8 +170,8 @@ def save_pretrained(
         tmp_weights.unlink(missing_ok=True)
         raise CheckpointError(f"cannot write {directory / WEIGHTS_NAME}: {exc}") from exc
     os.replace(tmp_weights, directory / WEIGHTS_NAME)
-    _write_atomic(directory / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
-    _write_atomic(directory / CARD_NAME, card_text.encode("utf-8"))
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(directory / CARD_NAME, card_text)
     logger.info("saved MagNet checkpoint to %s", directory)
     return directory
 

@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from magnet_zoo.atomic import atomic_write_text
 from magnet_zoo.infer.predict import Prediction
 from magnet_zoo.nn.magnet import MagNet
 from magnet_zoo.wsi.errors import SlideError
@@ -85,19 +85,6 @@ def collect_slides(inputs: Iterable[str | os.PathLike], recursive: bool = False)
     return list(unique)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def read_errors(path: Path) -> dict[str, dict[str, str]]:
     if not path.is_file():
         return {}
@@ -110,7 +97,7 @@ def write_errors(path: Path, rows: dict[str, dict[str, str]]) -> None:
         [r["key"], r["path"], r["error"], r["message"]] for r in sorted(rows.values(), key=lambda r: r["key"])
     ]
     text = "".join(",".join(_csv_cell(c) for c in row) + "\n" for row in lines)
-    _atomic_write(path, text)
+    atomic_write_text(path, text)
 
 
 def _csv_cell(value: object) -> str:
@@ -130,7 +117,7 @@ def write_predictions_csv(out_dir: Path) -> Path:
         )
     path = out_dir / "predictions.csv"
     text = "".join(",".join(_csv_cell(c) for c in row) + "\n" for row in [PREDICTION_COLUMNS, *rows])
-    _atomic_write(path, text)
+    atomic_write_text(path, text)
     return path
 
 
@@ -274,7 +261,7 @@ def _predict_batch(model: MagNet, opened, out: Path, explain: bool, errors: dict
 
             save_explanation(src, pred, out / "slides" / f"{key}.png")
             write_geojson(pred.tree, out / "slides" / f"{key}.geojson", slide=str(path))
-        _atomic_write(out / "slides" / f"{key}.json", json.dumps(pred.to_dict(), indent=1))
+        atomic_write_text(out / "slides" / f"{key}.json", json.dumps(pred.to_dict(), indent=1))
         summary.predicted += 1
         src.close()
 

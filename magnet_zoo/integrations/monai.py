@@ -50,10 +50,11 @@ from monai.inferers import Inferer
 from monai.transforms import MapTransform, RandomizableTransform
 from torch import nn
 
+from magnet_zoo.atomic import atomic_write_text
 from magnet_zoo.config import MagNetConfig
 from magnet_zoo.nn.losses import magnet_loss
 from magnet_zoo.nn.magnet import MagNet, MagNetOutput
-from magnet_zoo.train.checkpointing import atomic_directory, atomic_write_text
+from magnet_zoo.train.checkpointing import atomic_directory
 from magnet_zoo.train.data import SlideRef, read_slide_csv
 from magnet_zoo.wsi.fetch import as_fetcher
 from magnet_zoo.wsi.orient import OrientedSource

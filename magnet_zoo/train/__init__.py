@@ -8,11 +8,10 @@
 :func:`evaluate`; ``torchrun --nproc_per_node N -m magnet_zoo train ...`` runs them with DDP.
 """
 
+from magnet_zoo.atomic import atomic_write_bytes, atomic_write_text
 from magnet_zoo.train.checkpointing import (
     ResumeError,
     atomic_directory,
-    atomic_write_bytes,
-    atomic_write_text,
     load_training_state,
     save_training_state,
 )

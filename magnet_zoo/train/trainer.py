@@ -40,12 +40,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from magnet_zoo.atomic import atomic_write_text
 from magnet_zoo.config import ConfigError, MagNetConfig
 from magnet_zoo.nn.magnet import MagNet
 from magnet_zoo.train.checkpointing import (
     ResumeError,
     atomic_directory,
-    atomic_write_text,
     capture_rng_state,
     load_training_state,
     recover_directory,
