@@ -17,6 +17,7 @@ and values fed to the networks, pixels read from the source).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,13 +100,15 @@ class MagNet(nn.Module):
 
     @staticmethod
     def _fetch(fetchers: Sequence[RegionFetcher], squares: list[list[Square]], size: int, device: torch.device):
-        images, levels, pixels = [], [], []
-        for fetcher, sq in zip(fetchers, squares, strict=True):
-            got = fetcher.fetch(sq, size)
-            images.append(got.images.to(device))
-            levels.append(got.levels)
-            pixels.append(got.pixels_read)
-        return torch.stack(images), levels, pixels
+        """Every slide's reads for one layer; the slides of a batch are read at the same time."""
+        pairs = list(zip(fetchers, squares, strict=True))
+        if len(pairs) == 1:
+            results = [pairs[0][0].fetch(pairs[0][1], size)]
+        else:
+            with ThreadPoolExecutor(max_workers=len(pairs), thread_name_prefix="magnet-slide") as pool:
+                results = list(pool.map(lambda pair: pair[0].fetch(pair[1], size), pairs))
+        images = torch.stack([got.images.to(device) for got in results])
+        return images, [got.levels for got in results], [got.pixels_read for got in results]
 
     def counts(self) -> dict[str, Any]:
         """Images and values fed to the networks per slide (independent of the slide)."""
