@@ -66,7 +66,7 @@ class CoarseLevelSource(BaseSource):
         cw, ch = self._dims[self._inner_levels]
         out = np.zeros((ch, cw, 3), np.uint8)
         block = max(f, (_BLOCK // f) * f)
-        log.info("%s: computing coarse views (1/%d of level %d)", self._name, f, self._base_level)
+        log.debug("%s: computing coarse views (1/%d of level %d)", self._name, f, self._base_level)
         for y in range(0, bh, block):
             for x in range(0, bw, block):
                 w, h = min(block, bw - x), min(block, bh - y)
