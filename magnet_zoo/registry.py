@@ -127,7 +127,9 @@ register_model(
             gru_hidden=64,
             mlp_hidden=(64, 32),
             translation="clamp",
+            min_scale=0.1,
             max_scale=0.35,
+            attention_init="random",
             aux_pooling="per_patch",
         ),
         "A 2-layer (2, 2) MagNet with timm's 0.4 M-parameter test_resnet backbones (1.2 M parameters in "
