@@ -2,8 +2,9 @@
 
 Left: the slide (its square canvas, glass shown white) with every layer's ROIs as nested boxes,
 coloured by patch index (first red, second blue, third green, as in the paper) and labelled with their
-tree names; deeper layers are drawn thinner. Right: the final patches at full resolution, in tree order,
-captioned with their names and the pyramid level they came from.
+tree names; deeper layers are drawn thinner; a frozen patch (the identity) is its parent's box again
+and is not drawn twice. Right: the final patches at full resolution (small ones enlarged), in tree
+order, captioned with their names (``I_121 = I_12`` for a frozen patch) and the pyramid level read.
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
+def _caption(node) -> str:
+    same = f" = {node.parent}" if node.frozen else ""
+    return f"{node.name}{same}  (level {node.level})"
+
+
 def slide_canvas(source: RegionSource, size: int) -> tuple[np.ndarray, float, float, float]:
     """The slide's square canvas at ``size`` px (black outside the slide), and its level-0 geometry."""
     w, h = source.dimensions
@@ -53,7 +59,7 @@ def render_explanation(source: RegionSource, prediction: Prediction, *, thumb_si
     depth = max(n.layer for n in prediction.tree)
     # Draw outer layers first so that deeper, smaller boxes stay visible on top.
     for node in sorted(prediction.tree, key=lambda n: n.layer):
-        if node.layer == 0:
+        if node.layer == 0 or node.frozen:  # a frozen patch is its parent's box again: drawn once
             continue
         x, y, bw, bh = node.box
         box = [(x - cx0) * k, (y - cy0) * k, (x + bw - cx0) * k, (y + bh - cy0) * k]
@@ -74,7 +80,7 @@ def render_explanation(source: RegionSource, prediction: Prediction, *, thumb_si
     zoom = max(1, math.ceil(MIN_TILE / s))
     tile = s * zoom
     caption_font = _font(12)
-    caption_w = max((int(caption_font.getlength(f"{node.name}  (level {node.level})")) for node in finals), default=0)
+    caption_w = max((int(caption_font.getlength(_caption(node))) for node in finals), default=0)
     cell = max(tile, caption_w) + GAP
     rows = max(1, min(n, thumb_size // (tile + CAPTION + GAP)))
     cols = math.ceil(n / rows)
@@ -102,7 +108,7 @@ def render_explanation(source: RegionSource, prediction: Prediction, *, thumb_si
             shown_patch = shown_patch.resize((tile, tile), Image.Resampling.NEAREST)
         out.paste(shown_patch, (px, py))
         d.rectangle([px - 1, py - 1, px + tile, py + tile], outline=patch_colour(node.name), width=2)
-        d.text((px, py + tile + 2), f"{node.name}  (level {node.level})", fill=(0, 0, 0), font=caption_font)
+        d.text((px, py + tile + 2), _caption(node), fill=(0, 0, 0), font=caption_font)
     return out
 
 
