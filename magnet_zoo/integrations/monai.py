@@ -214,6 +214,7 @@ class MagNetLoss(nn.Module):
             paradoxical=self.paradoxical,
             auxiliary=self.auxiliary,
             classifier=self.classifier,
+            aux_patch_logits=pred.aux_patch_logits or None,
         )
         return terms.total
 
