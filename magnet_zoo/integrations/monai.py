@@ -52,7 +52,7 @@ from torch import nn
 
 from magnet_zoo.atomic import atomic_write_text
 from magnet_zoo.config import MagNetConfig
-from magnet_zoo.nn.losses import magnet_loss
+from magnet_zoo.nn.losses import output_loss
 from magnet_zoo.nn.magnet import MagNet, MagNetOutput
 from magnet_zoo.train.checkpointing import atomic_directory
 from magnet_zoo.train.data import SlideRef, read_slide_csv
@@ -207,14 +207,8 @@ class MagNetLoss(nn.Module):
     def forward(self, pred: MagNetOutput, target: torch.Tensor) -> torch.Tensor:
         if not isinstance(pred, MagNetOutput):
             raise TypeError(f"MagNetLoss expects the MagNet's output (MagNetOutput), got {type(pred).__name__}")
-        terms = magnet_loss(
-            pred.logits,
-            pred.aux_logits,
-            target.to(pred.logits.device),
-            paradoxical=self.paradoxical,
-            auxiliary=self.auxiliary,
-            classifier=self.classifier,
-            aux_patch_logits=pred.aux_patch_logits or None,
+        terms = output_loss(
+            pred, target, paradoxical=self.paradoxical, auxiliary=self.auxiliary, classifier=self.classifier
         )
         return terms.total
 

@@ -14,6 +14,7 @@ we use the standard, non-negative BCE.)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -66,3 +67,24 @@ def magnet_loss(
     l2 = torch.stack(per_head).mean() if auxiliary and per_head else zero
     l3 = F.binary_cross_entropy_with_logits(logits.float(), targets) if classifier else zero
     return LossTerms(total=l1 + l2 + l3, paradoxical=l1, auxiliary=l2, classifier=l3)
+
+
+def output_loss(
+    output: Any,
+    targets: torch.Tensor,
+    *,
+    paradoxical: bool = True,
+    auxiliary: bool = True,
+    classifier: bool = True,
+) -> LossTerms:
+    """:func:`magnet_loss` of a :class:`~magnet_zoo.nn.magnet.MagNetOutput` (logits, auxiliary logits and,
+    with per-patch pooling, the auxiliary logits of every patch) against ``targets`` ``(B,)``."""
+    return magnet_loss(
+        output.logits,
+        output.aux_logits,
+        targets.to(output.logits.device),
+        paradoxical=paradoxical,
+        auxiliary=auxiliary,
+        classifier=classifier,
+        aux_patch_logits=output.aux_patch_logits or None,
+    )
