@@ -19,25 +19,19 @@ if TYPE_CHECKING:
     from magnet_zoo.nn.magnet import MagNet
     from magnet_zoo.nn.tree import RoiNode
 
-CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoint"
-"""Folder of the demo checkpoint (``config.json``, ``model.safetensors``, ``README.md``)."""
-
-
-def checkpoint_dir() -> Path:
-    """The demo checkpoint folder; :class:`FileNotFoundError` if the installation lacks it."""
-    if not (CHECKPOINT_DIR / "model.safetensors").is_file():
-        raise FileNotFoundError(
-            f"the demo checkpoint is missing from {CHECKPOINT_DIR}; reinstall magnet-zoo, or train one with "
-            "`python benchmarks/synthmets.py --methods magnet --save-checkpoint DIR` and pass --model DIR"
-        )
-    return CHECKPOINT_DIR
+DEMO_MODEL = "magnet2_micro.synthmets_demo"
+"""The registered name of the demo model; its registry entry says where the weights ship (``checkpoint/``)."""
 
 
 def load_demo_model(device: str = "cpu") -> MagNet:
-    """The demo MagNet in eval mode (strict, pickle-free loading of the shipped checkpoint)."""
+    """The demo MagNet in eval mode (strict, pickle-free loading of the shipped checkpoint).
+
+    Resolved through the registry like any other model, so there is one place that says where the
+    shipped weights live; a broken installation raises ``CheckpointNotFoundError`` naming the folder.
+    """
     from magnet_zoo.hub import load_pretrained
 
-    return load_pretrained(checkpoint_dir(), device=device)
+    return load_pretrained(DEMO_MODEL, device=device)
 
 
 def patches_on_tumour(
