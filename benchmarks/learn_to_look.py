@@ -44,12 +44,17 @@ def _recipe() -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def run_spec(name: str, cfg: dict[str, Any] | None = None, st: dict[str, Any] | None = None,
-             task: dict[str, Any] | None = None, base_model: str = "magnet2_tiny") -> dict[str, Any]:
-    """One grid entry: ``name`` plus overrides of the recipe's config, settings and the task."""
+             task: dict[str, Any] | None = None, base_model: str = "magnet2_tiny",
+             seeds: tuple[int, ...] | None = None) -> dict[str, Any]:
+    """One grid entry: ``name`` plus overrides of the recipe's config, settings and the task; ``seeds``
+    fixes the entry's seeds (default: the command line's ``--seeds``)."""
     rcfg, rst = _recipe()
     rcfg.update(cfg or {})
     rst.update(st or {})
-    return {"name": name, "model": base_model, "config": rcfg, "settings": rst, "task": dict(task or {})}
+    entry = {"name": name, "model": base_model, "config": rcfg, "settings": rst, "task": dict(task or {})}
+    if seeds is not None:
+        entry["seeds"] = list(seeds)
+    return entry
 
 
 def grid(name: str) -> list[dict[str, Any]]:
@@ -77,6 +82,19 @@ def grid(name: str) -> list[dict[str, Any]]:
             r("patches-3-2", cfg={"patches": (3, 2)}),
             r("max-scale-0.5", cfg={"max_scale": 0.5}),
             r("temp-anneal", st={"temperature_start": 4.0}),
+        ]
+    if name == "cpu":
+        # The final recipe (3 seeds) and one-seed ablations around it, sized for 2 CPU cores.
+        return [
+            r("recipe", seeds=(0, 1, 2)),
+            r("no branch revival", st={"revive_at": ()}),
+            r("+ jitter (0, 0.3) on layer-2 centres", st={"jitter": (0.0, 0.3)}),
+            r("+ jitter 0.3 on all centres", st={"jitter": (0.3,)}),
+            r("init=uniform", cfg={"attention_init": "uniform"}),
+            r("sampler=bilinear", cfg={"sampler": "bilinear"}),
+            r("aux_pooling=mean (no revival)", cfg={"aux_pooling": "mean"}, st={"revive_at": ()}),
+            r("frozen_patch=off", cfg={"frozen_patch": False}),
+            r("recipe, object 1%", task={"object_frac": 0.01}),
         ]
     if name == "patches":
         return [
@@ -249,7 +267,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 # ------------------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--grid", default="target", help="target | onepct | search | ablations")
+    ap.add_argument("--grid", default="target", help="target | onepct | cpu | search | final | ablations | patches")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--only", default="*", help="shell pattern on setting names")
     ap.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
@@ -271,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     for entry in grid(args.grid):
         if not fnmatch.fnmatch(entry["name"], args.only):
             continue
-        for seed in args.seeds:
+        for seed in entry.get("seeds", args.seeds):
             job = json.loads(json.dumps(entry))
             job["seed"] = seed
             job["n_eval"] = args.n_eval

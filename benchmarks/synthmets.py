@@ -338,6 +338,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=None, help="MagNet batch (default: the recipe's)")
     ap.add_argument("--lr", type=float, default=None, help="MagNet heads' learning rate (default: the recipe's)")
     ap.add_argument("--attention-lr", type=float, default=None, help="default: the recipe's")
+    ap.add_argument("--revive-at", type=float, nargs="*", default=None, metavar="FRAC",
+                    help="progress fractions at which dead first-layer branches are revived (default: the recipe's)")
+    ap.add_argument("--jitter", type=float, nargs="*", default=None, metavar="STD",
+                    help="per-layer crop-centre noise at the start of training (default: the recipe's)")
     ap.add_argument("--val-every", type=int, default=50, help="MagNet validation every N steps")
     ap.add_argument("--workers", type=int, default=1, help="DataLoader processes reading slides ahead")
     ap.add_argument("--thumb-backbone", default="resnet10t")
@@ -391,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         opts = magnet_method.MagnetOptions(
             model=args.magnet_model, overrides=overrides, steps=args.magnet_steps, budget_s=budget_s,
             batch_size=args.batch_size, lr=args.lr, attention_lr=args.attention_lr, val_every=args.val_every,
-            workers=args.workers, seed=args.seed,
+            workers=args.workers, seed=args.seed, revive_at=args.revive_at, jitter=args.jitter,
         )
         if args.quick:
             opts.batch_size = opts.batch_size or 4

@@ -56,6 +56,10 @@ def recipe_defaults() -> tuple[dict[str, Any], dict[str, Any]]:
         "scale_weight": s.scale_weight,
         "scale_target": list(s.scale_target),
         "batch_size": s.batch_size,
+        "revive_at": list(s.revive_at),
+        "revive_margin": s.revive_margin,
+        "jitter": list(s.jitter),
+        "jitter_frac": s.jitter_frac,
     }
     return dict(RECIPE_CONFIG), settings
 
@@ -78,6 +82,8 @@ class MagnetOptions:
     max_scale_start: float | None = None
     anneal_frac: float | None = None
     scale_weight: float | None = None
+    revive_at: list[float] | None = None
+    jitter: list[float] | None = None
     val_every: int = 25
     workers: int = 1
     seed: int = 0
@@ -118,7 +124,7 @@ def train_magnet(
     train: Sequence[Slide], val: Sequence[Slide], opts: MagnetOptions
 ) -> tuple[MagNet, dict[str, Any], dict[str, Any]]:
     """Train a MagNet; returns ``(model in eval mode, training record, resolved settings)``."""
-    from magnet_zoo.tasks.train import TrainSettings, build_optimizer, scale_prior
+    from magnet_zoo.tasks.train import BranchReviver, TrainSettings, build_optimizer, scale_prior
 
     seed_everything(opts.seed)
     config_overrides, st = opts.resolved()
@@ -128,6 +134,9 @@ def train_magnet(
     opt = build_optimizer(model, TrainSettings(lr=st["lr"], attention_lr=st["attention_lr"]))
     base_lrs = [g["lr"] for g in opt.param_groups]
     batch = int(st["batch_size"])
+    reviver = BranchReviver(model, st["revive_at"], st["revive_margin"])
+    revived: list[dict[str, Any]] = []
+    jitter = list(st["jitter"]) or [0.0]
 
     sizes = prefetch_sizes(cfg)
     train_set = SlideDataset(_records(train, "train"), sizes, cfg.grey_threshold)
@@ -175,6 +184,9 @@ def train_magnet(
             if st["max_scale_start"] is not None:
                 ms = _cosine(p / max(st["anneal_frac"], 1e-9), st["max_scale_start"], cfg.max_scale)
                 _set_max_scale(model, ms)
+            for i, layer in enumerate(model.layers):
+                start = jitter[min(i, len(jitter) - 1)]
+                layer.jitter = _cosine(p / max(st["jitter_frac"], 1e-9), start, 0.0) if start > 0 else 0.0
             out = model(b.fetchers(cfg.grey_threshold))
             terms = model.loss(out, b.labels)
             loss = terms.total
@@ -186,6 +198,8 @@ def train_magnet(
                 torch.nn.utils.clip_grad_norm_(model.parameters(), st["grad_clip"])
             opt.step()
             step += 1
+            reviver.observe(out, b.labels)
+            revived += reviver.maybe_revive(progress(), step, model, opt)
             for key, value in terms.as_floats().items():
                 sums[key] = sums.get(key, 0.0) + value
             if step % opts.log_every == 0:
@@ -208,6 +222,8 @@ def train_magnet(
         best_state = copy.deepcopy(model.state_dict())
     model.load_state_dict(best_state)
     _set_max_scale(model, cfg.max_scale)
+    for layer in model.layers:
+        layer.jitter = 0.0
     model.eval()
     best = max((e for e in evals if e["eligible"]), default=evals[-1],
                key=lambda e: (e["val_auroc"] if math.isfinite(e["val_auroc"]) else -1, -e["val_loss"]))
@@ -218,6 +234,7 @@ def train_magnet(
         "stopped_by": stopped,
         "best_step": best["step"],
         "best_val_auroc": best["val_auroc"],
+        "revived": revived,
         "history": history,
         "validation": evals,
     }

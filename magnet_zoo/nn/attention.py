@@ -53,6 +53,7 @@ def attention_to_affine(
     max_scale: float = 1.0,
     temperature: float = 1.0,
     translation: str = "tanh",
+    jitter: float = 0.0,
 ) -> Affine:
     """Turn attention logit maps ``(..., H, W)`` into crop parameters.
 
@@ -60,6 +61,11 @@ def attention_to_affine(
     ``tanh(E_p[x])``, ``tanh(E_p[y])``; scale is ``E_p[|x - E x| + |y - E y|]``, bounded so the crop
     stays inside the view and clamped to ``[min_scale, max_scale]``. ``translation="clamp"`` uses the
     expected position itself (it always lies in the view) instead of its ``tanh``.
+
+    ``jitter > 0`` adds Gaussian noise of that standard deviation to the crop centre (training-time
+    exploration, see ``TrainSettings.jitter``): a crop whose attention never covers the evidence gets
+    no gradient towards it, but a jittered crop sometimes lands on it, and the loss gradient with
+    respect to the jittered centre is the gradient with respect to the attended one.
     """
     *lead, h, w = logits.shape
     flat = logits.reshape(*lead, h * w).float() / temperature
@@ -77,6 +83,9 @@ def attention_to_affine(
         tx, ty = mean_x.clamp(-1, 1), mean_y.clamp(-1, 1)
     else:
         raise ValueError(f"translation must be 'tanh' or 'clamp', got {translation!r}")
+    if jitter > 0:
+        tx = (tx + jitter * torch.randn_like(tx)).clamp(-1, 1)
+        ty = (ty + jitter * torch.randn_like(ty)).clamp(-1, 1)
     scale = torch.minimum(spread, 1 - torch.maximum(tx.abs(), ty.abs()))
     scale = scale.clamp(min_scale, max_scale)
     return Affine(scale=scale, tx=tx, ty=ty, probs=probs)

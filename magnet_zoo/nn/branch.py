@@ -114,3 +114,25 @@ class BranchStack(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.branches(x))
+
+    @torch.no_grad()
+    def copy_group(self, src: int, dst: int, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Make copy ``dst`` an exact duplicate of copy ``src``: weights, BatchNorm statistics and, when
+        ``optimizer`` is given, its per-parameter state (Adam's moments), so the two train alike.
+
+        Every parameter and buffer here is laid out group-major along its first axis, so a copy is the
+        ``1 / groups`` slice ``[g * n, (g + 1) * n)`` of it.
+        """
+        if not (0 <= src < self.groups and 0 <= dst < self.groups):
+            raise IndexError(f"groups are 0..{self.groups - 1}, got src={src}, dst={dst}")
+        if src == dst:
+            return
+        tensors = [*self.parameters(), *(b for b in self.buffers() if b.dim() > 0)]
+        if optimizer is not None:
+            for p in self.parameters():
+                for v in optimizer.state.get(p, {}).values():
+                    if torch.is_tensor(v) and v.shape == p.shape:
+                        tensors.append(v)
+        for t in tensors:
+            n = t.shape[0] // self.groups
+            t[dst * n : (dst + 1) * n] = t[src * n : (src + 1) * n]

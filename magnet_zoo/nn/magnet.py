@@ -229,6 +229,32 @@ class MagNet(nn.Module):
             aux_patch_logits=aux_patch_logits,
         )
 
+    def subtree_stacks(self, patch: int) -> list[tuple[int, int]]:
+        """``(layer index, group)`` of every Branch stack under first-layer patch ``patch``: its own and
+        those of all its descendants (frozen patches have none)."""
+        cfg = self.config
+        if not 0 <= patch < cfg.patches[0]:
+            raise IndexError(f"layer 1 has patches 0..{cfg.patches[0] - 1}, got {patch}")
+        out: list[tuple[int, int]] = []
+        nodes = [0]  # node indices entering the layer that descend from ``patch``
+        for i, layer in enumerate(self.layers):
+            slots = [n * layer.num_patches + k for n in nodes for k in range(layer.num_patches)]
+            if i == 0:
+                slots = [patch]
+            out += [(i, int(layer.slot[s])) for s in slots if int(layer.slot[s]) >= 0]
+            nodes = slots
+        return out
+
+    def copy_branch(self, src: int, dst: int, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Overwrite the attention stacks under first-layer patch ``dst`` with those under ``src``
+        (same tree shape), optimiser state included: the two branches then look where ``src`` looks.
+
+        Used to revive a branch that never found the evidence (see ``TrainSettings.revive_at``).
+        """
+        pairs = zip(self.subtree_stacks(src), self.subtree_stacks(dst), strict=True)
+        for (layer_i, g_src), (_, g_dst) in pairs:
+            self.layers[layer_i].stacks.copy_group(g_src, g_dst, optimizer)
+
     def loss(self, output: MagNetOutput, targets: torch.Tensor) -> LossTerms:
         """The paper's total loss ``L1 + L2 + L3`` with the terms the config enables."""
         cfg = self.config

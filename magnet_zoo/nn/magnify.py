@@ -28,6 +28,8 @@ class MagnifyingLayer(nn.Module):
         self.max_scale = config.max_scale
         self.temperature = config.attention_temperature
         self.translation = config.translation
+        self.jitter = 0.0
+        """Training-time noise on the crop centre (set by trainers; never used in eval mode)."""
         positions = [
             (n, p)
             for n in range(self.num_nodes)
@@ -67,6 +69,7 @@ class MagnifyingLayer(nn.Module):
                 max_scale=self.max_scale,
                 temperature=self.temperature,
                 translation=self.translation,
+                jitter=self.jitter if self.training else 0.0,
             )
             where = (self.slot >= 0).nonzero().squeeze(1)
             src = self.slot[where]

@@ -9,7 +9,13 @@ schedules the learn-to-look ablations need:
 * an annealed ``max_scale`` (the clamp's upper bound falls from ``max_scale_start`` to the config's
   ``max_scale`` over the first ``anneal_frac`` of training) and an annealed entmax temperature;
 * a curriculum on object size: the object starts ``curriculum_start`` times larger and shrinks to
-  the task's size over the first ``curriculum_frac`` of training.
+  the task's size over the first ``curriculum_frac`` of training;
+* *branch revival*: at the fractions ``revive_at`` of training, a first-layer patch whose per-patch
+  auxiliary loss (running mean) is worse than the best patch's by more than ``revive_margin`` gets
+  the best patch's attention stacks, its whole subtree included (:meth:`MagNet.copy_branch`). With
+  sparse (entmax) attention a patch whose map never covered the evidence gets no gradient towards
+  it and stays "dead"; this is the learned-attention analogue of resetting dead codebook entries.
+  It uses the slide labels only.
 
 Training images are fresh draws every step (seeds ``seed * 10**6 + step * batch + i``); evaluation
 uses a disjoint, fixed set of seeds.
@@ -20,11 +26,12 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from magnet_zoo.nn.magnet import MagNet
 from magnet_zoo.tasks.findit import EvalResult, FindItSpec, evaluate, make_batch
@@ -60,6 +67,16 @@ class TrainSettings:
     curriculum_start: float = 1.0
     """Initial object size multiplier (1: no curriculum)."""
     curriculum_frac: float = 0.5
+    jitter: tuple[float, ...] = (0.0,)
+    """Per layer (the last entry repeats for deeper layers): standard deviation of the noise added to
+    the learned crop centres (normalised units of the layer's view) at the start; it falls to zero
+    (cosine) over the first ``jitter_frac`` of training."""
+    jitter_frac: float = 0.6
+    revive_at: tuple[float, ...] = (0.35, 0.5, 0.65)
+    """Fractions of training at which dead first-layer branches are revived (empty: never). Needs
+    per-patch auxiliary logits on layer 1; without them it is switched off with a warning."""
+    revive_margin: float = 0.15
+    """A branch is dead when its running per-patch auxiliary BCE exceeds the best branch's by this."""
     time_limit_s: float | None = None
     """Stop early (cosine schedule as planned) when training exceeds this many seconds."""
     seed: int = 0
@@ -73,6 +90,8 @@ class TrainSettings:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["scale_target"] = list(self.scale_target)
+        d["revive_at"] = list(self.revive_at)
+        d["jitter"] = list(self.jitter)
         return d
 
 
@@ -82,6 +101,8 @@ class TrainResult:
     train_seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
     evals: list[dict[str, Any]] = field(default_factory=list)
+    revived: list[dict[str, Any]] = field(default_factory=list)
+    """One row per revival: step, source and revived branch, their running losses."""
 
 
 def _ramp(step: int, total: int, frac: float, start: float, end: float) -> float:
@@ -124,6 +145,62 @@ def build_optimizer(model: MagNet, settings: TrainSettings) -> torch.optim.Optim
     )
 
 
+class BranchReviver:
+    """Keeps a running mean of every first-layer patch's auxiliary BCE and revives dead branches.
+
+    At each revival point (fractions ``revive_at`` of training *progress*: steps done / steps planned,
+    or whatever measure of progress the caller uses; each fires once), a first-layer patch whose
+    running BCE exceeds the best first-layer patch's by more than ``margin`` gets the best patch's
+    attention stacks, its whole subtree included (:meth:`MagNet.copy_branch`).
+    """
+
+    def __init__(self, model: MagNet, revive_at: Sequence[float], margin: float, momentum: float = 0.9) -> None:
+        cfg = model.config
+        self.pending = sorted(float(f) for f in revive_at)
+        if self.pending and (cfg.aux_pooling != "per_patch" or 1 not in cfg.active_aux_layers):
+            logger.warning(
+                "branch revival needs per-patch auxiliary logits on layer 1 (aux_pooling='per_patch', "
+                "1 in aux_layers); it is off for this model"
+            )
+            self.pending = []
+        self.margin = margin
+        self.momentum = momentum
+        self.running: torch.Tensor | None = None
+
+    def observe(self, out: Any, labels: torch.Tensor) -> None:
+        """Update the running per-patch BCE of layer 1 from one training batch's output."""
+        if not self.pending or 1 not in out.aux_patch_logits:
+            return
+        logits = out.aux_patch_logits[1].detach().float()
+        target = labels.to(logits)[:, None].expand_as(logits)
+        bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(0).cpu()
+        self.running = bce if self.running is None else self.momentum * self.running + (1 - self.momentum) * bce
+
+    def maybe_revive(
+        self, progress: float, step: int, model: MagNet, opt: torch.optim.Optimizer
+    ) -> list[dict[str, Any]]:
+        """Revive dead branches if a revival point has been reached; returns one row per revival."""
+        if not self.pending or progress < self.pending[0] or self.running is None:
+            return []
+        while self.pending and progress >= self.pending[0]:
+            self.pending.pop(0)
+        running = self.running
+        best = int(running.argmin())
+        rows = []
+        for k in range(running.numel()):
+            if k != best and float(running[k] - running[best]) > self.margin:
+                model.copy_branch(best, k, opt)
+                row = {"step": step, "from": best, "to": k, "loss_from": float(running[best]),
+                       "loss_to": float(running[k])}  # fmt: skip
+                rows.append(row)
+                running[k] = running[best]
+                logger.info(
+                    "step %d: revived branch %d from branch %d (aux BCE %.3f vs %.3f)",
+                    step, k, best, row["loss_to"], row["loss_from"],
+                )  # fmt: skip
+        return rows
+
+
 def eval_seeds(n: int, offset: int = 0) -> list[int]:
     return [EVAL_SEED_BASE + offset + i for i in range(n)]
 
@@ -143,6 +220,7 @@ def train(
     opt = build_optimizer(model, settings)
     cfg = model.config
     result = TrainResult(steps_done=0, train_seconds=0.0)
+    reviver = BranchReviver(model, settings.revive_at, settings.revive_margin)
     started = time.perf_counter()
     for step in range(settings.steps):
         for group in opt.param_groups:
@@ -157,6 +235,9 @@ def train(
             )
             for layer in model.layers:
                 layer.temperature = temp
+        for i, layer in enumerate(model.layers):
+            start = settings.jitter[min(i, len(settings.jitter) - 1)] if settings.jitter else 0.0
+            layer.jitter = _ramp(step, settings.steps, settings.jitter_frac, start, 0.0) if start > 0 else 0.0
         mult = _ramp(step, settings.steps, settings.curriculum_frac, settings.curriculum_start, 1.0)
         step_spec = spec if mult == 1.0 else spec.replace(object_frac=min(spec.object_frac * mult, 0.4))
         base = settings.seed * 10**6 + step * settings.batch_size
@@ -173,6 +254,8 @@ def train(
         if settings.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
         opt.step()
+        reviver.observe(out, labels)
+        result.revived += reviver.maybe_revive((step + 1) / settings.steps, step + 1, model, opt)
         result.steps_done = step + 1
         row = {
             "step": step,
@@ -210,6 +293,7 @@ def train(
     for layer in model.layers:
         layer.max_scale = cfg.max_scale
         layer.temperature = cfg.attention_temperature
+        layer.jitter = 0.0
     return result
 
 
@@ -239,5 +323,6 @@ RECIPE_SETTINGS: dict[str, Any] = {
     "max_scale_start": 1.0,
     "anneal_frac": 0.3,
     "curriculum_start": 1.0,
+    "revive_at": (0.35, 0.5, 0.65),
 }
 """Trainer settings of the recipe."""
