@@ -235,7 +235,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         by.setdefault(row["name"], []).append(row)
     head = (
         "| setting | seeds | acc median (worst) | AUROC median | final-crop hit median (worst) | random-crop hit |"
-        " layer-1 hit | scale per layer (mean ± sd) | final side / image | steps | train s |\n"
+        " hit per layer (learned crops) | scale per layer (mean ± sd) | final side / image | steps | train s |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
@@ -245,8 +245,10 @@ def table(rows: list[dict[str, Any]]) -> str:
         hit = [x["hit_rate"] for x in m]
         au = [x["auroc"] for x in m]
         rnd = [x["random_hit_rate"] for x in m]
-        l1 = [x["layer_hit_rate"].get("1", float("nan")) for x in m]
         layers = sorted(m[0]["layer_scale_mean"])
+        layer_hits = ", ".join(
+            _fmt(statistics.median(x["layer_hit_rate"].get(k, float("nan")) for x in m)) for k in layers
+        )
         scales = ", ".join(
             f"{statistics.median(x['layer_scale_mean'][k] for x in m):.2f}±"
             f"{statistics.median(x['layer_scale_std'][k] for x in m):.2f}"
@@ -257,7 +259,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"| {name} | {len(rs)} | {_fmt(statistics.median(acc))} ({_fmt(min(acc))}) |"
             f" {_fmt(statistics.median(au))} |"
             f" {_fmt(statistics.median(hit))} ({_fmt(min(hit))}) | {_fmt(statistics.median(rnd), 3)} |"
-            f" {_fmt(statistics.median(l1))} | {scales} | {side:.3f} |"
+            f" {layer_hits} | {scales} | {side:.3f} |"
             f" {int(statistics.median(r['steps_done'] for r in rs))} |"
             f" {int(statistics.median(r['train_seconds'] for r in rs))} |"
         )
