@@ -55,7 +55,7 @@ def save_demo_checkpoint(model: MagNet, directory: Path, result: dict[str, Any],
     }
     quick = " This checkpoint comes from a --quick smoke run: its numbers mean nothing." if result["quick"] else ""
     card = CardData(
-        model_name="MagNet SynthMets demo (magnet2_tiny, small backbones)",
+        model_name=f"MagNet SynthMets demo ({magnet['settings']['model']}, small backbones)",
         datasets=["SynthMets"],
         tags=["synthmets", "demo"],
         summary=(
