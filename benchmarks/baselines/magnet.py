@@ -124,7 +124,7 @@ def train_magnet(
     train: Sequence[Slide], val: Sequence[Slide], opts: MagnetOptions
 ) -> tuple[MagNet, dict[str, Any], dict[str, Any]]:
     """Train a MagNet; returns ``(model in eval mode, training record, resolved settings)``."""
-    from magnet_zoo.tasks.train import BranchReviver, TrainSettings, build_optimizer, scale_prior
+    from magnet_zoo.tasks.train import BranchReviver, TrainSettings, build_optimizer, scale_prior, set_crop_jitter
 
     seed_everything(opts.seed)
     config_overrides, st = opts.resolved()
@@ -136,7 +136,6 @@ def train_magnet(
     batch = int(st["batch_size"])
     reviver = BranchReviver(model, st["revive_at"], st["revive_margin"])
     revived: list[dict[str, Any]] = []
-    jitter = list(st["jitter"]) or [0.0]
 
     sizes = prefetch_sizes(cfg)
     train_set = SlideDataset(_records(train, "train"), sizes, cfg.grey_threshold)
@@ -184,9 +183,7 @@ def train_magnet(
             if st["max_scale_start"] is not None:
                 ms = _cosine(p / max(st["anneal_frac"], 1e-9), st["max_scale_start"], cfg.max_scale)
                 _set_max_scale(model, ms)
-            for i, layer in enumerate(model.layers):
-                start = jitter[min(i, len(jitter) - 1)]
-                layer.jitter = _cosine(p / max(st["jitter_frac"], 1e-9), start, 0.0) if start > 0 else 0.0
+            set_crop_jitter(model, st["jitter"], p / max(st["jitter_frac"], 1e-9))
             out = model(b.fetchers(cfg.grey_threshold))
             terms = model.loss(out, b.labels)
             loss = terms.total

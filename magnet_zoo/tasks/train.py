@@ -112,6 +112,15 @@ def _ramp(step: int, total: int, frac: float, start: float, end: float) -> float
     return end + (start - end) * 0.5 * (1 + math.cos(math.pi * t))
 
 
+def set_crop_jitter(model: MagNet, jitter: Sequence[float], t: float) -> None:
+    """Set every layer's crop-centre noise: ``jitter`` per layer (the last entry repeats), falling to zero
+    along a cosine as ``t`` (the share of the jitter schedule done) goes from 0 to 1."""
+    fade = 0.5 * (1 + math.cos(math.pi * min(max(t, 0.0), 1.0)))
+    for i, layer in enumerate(model.layers):
+        start = jitter[min(i, len(jitter) - 1)] if jitter else 0.0
+        layer.jitter = start * fade if start > 0 else 0.0
+
+
 def lr_factor(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -235,9 +244,7 @@ def train(
             )
             for layer in model.layers:
                 layer.temperature = temp
-        for i, layer in enumerate(model.layers):
-            start = settings.jitter[min(i, len(settings.jitter) - 1)] if settings.jitter else 0.0
-            layer.jitter = _ramp(step, settings.steps, settings.jitter_frac, start, 0.0) if start > 0 else 0.0
+        set_crop_jitter(model, settings.jitter, step / max(int(settings.steps * settings.jitter_frac), 1))
         mult = _ramp(step, settings.steps, settings.curriculum_frac, settings.curriculum_start, 1.0)
         step_spec = spec if mult == 1.0 else spec.replace(object_frac=min(spec.object_frac * mult, 0.4))
         base = settings.seed * 10**6 + step * settings.batch_size
