@@ -340,6 +340,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--attention-lr", type=float, default=None, help="default: the recipe's")
     ap.add_argument("--revive-at", type=float, nargs="*", default=None, metavar="FRAC",
                     help="progress fractions at which dead first-layer branches are revived (default: the recipe's)")
+    ap.add_argument("--head-warmup", type=float, default=None, metavar="FRAC",
+                    help="share of the MagNet budget spent training its heads on random crops first (default 0)")
     ap.add_argument("--jitter", type=float, nargs="*", default=None, metavar="STD",
                     help="per-layer crop-centre noise at the start of training (default: the recipe's)")
     ap.add_argument("--val-every", type=int, default=50, help="MagNet validation every N steps")
@@ -396,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
             model=args.magnet_model, overrides=overrides, steps=args.magnet_steps, budget_s=budget_s,
             batch_size=args.batch_size, lr=args.lr, attention_lr=args.attention_lr, val_every=args.val_every,
             workers=args.workers, seed=args.seed, revive_at=args.revive_at, jitter=args.jitter,
+            head_warmup_frac=args.head_warmup,
         )
         if args.quick:
             opts.batch_size = opts.batch_size or 4

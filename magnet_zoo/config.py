@@ -19,7 +19,8 @@ CONFIG_VERSION = 1
 SAMPLERS = ("linearized", "bilinear")
 ATTENTION_INITS = ("uniform", "random")
 TRANSLATIONS = ("tanh", "clamp")
-AUX_POOLINGS = ("mean", "per_patch")
+CROP_SOURCES = ("iprime", "reread")
+AUX_POOLINGS = ("mean", "per_patch", "max")
 
 
 class ConfigError(ValueError):
@@ -40,6 +41,12 @@ class MagNetConfig:
     input_size: int = 56
     iprime_factor: int = 2
     final_patch_size: int = 224
+    crop_source: str = "iprime"
+    """Where a crop's pixel values come from: ``iprime`` (the paper: sampled from its node's ``I'``, so a
+    crop holds at most ``iprime_factor x`` its parent's detail and a small crop is an upsampled blur) or
+    ``reread`` (its own region read from the slide at its output size, at the level that region needs;
+    the sampled crop's gradient is passed straight through, so the attention learns as in the paper).
+    Not in the paper; costs one extra read of the final patches. See docs/learn_to_look.md."""
     frozen_patch: bool = True
     """Fix the first patch of layer 2 to the identity transform (paper section 3.3.3)."""
     sampler: str = "linearized"
@@ -56,6 +63,10 @@ class MagNetConfig:
     lies inside the view)."""
     min_scale: float = 0.05
     max_scale: float = 1.0
+    attention_tissue_only: bool = False
+    """Attend to tissue only: positions whose view pixel is black (glass removed by the grey filter, or
+    outside the slide) get zero attention, unless a view has no tissue at all. Not in the paper; it
+    keeps crops from being spent on empty glass (see docs/learn_to_look.md)."""
 
     classifier_backbone: str = "inception_v3"
     aux_backbone: str = "resnet18"
@@ -65,7 +76,10 @@ class MagNetConfig:
     aux_pooling: str = "mean"
     """How an auxiliary head turns a layer's patches into a slide logit: ``mean`` (average the
     features, one linear layer) or ``per_patch`` (one logit per patch; the slide logit is their mean
-    and the auxiliary loss is the mean BCE over patches, so every patch must see the evidence)."""
+    and the auxiliary loss is the mean BCE over patches, so every patch must see the evidence) or
+    ``max`` (one logit per patch; the slide logit is their maximum and the loss its BCE: multiple-
+    instance pooling, where a positive slide needs one patch on the evidence and a negative slide
+    teaches every patch what normal looks like)."""
     backbone_pretrained: bool = True
     gru_hidden: int = 512
     mlp_hidden: tuple[int, ...] = (512, 256)
@@ -125,6 +139,8 @@ class MagNetConfig:
             raise ConfigError(f"final_patch_size must be at least 8, got {self.final_patch_size}")
         if self.iprime_factor < 1:
             raise ConfigError(f"iprime_factor must be >= 1, got {self.iprime_factor}")
+        if self.crop_source not in CROP_SOURCES:
+            raise ConfigError(f"crop_source must be one of {CROP_SOURCES}, got {self.crop_source!r}")
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         if self.attention_init not in ATTENTION_INITS:

@@ -32,7 +32,14 @@ import torch
 from magnet_zoo.factory import create_model
 from magnet_zoo.nn.magnet import MagNet
 from magnet_zoo.synth import tumour_mask
-from magnet_zoo.train.data import ResumableSampler, SlideDataset, SlideRecord, make_loader, prefetch_sizes
+from magnet_zoo.train.data import (
+    ResumableSampler,
+    SlideDataset,
+    SlideRecord,
+    make_loader,
+    prefetch_sizes,
+    set_open_slides,
+)
 from magnet_zoo.train.evaluate import predict_loader, report_from_rows
 from magnet_zoo.wsi import SlideFetcher, open_slide
 
@@ -60,6 +67,8 @@ def recipe_defaults() -> tuple[dict[str, Any], dict[str, Any]]:
         "revive_margin": s.revive_margin,
         "jitter": list(s.jitter),
         "jitter_frac": s.jitter_frac,
+        "head_warmup_frac": 0.0,
+        "head_warmup_trees": 4,
     }
     return dict(RECIPE_CONFIG), settings
 
@@ -84,6 +93,8 @@ class MagnetOptions:
     scale_weight: float | None = None
     revive_at: list[float] | None = None
     jitter: list[float] | None = None
+    head_warmup_frac: float | None = None
+    """Share of the budget spent training the heads on random tissue crops first (``magnet_zoo.train.warmup``)."""
     val_every: int = 25
     workers: int = 1
     seed: int = 0
@@ -137,6 +148,7 @@ def train_magnet(
     reviver = BranchReviver(model, st["revive_at"], st["revive_margin"])
     revived: list[dict[str, Any]] = []
 
+    set_open_slides(max(32, len(train) + len(val)))  # keep every slide's coarse levels between epochs
     sizes = prefetch_sizes(cfg)
     train_set = SlideDataset(_records(train, "train"), sizes, cfg.grey_threshold)
     val_set = SlideDataset(_records(val, "val"), sizes, cfg.grey_threshold)
@@ -145,8 +157,9 @@ def train_magnet(
     val_sampler = ResumableSampler(len(val_set), shuffle=False, augment=False, pad=False)
     val_loader = make_loader(val_set, val_sampler, 8, num_workers=opts.workers, seed=opts.seed)
 
-    budget = Budget(opts.budget_s)
     history: list[dict[str, Any]] = []
+    warm = warm_up_heads(model, loader, sampler, opt, st, opts, cfg.grey_threshold, history)
+    budget = Budget(None if opts.budget_s is None else max(opts.budget_s - warm["seconds"], 0.0))
     evals: list[dict[str, Any]] = []
     best_state: dict[str, torch.Tensor] | None = None
     best_key = (-math.inf, -math.inf)
@@ -173,6 +186,7 @@ def train_magnet(
                     report.metrics["accuracy"], loss, budget.elapsed)
         model.train()
 
+    epoch = warm["epochs_started"]
     while step < opts.steps and not budget.over:
         sampler.set_epoch(epoch)
         for b in loader:
@@ -225,7 +239,8 @@ def train_magnet(
     best = max((e for e in evals if e["eligible"]), default=evals[-1],
                key=lambda e: (e["val_auroc"] if math.isfinite(e["val_auroc"]) else -1, -e["val_loss"]))
     record = {
-        "seconds": budget.elapsed,
+        "seconds": warm["seconds"] + budget.elapsed,
+        "head_warmup": {k: v for k, v in warm.items() if k != "epochs_started"},
         "steps": step,
         "epochs_started": epoch,
         "stopped_by": stopped,
@@ -246,6 +261,44 @@ def train_magnet(
         "counts": model.counts(),
     }
     return model, record, settings
+
+
+def warm_up_heads(model: MagNet, loader: Any, sampler: ResumableSampler, opt: torch.optim.Optimizer,
+                  st: dict[str, Any], opts: MagnetOptions, grey_threshold: int, history: list[dict[str, Any]]
+                  ) -> dict[str, Any]:
+    """Train the heads on random zoom trees for ``head_warmup_frac`` of the budget (or of the steps, without
+    a budget); the heads' learning rate is constant, the attention untouched. Returns what it did."""
+    from magnet_zoo.train.warmup import warmup_loss
+
+    frac = float(st.get("head_warmup_frac") or 0.0)
+    budget = Budget(None if opts.budget_s is None else frac * opts.budget_s)
+    max_steps = int(frac * opts.steps) if opts.budget_s is None else opts.steps
+    generator = torch.Generator().manual_seed(opts.seed + 7919)
+    step, epoch, sums = 0, 0, {}
+    while frac > 0 and step < max_steps and not budget.over:
+        sampler.set_epoch(epoch)
+        for b in loader:
+            terms = warmup_loss(model, b.fetchers(grey_threshold), b.labels, generator,
+                                trees=int(st["head_warmup_trees"]))
+            opt.zero_grad(set_to_none=True)
+            terms.total.backward()
+            if st["grad_clip"]:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), st["grad_clip"])
+            opt.step()
+            step += 1
+            for key, value in terms.as_floats().items():
+                sums[key] = sums.get(key, 0.0) + value
+            if step % opts.log_every == 0:
+                history.append({"warmup_step": step, "seconds": round(budget.elapsed, 1),
+                                **{k: v / opts.log_every for k, v in sums.items()}})
+                sums = {}
+                logger.info("magnet head warm-up step %d loss %.3f cls %.3f aux %.3f (%.0f s)", step,
+                            history[-1]["total"], history[-1]["classifier"], history[-1]["auxiliary"],
+                            budget.elapsed)
+            if step >= max_steps or budget.over:
+                break
+        epoch += 1
+    return {"steps": step, "seconds": budget.elapsed if frac > 0 else 0.0, "epochs_started": epoch}
 
 
 def predict(model: MagNet, slides: Sequence[Slide]) -> list[SlideResult]:

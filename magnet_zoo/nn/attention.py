@@ -54,6 +54,7 @@ def attention_to_affine(
     temperature: float = 1.0,
     translation: str = "tanh",
     jitter: float = 0.0,
+    mask: torch.Tensor | None = None,
 ) -> Affine:
     """Turn attention logit maps ``(..., H, W)`` into crop parameters.
 
@@ -69,6 +70,11 @@ def attention_to_affine(
     """
     *lead, h, w = logits.shape
     flat = logits.reshape(*lead, h * w).float() / temperature
+    if mask is not None:
+        allowed = mask.reshape(*lead, h * w).to(torch.bool)
+        top = flat.detach().masked_fill(~allowed, float("-inf")).amax(-1, keepdim=True)
+        fill = torch.where(torch.isfinite(top), top - 100.0, top.new_zeros(()))
+        flat = torch.where(allowed | ~torch.isfinite(top), flat, fill.expand_as(flat))
     probs = entmax15(flat, dim=-1).reshape(*lead, h, w)
     xs = pixel_centres(w, logits.device)
     ys = pixel_centres(h, logits.device)

@@ -78,7 +78,8 @@ def output_loss(
     classifier: bool = True,
 ) -> LossTerms:
     """:func:`magnet_loss` of a :class:`~magnet_zoo.nn.magnet.MagNetOutput` (logits, auxiliary logits and,
-    with per-patch pooling, the auxiliary logits of every patch) against ``targets`` ``(B,)``."""
+    with ``aux_pooling="per_patch"``, the auxiliary logits of every patch; with ``"max"``, their maximum)
+    against ``targets`` ``(B,)``."""
     return magnet_loss(
         output.logits,
         output.aux_logits,
@@ -86,5 +87,5 @@ def output_loss(
         paradoxical=paradoxical,
         auxiliary=auxiliary,
         classifier=classifier,
-        aux_patch_logits=output.aux_patch_logits or None,
+        aux_patch_logits=None if output.aux_pooling == "max" else (output.aux_patch_logits or None),
     )

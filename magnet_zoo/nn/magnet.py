@@ -5,9 +5,11 @@ Per slide, with ``L`` layers and ``P_l`` patches per node at layer ``l``:
 1. The fetcher reads the slide's square canvas at ``input_size`` (``I``, 56x56) and at layer 1's
    ``I'`` size (112x112), from the coarsest pyramid level that still has enough pixels.
 2. Layer ``l`` runs one Branch stack per (node, patch) on each node's ``I`` -> entmax-1.5 ->
-   ``theta`` -> samples a crop from the node's ``I'`` (differentiable in ``theta``). For ``l < L`` the
-   crops are the children's ``I`` (56x56) and each child's ``I'`` is re-read from the slide at the level
-   its ROI needs; the last layer's crops (224x224) go to the classifier.
+   ``theta`` -> samples a crop from the node's ``I'`` (differentiable in ``theta``). For ``l < L`` each
+   child's ``I'`` is re-read from the slide at the level its ROI needs, and the crops are the children's
+   ``I`` (56x56); the last layer's crops (224x224) go to the classifier. With ``crop_source="reread"``
+   every crop takes its values from its own region read at its output size instead (for inner layers:
+   the child's re-read ``I'``, resized), and its gradient from the sampled crop.
 3. Auxiliary heads read the crops of the watched layers (1 and 3 by default).
 
 The forward pass also returns the ROI tree (names, boxes, levels, scales) and the accounting (images
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from magnet_zoo.config import MagNetConfig
@@ -53,7 +56,10 @@ class MagNetOutput:
     crops: dict[int, torch.Tensor] = field(default_factory=dict)
     """Crops produced by each layer, ``(B, N_l * P_l, 3, s, s)``; kept for explanation and analysis."""
     aux_patch_logits: dict[int, torch.Tensor] = field(default_factory=dict)
-    """With ``aux_pooling="per_patch"``: the auxiliary heads' logits per patch, each ``(B, N_l * P_l)``."""
+    """With ``aux_pooling`` ``"per_patch"`` or ``"max"``: the auxiliary heads' logits per patch, each
+    ``(B, N_l * P_l)``."""
+    aux_pooling: str = "per_patch"
+    """The config's ``aux_pooling``; the auxiliary loss is taken per patch unless it is ``"max"``."""
 
     @property
     def probs(self) -> torch.Tensor:
@@ -62,6 +68,20 @@ class MagNetOutput:
     @property
     def aux_probs(self) -> dict[int, torch.Tensor]:
         return {k: torch.sigmoid(v) for k, v in self.aux_logits.items()}
+
+
+def resize_views(views: torch.Tensor, size: int) -> torch.Tensor:
+    """``(B, N, 3, S, S)`` -> ``(B, N, 3, size, size)`` by area averaging (``size <= S``)."""
+    b, n, c, s, _ = views.shape
+    if s == size:
+        return views
+    return F.interpolate(views.flatten(0, 1), size=(size, size), mode="area").view(b, n, c, size, size)
+
+
+def straight_through(crops: torch.Tensor, sharp: torch.Tensor) -> torch.Tensor:
+    """The values of ``sharp`` with the gradient of ``crops``: a child's re-read view, differentiable
+    in its parent's crop parameters as the crop it replaces (``crop_source="reread"``)."""
+    return crops + (sharp.to(crops.dtype) - crops).detach()
 
 
 class MagNet(nn.Module):
@@ -122,11 +142,20 @@ class MagNet(nn.Module):
         }
 
     # ------------------------------------------------------------------ forward
-    def forward(self, fetchers: Sequence[RegionFetcher], *, auxiliary: bool | None = None) -> MagNetOutput:
+    def forward(
+        self,
+        fetchers: Sequence[RegionFetcher],
+        *,
+        auxiliary: bool | None = None,
+        explore: torch.Generator | None = None,
+    ) -> MagNetOutput:
         """Run the zoom tree over ``fetchers`` (one per slide).
 
         ``auxiliary`` runs the auxiliary heads; by default only in training mode, where the losses
-        need them (at inference they cost compute and change nothing in the prediction).
+        need them (at inference they cost compute and change nothing in the prediction). With
+        ``explore`` (a CPU ``torch.Generator``) every learned crop is random instead of attended
+        (:meth:`MagnifyingLayer.random_affine`): the heads see the tree's crops, read and sampled as
+        usual, and the attention gets no gradient (``magnet_zoo.train.warmup``).
         """
         cfg = self.config
         run_aux = self.training if auxiliary is None else auxiliary
@@ -158,21 +187,11 @@ class MagNet(nn.Module):
 
         affines: list[Affine] = []
         crops_by_layer: dict[int, torch.Tensor] = {}
-        aux_logits: dict[int, torch.Tensor] = {}
-        aux_patch_logits: dict[int, torch.Tensor] = {}
         for layer_idx, layer in enumerate(self.layers, start=1):
-            affine = layer(image)
+            affine = layer(image, explore=explore)
             affines.append(affine)
             size = cfg.output_size(layer_idx)
             crops = self._crop(iprime, affine, size)
-            crops_by_layer[layer_idx] = crops
-            if run_aux and str(layer_idx) in self.aux_heads:
-                head = self.aux_heads[str(layer_idx)]
-                if cfg.aux_pooling == "per_patch":
-                    aux_patch_logits[layer_idx] = head.patch_logits(crops)
-                    aux_logits[layer_idx] = aux_patch_logits[layer_idx].mean(1)
-                else:
-                    aux_logits[layer_idx] = head(crops)
 
             # Geometry of the children (no gradient: boxes only decide where to read).
             p = affine.scale.shape[-1]
@@ -206,16 +225,25 @@ class MagNet(nn.Module):
             squares, names = new_squares, new_names
 
             if layer_idx < cfg.num_layers:
-                image = crops.view(b, -1, 3, size, size)
                 iprime, levels, px = self._fetch(fetchers, squares, cfg.iprime_size(layer_idx + 1), device)
                 for i in range(b):
                     pixels_read[i] += px[i]
                     first = len(trees[i]) - len(squares[i])
                     for j, lvl in enumerate(levels[i]):
                         trees[i][first + j].level = lvl
+                if cfg.crop_source == "reread":
+                    crops = straight_through(crops, resize_views(iprime, size).view_as(crops))
+                image = crops.view(b, -1, 3, size, size)
+            elif cfg.crop_source == "reread":
+                sharp, _, px = self._fetch(fetchers, squares, size, device)
+                crops = straight_through(crops, sharp.view_as(crops))
+                for i in range(b):
+                    pixels_read[i] += px[i]
+
+            crops_by_layer[layer_idx] = crops
 
         final = crops_by_layer[cfg.num_layers]
-        logits = self.classifier(final)
+        logits, aux_logits, aux_patch_logits = self.read_out(crops_by_layer, auxiliary=run_aux)
         base = self.counts()
         accounting = [{**base, "pixels_read": int(pixels_read[i])} for i in range(b)]
         return MagNetOutput(
@@ -227,7 +255,26 @@ class MagNet(nn.Module):
             final_patches=final,
             crops=crops_by_layer,
             aux_patch_logits=aux_patch_logits,
+            aux_pooling=cfg.aux_pooling,
         )
+
+    def read_out(
+        self, crops: dict[int, torch.Tensor], auxiliary: bool = True
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """The heads on each layer's crops ``{layer: (B, N, 3, s, s)}``: ``(classifier logits (B,), auxiliary
+        logits by watched layer, per-patch auxiliary logits by watched layer)`` (the last two empty
+        without ``auxiliary``; the per-patch ones only with ``aux_pooling`` ``"per_patch"`` or ``"max"``)."""
+        cfg = self.config
+        aux_logits: dict[int, torch.Tensor] = {}
+        aux_patch_logits: dict[int, torch.Tensor] = {}
+        for layer_idx in cfg.active_aux_layers if auxiliary else ():
+            head = self.aux_heads[str(layer_idx)]
+            if cfg.aux_pooling in ("per_patch", "max"):
+                patch = aux_patch_logits[layer_idx] = head.patch_logits(crops[layer_idx])
+                aux_logits[layer_idx] = patch.mean(1) if cfg.aux_pooling == "per_patch" else patch.amax(1)
+            else:
+                aux_logits[layer_idx] = head(crops[layer_idx])
+        return self.classifier(crops[cfg.num_layers]), aux_logits, aux_patch_logits
 
     def subtree_stacks(self, patch: int) -> list[tuple[int, int]]:
         """``(layer index, group)`` of every Branch stack under first-layer patch ``patch``: its own and

@@ -15,6 +15,10 @@ from magnet_zoo.config import MagNetConfig
 from magnet_zoo.nn.attention import Affine, attention_to_affine
 from magnet_zoo.nn.branch import BranchStack
 
+TISSUE_LEVEL = 0.02
+"""A view pixel brighter than this in some channel is tissue (the grey filter makes glass exactly black;
+resampled edges are in between)."""
+
 
 class MagnifyingLayer(nn.Module):
     """Input ``(B, N, 3, H, W)`` -> :class:`Affine` with tensors shaped ``(B, N, P)``."""
@@ -28,6 +32,7 @@ class MagnifyingLayer(nn.Module):
         self.max_scale = config.max_scale
         self.temperature = config.attention_temperature
         self.translation = config.translation
+        self.tissue_only = config.attention_tissue_only
         self.jitter = 0.0
         """Training-time noise on the crop centre (set by trainers; never used in eval mode)."""
         positions = [
@@ -47,6 +52,11 @@ class MagnifyingLayer(nn.Module):
     def num_stacks(self) -> int:
         return int(self.node_index.numel())
 
+    def tissue_mask(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, N, 3, H, W)`` -> ``(B, G, H, W)``: where each learned (node, patch)'s view is not black."""
+        b, n, c, h, w = images.shape
+        return images.index_select(1, self.node_index).amax(2) > TISSUE_LEVEL
+
     def attention_logits(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, N, 3, H, W)`` -> ``(B, G, H, W)``, one logit map per learned (node, patch)."""
         b, n, c, h, w = images.shape
@@ -55,14 +65,35 @@ class MagnifyingLayer(nn.Module):
         gathered = images.index_select(1, self.node_index)
         return self.stacks(gathered.reshape(b, -1, h, w))
 
-    def forward(self, images: torch.Tensor) -> Affine:
+    def random_affine(self, images: torch.Tensor, generator: torch.Generator) -> Affine:
+        """Random crops instead of attention, ``(B, G)`` like the learned ones: side ``U(min_scale,
+        max_scale)`` of the view, centred on a random tissue pixel of it (anywhere when it shows none) and
+        moved inside it. Used to train the heads before the attention (``magnet_zoo.train.warmup``)."""
+        gathered = images.index_select(1, self.node_index).detach()
+        b, g, _, h, w = gathered.shape
+        tissue = (gathered.amax(2) > TISSUE_LEVEL).flatten(0, 1).flatten(1).float()
+        weights = torch.where(tissue.sum(1, keepdim=True) > 0, tissue, torch.ones_like(tissue))
+        pick = torch.multinomial(weights.cpu(), 1, generator=generator).view(b, g).to(images.device)
+        u = torch.rand((3, b, g), generator=generator).to(images.device)
+        cx = ((pick % w).float() + u[0]) * 2 / w - 1
+        cy = (torch.div(pick, w, rounding_mode="floor").float() + u[1]) * 2 / h - 1
+        scale = self.min_scale + (self.max_scale - self.min_scale) * u[2]
+        tx = torch.maximum(torch.minimum(cx, 1 - scale), scale - 1)
+        ty = torch.maximum(torch.minimum(cy, 1 - scale), scale - 1)
+        return Affine(scale=scale, tx=tx, ty=ty, probs=images.new_zeros((b, g, h, w)))
+
+    def forward(self, images: torch.Tensor, explore: torch.Generator | None = None) -> Affine:
+        """The crops of every (node, patch); with ``explore`` (a CPU generator) random ones, see
+        :meth:`random_affine`, and the attention stacks are not run."""
         b = images.shape[0]
         total = self.num_nodes * self.num_patches
         scale = images.new_ones((b, total))
         tx = images.new_zeros((b, total))
         ty = images.new_zeros((b, total))
         probs = images.new_zeros((b, total, *images.shape[-2:]))
-        if self.stacks is not None:
+        if self.stacks is not None and explore is not None:
+            learned = self.random_affine(images, explore)
+        elif self.stacks is not None:
             learned = attention_to_affine(
                 self.attention_logits(images),
                 min_scale=self.min_scale,
@@ -70,7 +101,9 @@ class MagnifyingLayer(nn.Module):
                 temperature=self.temperature,
                 translation=self.translation,
                 jitter=self.jitter if self.training else 0.0,
+                mask=self.tissue_mask(images) if self.tissue_only else None,
             )
+        if self.stacks is not None:
             where = (self.slot >= 0).nonzero().squeeze(1)
             src = self.slot[where]
             scale = scale.index_copy(1, where, learned.scale.index_select(1, src).to(scale.dtype))

@@ -166,9 +166,9 @@ class BranchReviver:
     def __init__(self, model: MagNet, revive_at: Sequence[float], margin: float, momentum: float = 0.9) -> None:
         cfg = model.config
         self.pending = sorted(float(f) for f in revive_at)
-        if self.pending and (cfg.aux_pooling != "per_patch" or 1 not in cfg.active_aux_layers):
+        if self.pending and (cfg.aux_pooling not in ("per_patch", "max") or 1 not in cfg.active_aux_layers):
             logger.warning(
-                "branch revival needs per-patch auxiliary logits on layer 1 (aux_pooling='per_patch', "
+                "branch revival needs per-patch auxiliary logits on layer 1 (aux_pooling 'per_patch' or 'max', "
                 "1 in aux_layers); it is off for this model"
             )
             self.pending = []

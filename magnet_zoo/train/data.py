@@ -154,6 +154,22 @@ def stratified_split(
 
 # --------------------------------------------------------------------------- slides opened lazily
 _CACHES: dict[int, SlideCache] = {}
+_OPEN_SLIDES = 32
+
+
+def set_open_slides(capacity: int) -> None:
+    """How many slides each process keeps open (default 32), for this process and workers started later.
+
+    An open slide keeps its computed coarse levels (``magnet_zoo.wsi.coarse``, up to ~17 MB for a slide
+    whose pyramid stops above 512 px); reopening one rebuilds them (~0.1 s). A trainer whose training set
+    fits in memory should keep it all open: otherwise every batch pays that cost again for each slide.
+    """
+    global _OPEN_SLIDES
+    if capacity < 1:
+        raise ValueError(f"capacity must be >= 1, got {capacity}")
+    _OPEN_SLIDES = int(capacity)
+    for cache in _CACHES.values():
+        cache.capacity = _OPEN_SLIDES
 
 
 def process_slide_cache() -> SlideCache:
@@ -165,7 +181,7 @@ def process_slide_cache() -> SlideCache:
     pid = os.getpid()
     cache = _CACHES.get(pid)
     if cache is None:
-        cache = _CACHES[pid] = SlideCache()
+        cache = _CACHES[pid] = SlideCache(_OPEN_SLIDES)
     return cache
 
 
