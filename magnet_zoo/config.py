@@ -46,7 +46,7 @@ class MagNetConfig:
     crop holds at most ``iprime_factor x`` its parent's detail and a small crop is an upsampled blur) or
     ``reread`` (its own region read from the slide at its output size, at the level that region needs;
     the sampled crop's gradient is passed straight through, so the attention learns as in the paper).
-    Not in the paper; costs one extra read of the final patches. See docs/learn_to_look.md."""
+    Not in the paper; costs one extra read of the final patches. See docs/synthmets_magnet.md."""
     frozen_patch: bool = True
     """Fix the first patch of layer 2 to the identity transform (paper section 3.3.3)."""
     sampler: str = "linearized"
@@ -66,7 +66,7 @@ class MagNetConfig:
     attention_tissue_only: bool = False
     """Attend to tissue only: positions whose view pixel is black (glass removed by the grey filter, or
     outside the slide) get zero attention, unless a view has no tissue at all. Not in the paper; it
-    keeps crops from being spent on empty glass (see docs/learn_to_look.md)."""
+    keeps crops from being spent on empty glass (see docs/synthmets_magnet.md)."""
 
     classifier_backbone: str = "inception_v3"
     aux_backbone: str = "resnet18"

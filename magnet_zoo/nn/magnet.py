@@ -79,8 +79,8 @@ def resize_views(views: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def straight_through(crops: torch.Tensor, sharp: torch.Tensor) -> torch.Tensor:
-    """The values of ``sharp`` with the gradient of ``crops``: a child's re-read view, differentiable
-    in its parent's crop parameters as the crop it replaces (``crop_source="reread"``)."""
+    """The values of ``sharp`` with the gradient of ``crops``: a crop's region read from the slide,
+    differentiable in the crop parameters as the sampled crop it replaces (``crop_source="reread"``)."""
     return crops + (sharp.to(crops.dtype) - crops).detach()
 
 
