@@ -32,3 +32,12 @@ def tissue_image(h: int = 1200, w: int = 900, seed: int = 0) -> np.ndarray:
     tissue = np.concatenate([200 - noise, 120 - noise // 2, 170 - noise // 3], axis=-1).clip(0, 255)
     img[blob] = tissue[blob].astype(np.uint8)
     return img
+
+
+def micro_magnet(**overrides):
+    """``magnet2_micro`` (its test_resnet heads, (2, 2) patches, the learn-to-look attention settings) made
+    smaller for fast tests: 32 px final patches, an 8-unit GRU and MLP; seeded, so every call is the same."""
+    from magnet_zoo.factory import create_model
+
+    torch.manual_seed(0)
+    return create_model("magnet2_micro", **{"final_patch_size": 32, "gru_hidden": 8, "mlp_hidden": (8,), **overrides})

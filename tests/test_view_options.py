@@ -9,33 +9,16 @@ import torch
 import torch.nn.functional as F
 
 from magnet_zoo.config import ConfigError, MagNetConfig
-from magnet_zoo.factory import create_model
 from magnet_zoo.nn.attention import attention_to_affine
 from magnet_zoo.nn.fetcher import Square
 from magnet_zoo.nn.magnet import resize_views
 from magnet_zoo.tasks.train import BranchReviver
 from magnet_zoo.wsi import ArraySource, SlideFetcher
-from tests.conftest import tissue_image
-
-SMALL = dict(
-    patches=(2, 2),
-    aux_layers=(1, 2),
-    classifier_backbone="test_resnet",
-    aux_backbone="test_resnet",
-    backbone_pretrained=False,
-    final_patch_size=32,
-    gru_hidden=8,
-    mlp_hidden=(8,),
-    attention_init="random",
-    translation="clamp",
-    min_scale=0.1,
-    max_scale=0.35,
-)
+from tests.conftest import micro_magnet, tissue_image
 
 
 def _model(**kw) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return create_model("magnet2_micro", **{**SMALL, **kw})
+    return micro_magnet(**kw)
 
 
 def _fetchers(*images: np.ndarray) -> list[SlideFetcher]:

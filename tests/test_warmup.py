@@ -5,31 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from magnet_zoo.factory import create_model
 from magnet_zoo.train.data import process_slide_cache, set_open_slides
 from magnet_zoo.train.warmup import warmup_loss
 from magnet_zoo.wsi import ArraySource, SlideFetcher
-from tests.conftest import tissue_image
-
-SMALL = dict(
-    patches=(2, 2),
-    aux_layers=(1, 2),
-    classifier_backbone="test_resnet",
-    aux_backbone="test_resnet",
-    backbone_pretrained=False,
-    final_patch_size=32,
-    gru_hidden=8,
-    mlp_hidden=(8,),
-    min_scale=0.2,
-    max_scale=0.4,
-    aux_pooling="max",
-    attention_init="random",
-)
+from tests.conftest import micro_magnet, tissue_image
 
 
 def _model(**kw):
-    torch.manual_seed(0)
-    return create_model("magnet2_micro", **{**SMALL, **kw})
+    return micro_magnet(min_scale=0.2, max_scale=0.4, aux_pooling="max", **kw)
 
 
 def test_random_crops_lie_in_the_view_and_centre_on_tissue():

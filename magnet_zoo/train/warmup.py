@@ -47,10 +47,11 @@ def warmup_loss(
     if trees < 1:
         raise ValueError(f"trees must be >= 1, got {trees}")
     b = len(fetchers)
-    tree = model(list(fetchers) * trees, auxiliary=True, explore=generator)  # tree-major: T * B slides
+    pooling = model.config.aux_pooling
+    # tree-major: T * B slides; mean-pooled heads are run below, over the patches of all trees at once
+    tree = model(list(fetchers) * trees, auxiliary=pooling != "mean", explore=generator)
     crops, patch = tree.crops, tree.aux_patch_logits
     logits = tree.logits.view(trees, b).amax(0)
-    pooling = model.config.aux_pooling
     aux_logits: dict[int, torch.Tensor] = {}
     aux_patch_logits: dict[int, torch.Tensor] = {}
     for layer in model.config.active_aux_layers:
