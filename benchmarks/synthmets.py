@@ -342,6 +342,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="progress fractions at which dead first-layer branches are revived (default: the recipe's)")
     ap.add_argument("--head-warmup", type=float, default=None, metavar="FRAC",
                     help="share of the MagNet budget spent training its heads on random crops first (default 0)")
+    ap.add_argument("--guidance", type=float, default=None, metavar="WEIGHT",
+                    help="weight of head-guided attention (magnet_zoo.train.guidance; default 0: off)")
+    ap.add_argument("--guidance-temperature", type=float, default=None, metavar="T",
+                    help="softmax temperature of the head's window scores (default 1)")
     ap.add_argument("--jitter", type=float, nargs="*", default=None, metavar="STD",
                     help="per-layer crop-centre noise at the start of training (default: the recipe's)")
     ap.add_argument("--val-every", type=int, default=50, help="MagNet validation every N steps")
@@ -398,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
             model=args.magnet_model, overrides=overrides, steps=args.magnet_steps, budget_s=budget_s,
             batch_size=args.batch_size, lr=args.lr, attention_lr=args.attention_lr, val_every=args.val_every,
             workers=args.workers, seed=args.seed, revive_at=args.revive_at, jitter=args.jitter,
-            head_warmup_frac=args.head_warmup,
+            head_warmup_frac=args.head_warmup, guidance_weight=args.guidance,
+            guidance_temperature=args.guidance_temperature,
         )
         if args.quick:
             opts.batch_size = opts.batch_size or 4

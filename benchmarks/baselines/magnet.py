@@ -69,6 +69,9 @@ def recipe_defaults() -> tuple[dict[str, Any], dict[str, Any]]:
         "jitter_frac": s.jitter_frac,
         "head_warmup_frac": 0.0,
         "head_warmup_trees": 4,
+        "guidance_weight": 0.0,
+        "guidance_temperature": 1.0,
+        "guidance_slides": 4,
     }
     return dict(RECIPE_CONFIG), settings
 
@@ -95,6 +98,9 @@ class MagnetOptions:
     jitter: list[float] | None = None
     head_warmup_frac: float | None = None
     """Share of the budget spent training the heads on random tissue crops first (``magnet_zoo.train.warmup``)."""
+    guidance_weight: float | None = None
+    """Weight of head-guided attention (``magnet_zoo.train.guidance``), in the warm-up and after; 0: off."""
+    guidance_temperature: float | None = None
     val_every: int = 25
     workers: int = 1
     seed: int = 0
@@ -198,9 +204,12 @@ def train_magnet(
                 ms = _cosine(p / max(st["anneal_frac"], 1e-9), st["max_scale_start"], cfg.max_scale)
                 _set_max_scale(model, ms)
             set_crop_jitter(model, st["jitter"], p / max(st["jitter_frac"], 1e-9))
-            out = model(b.fetchers(cfg.grey_threshold))
+            fetchers = b.fetchers(cfg.grey_threshold)
+            out = model(fetchers)
             terms = model.loss(out, b.labels)
             loss = terms.total
+            if st["guidance_weight"]:
+                loss = loss + _guidance(model, out, fetchers, b.labels, st, sums)
             if st["scale_weight"]:
                 loss = loss + st["scale_weight"] * scale_prior(model, out.affines, tuple(st["scale_target"]))
             opt.zero_grad(set_to_none=True)
@@ -263,12 +272,25 @@ def train_magnet(
     return model, record, settings
 
 
+def _guidance(model: MagNet, out: Any, fetchers: Sequence[Any], labels: torch.Tensor, st: dict[str, Any],
+              sums: dict[str, float]) -> torch.Tensor:
+    """Head-guided attention plus the head's window MIL, weighted; their values are added to ``sums``."""
+    from magnet_zoo.train.guidance import guidance_loss
+
+    terms = guidance_loss(model, out, fetchers, labels, temperature=st["guidance_temperature"],
+                          slides=int(st["guidance_slides"]))
+    sums["guidance"] = sums.get("guidance", 0.0) + float(terms.attention.detach())
+    sums["window_mil"] = sums.get("window_mil", 0.0) + float(terms.window_mil.detach())
+    return st["guidance_weight"] * terms.total
+
+
 def warm_up_heads(model: MagNet, loader: Any, sampler: ResumableSampler, opt: torch.optim.Optimizer,
                   st: dict[str, Any], opts: MagnetOptions, grey_threshold: int, history: list[dict[str, Any]]
                   ) -> dict[str, Any]:
     """Train the heads on random zoom trees for ``head_warmup_frac`` of the budget (or of the steps, without
-    a budget); the heads' learning rate is constant, the attention untouched. Returns what it did."""
-    from magnet_zoo.train.warmup import warmup_loss
+    a budget); the heads' learning rate is constant. The attention is untouched, unless head-guided
+    attention is on: then it learns from the exploring trees' windows as well. Returns what it did."""
+    from magnet_zoo.train.warmup import warmup_step
 
     frac = float(st.get("head_warmup_frac") or 0.0)
     budget = Budget(None if opts.budget_s is None else frac * opts.budget_s)
@@ -278,10 +300,13 @@ def warm_up_heads(model: MagNet, loader: Any, sampler: ResumableSampler, opt: to
     while frac > 0 and step < max_steps and not budget.over:
         sampler.set_epoch(epoch)
         for b in loader:
-            terms = warmup_loss(model, b.fetchers(grey_threshold), b.labels, generator,
-                                trees=int(st["head_warmup_trees"]))
+            fetchers = b.fetchers(grey_threshold)
+            terms, tree = warmup_step(model, fetchers, b.labels, generator, trees=int(st["head_warmup_trees"]))
+            loss = terms.total
+            if st["guidance_weight"]:
+                loss = loss + _guidance(model, tree, fetchers, b.labels, st, sums)
             opt.zero_grad(set_to_none=True)
-            terms.total.backward()
+            loss.backward()
             if st["grad_clip"]:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), st["grad_clip"])
             opt.step()

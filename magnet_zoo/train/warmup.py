@@ -38,11 +38,25 @@ def warmup_loss(
     generator: torch.Generator,
     trees: int = 1,
 ) -> LossTerms:
+    """:func:`warmup_step`'s loss alone."""
+    return warmup_step(model, fetchers, labels, generator, trees)[0]
+
+
+def warmup_step(
+    model: MagNet,
+    fetchers: Sequence[RegionFetcher],
+    labels: torch.Tensor,
+    generator: torch.Generator,
+    trees: int = 1,
+) -> tuple[LossTerms, MagNetOutput]:
     """The MagNet's loss on ``trees`` random zoom trees of each slide (heads only: the attention is not run).
 
     With several trees a slide is scored as multiple-instance learning over them: the classifier's logit
     is its largest over the trees, and each auxiliary head pools the patches of all trees as the config
     says (``aux_pooling``). More trees show the heads more of every slide per step.
+
+    Also returns the exploring forward pass itself: ``trees * B`` slides, tree-major (slide ``i`` of tree
+    ``t`` is entry ``t * B + i``), e.g. for :func:`magnet_zoo.train.guidance.guidance_loss`.
     """
     if trees < 1:
         raise ValueError(f"trees must be >= 1, got {trees}")
@@ -75,4 +89,4 @@ def warmup_loss(
         aux_patch_logits=aux_patch_logits,
         aux_pooling=pooling,
     )
-    return model.loss(out, labels)
+    return model.loss(out, labels), tree

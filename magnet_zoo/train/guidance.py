@@ -1,0 +1,197 @@
+"""Head-guided attention: teach the inner magnifying layers to point where the auxiliary head fires.
+
+Why: a MagNet's attention learns only from the gradient of its heads' losses through the crop it
+samples. That gradient says "move" only when the crop already overlaps the evidence and the heads already
+respond to it with a smooth slope; on SynthMets, whose tumours differ from normal tissue in texture only,
+it never did (docs/synthmets_magnet.md: final patches on tumour no more often than random tissue crops).
+
+What: for every node entering a guided layer (a region the layer above chose), the region is read once
+at ``grid * S / 2`` pixels (``S``: the final patch size) and cut into a ``grid x grid`` set of
+overlapping windows of ``S`` pixels, one centred on each cell, each covering a quarter of the region's
+side: the size of a mid-range crop. The last layer's auxiliary head scores every window (eval mode, no
+gradient). Two losses follow (:func:`guidance_loss`):
+
+* the layer's attention logits, averaged over the same cells, are trained towards
+  ``softmax(scores / temperature)`` over the cells that are mostly tissue (cross-entropy);
+* the head itself is trained on each slide's best window against the slide label (multiple-instance
+  learning with max pooling), so that it sees many more candidate regions per step than the final
+  patches alone show it.
+
+Nothing here uses a tumour mask: the target is the MagNet's own head, which learns from slide labels.
+At inference nothing changes: the attention runs alone, and the values fed to the networks are the same.
+
+Cost: one extra read per guided node and ``grid**2`` head evaluations per node (training only); the
+``slides`` argument limits it to the first slides of a batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from magnet_zoo.nn.fetcher import RegionFetcher, Square
+from magnet_zoo.nn.magnet import MagNet, MagNetOutput
+from magnet_zoo.nn.magnify import TISSUE_LEVEL
+
+MIN_TISSUE = 0.5
+"""A cell takes part in the target when at least this share of its pixels is tissue."""
+
+
+def _windows(regions: torch.Tensor, size: int) -> torch.Tensor:
+    """``(N, 3, R, R)`` with ``R = grid * size / 2`` -> ``(N, grid * grid, 3, size, size)``: window ``(i, j)``
+    is centred on cell ``(i, j)`` of side ``size / 2`` (glass beyond the region's edge)."""
+    n, c, r, _ = regions.shape
+    half, quarter = size // 2, size // 4
+    padded = F.pad(regions, (quarter, quarter, quarter, quarter))
+    cols = F.unfold(padded, kernel_size=size, stride=half)  # (N, 3 * size * size, grid * grid)
+    return cols.transpose(1, 2).reshape(n, -1, c, size, size)
+
+
+@dataclass
+class Windows:
+    """A ``grid x grid`` set of windows over each of ``N`` squares per slide, scored by the last layer's head."""
+
+    scores: torch.Tensor
+    """``(B, N, grid, grid)``: the head's logit per window (no gradient)."""
+    tissue: torch.Tensor
+    """``(B, N, grid, grid)``: whether the cell under each window is mostly tissue."""
+    pixels: torch.Tensor
+    """``(B, N, grid * grid, 3, S, S)``: the windows themselves."""
+
+
+def _head(model: MagNet) -> torch.nn.Module:
+    cfg = model.config
+    last = cfg.num_layers
+    if last not in cfg.active_aux_layers or cfg.aux_pooling == "mean":
+        raise ValueError(
+            "head-guided attention scores windows with the last layer's auxiliary head per patch: it needs "
+            f"{last} in aux_layers (got {tuple(cfg.active_aux_layers)}) and aux_pooling 'per_patch' or 'max' "
+            f"(got {cfg.aux_pooling!r})"
+        )
+    return model.aux_heads[str(last)]
+
+
+def _eval_logits(head: torch.nn.Module, patches: torch.Tensor) -> torch.Tensor:
+    """``head.patch_logits`` with batch-norm in eval mode (running statistics), gradient as the caller's."""
+    was_training = head.training
+    head.eval()
+    try:
+        return head.patch_logits(patches)
+    finally:
+        head.train(was_training)
+
+
+def window_scores(
+    model: MagNet, fetchers: Sequence[RegionFetcher], squares: Sequence[Sequence[Square]], grid: int = 8
+) -> Windows:
+    """Read each square at ``grid * S / 2`` pixels, cut it into ``grid x grid`` windows of ``S`` pixels
+    (``S``: the final patch size) and score them with the last layer's auxiliary head (eval mode, no
+    gradient). ``squares[i]`` holds the ``N`` squares of slide ``i``."""
+    head = _head(model)
+    size = model.config.final_patch_size
+    if size % 4 or grid < 2:
+        raise ValueError(f"needs a final patch size divisible by 4 and grid >= 2, got {size} and {grid}")
+    device = next(model.parameters()).device
+    regions = torch.stack(
+        [f.fetch(list(sq), grid * size // 2).images.to(device) for f, sq in zip(fetchers, squares, strict=True)]
+    )  # (B, N, 3, R, R)
+    b, n = regions.shape[:2]
+    flat = regions.flatten(0, 1)
+    tissue = F.avg_pool2d((flat.amax(1, keepdim=True) > TISSUE_LEVEL).float(), size // 2) >= MIN_TISSUE
+    pixels = _windows(flat, size)
+    with torch.no_grad():
+        scores = _eval_logits(head, pixels)  # (B * N, grid * grid)
+    return Windows(
+        scores.view(b, n, grid, grid), tissue.view(b, n, grid, grid), pixels.view(b, n, *pixels.shape[1:])
+    )
+
+
+@dataclass
+class GuidanceTerms:
+    """The two training signals of :func:`guidance_loss` (scalars)."""
+
+    attention: torch.Tensor
+    """Cross-entropy of the guided layers' attention against the head's window scores."""
+    window_mil: torch.Tensor
+    """Multiple-instance loss of the head on its windows (zero without labels)."""
+
+    @property
+    def total(self) -> torch.Tensor:
+        return self.attention + self.window_mil
+
+
+def guidance_loss(
+    model: MagNet,
+    output: MagNetOutput,
+    fetchers: Sequence[RegionFetcher],
+    labels: torch.Tensor | None = None,
+    *,
+    grid: int = 8,
+    temperature: float = 1.0,
+    slides: int | None = None,
+    layers: Sequence[int] | None = None,
+) -> GuidanceTerms:
+    """Train the guided layers' attention towards the head's window scores, and (with ``labels``) the head
+    on its windows.
+
+    ``output`` is a forward pass over ``fetchers`` (attended or exploring); ``slides`` uses only its first
+    slides; ``layers`` defaults to every layer after the first that has learned patches (the first
+    layer's view is the whole slide, far too coarse for the texture the head reads).
+
+    * ``attention``: per learned (node, patch) of a guided layer, the attention logits averaged over the
+      ``grid x grid`` cells, ``log_softmax`` over the cells that are mostly tissue, against
+      ``softmax(scores / temperature)`` over the same cells. Only the attention stacks get this gradient.
+    * ``window_mil``: per slide, the window with the largest score over all its guided regions (tissue
+      only) is scored again with gradient, and its logit is trained towards the slide label (binary
+      cross-entropy): multiple-instance learning with max pooling, the recipe that
+      ``benchmarks/synthmets_mil_probe.py`` shows the head can learn from. Only the head gets this gradient.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    cfg = model.config
+    head = _head(model)
+    b = len(fetchers) if slides is None else min(slides, len(fetchers))
+    guided = list(range(2, cfg.num_layers + 1)) if layers is None else list(layers)
+    zero = next(model.parameters()).new_zeros(())
+    attention, terms = zero, 0
+    best_score = torch.full((b,), float("-inf"))
+    best_pixels: list[torch.Tensor | None] = [None] * b
+    for k in guided:
+        if not 2 <= k <= cfg.num_layers:
+            raise ValueError(f"guided layers must be in 2..{cfg.num_layers}, got {k}")
+        layer = model.layers[k - 1]
+        squares = [
+            [Square(n.box[0], n.box[1], n.box[2]) for n in tree if n.layer == k - 1] for tree in output.trees[:b]
+        ]
+        win = window_scores(model, fetchers[:b], squares, grid)
+        if labels is not None:
+            flat = win.scores.flatten(1).masked_fill(~win.tissue.flatten(1), float("-inf"))
+            top, where = flat.max(1)
+            for i in range(b):
+                if float(top[i]) > float(best_score[i]):
+                    best_score[i] = top[i]
+                    best_pixels[i] = win.pixels[i].flatten(0, 1)[int(where[i])]
+        if layer.num_stacks == 0:
+            continue
+        index = layer.node_index
+        scores, tissue = win.scores.index_select(1, index), win.tissue.index_select(1, index)  # (b, G, g, g)
+        logits = F.adaptive_avg_pool2d(layer.attention_logits(output.crops[k - 1][:b].detach()), grid).flatten(2)
+        keep = tissue.flatten(2).any(-1)
+        if not bool(keep.any()):
+            continue
+        allowed = tissue.flatten(2) | ~keep.unsqueeze(-1)  # rows without tissue are dropped below
+        target = torch.softmax((scores.flatten(2) / temperature).masked_fill(~allowed, float("-inf")), -1)
+        logp = torch.log_softmax(logits.masked_fill(~allowed, float("-inf")), -1)
+        per = -(target * logp.masked_fill(~allowed, 0.0)).sum(-1)
+        attention = attention + per[keep].mean()
+        terms += 1
+    mil = zero
+    rows = [i for i in range(b) if best_pixels[i] is not None]
+    if labels is not None and rows:
+        patches = torch.stack([best_pixels[i] for i in rows]).unsqueeze(1)  # (R, 1, 3, S, S)
+        logit = _eval_logits(head, patches).squeeze(1)
+        mil = F.binary_cross_entropy_with_logits(logit, labels[rows].to(logit.dtype))
+    return GuidanceTerms(attention / max(terms, 1), mil)

@@ -1,0 +1,137 @@
+"""Head-guided attention (``magnet_zoo.train.guidance``): windows, scores, and what the loss trains."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from magnet_zoo.nn.fetcher import Square
+from magnet_zoo.train.guidance import _windows, guidance_loss, window_scores
+from magnet_zoo.train.warmup import warmup_step
+from magnet_zoo.wsi import ArraySource, SlideFetcher
+from tests.conftest import micro_magnet, tissue_image
+
+
+def _model(**kw):
+    return micro_magnet(**{"min_scale": 0.2, "max_scale": 0.4, "aux_pooling": "max", **kw})
+
+
+def _fetchers():
+    img = tissue_image(1500, 1500)
+    return [SlideFetcher(ArraySource(img), 15), SlideFetcher(ArraySource(img[:, ::-1].copy()), 15)]
+
+
+def _red_scorer(net):
+    """Replace the last layer's head by a fixed, known scorer: 20 x the window's mean red value."""
+    head = net.aux_heads[str(net.config.num_layers)]
+    head.patch_logits = lambda patches: 20 * patches[:, :, 0].mean((-1, -2))
+
+
+def test_windows_are_centred_on_their_cells():
+    grid, size = 4, 8
+    cells = torch.arange(grid * grid, dtype=torch.float32).view(1, 1, grid, grid)
+    region = cells.repeat_interleave(size // 2, 2).repeat_interleave(size // 2, 3).expand(2, 3, -1, -1)
+    win = _windows(region.contiguous(), size)
+    assert win.shape == (2, grid * grid, 3, size, size)
+    centre = win[0, :, 0, size // 2 - 1, size // 2 - 1]  # the pixel left-above each window's centre
+    torch.testing.assert_close(centre, cells.flatten())
+    assert float(win[0, 0, 0, 0, 0]) == 0.0 and float(win[0, -1, 0, -1, -1]) == 0.0  # glass past the edge
+
+
+def test_window_scores_need_a_per_patch_head_on_the_last_layer():
+    fetchers = _fetchers()
+    with pytest.raises(ValueError, match="aux_layers"):
+        guidance_loss(_model(aux_layers=(1,)), _model(aux_layers=(1,))(fetchers), fetchers)
+    net = _model(aux_pooling="mean")
+    with pytest.raises(ValueError, match="aux_pooling"):
+        guidance_loss(net, net(fetchers), fetchers)
+
+
+def test_window_scores_mark_glass_cells():
+    net = _model()
+    img = tissue_image(1500, 1500)
+    img[:, 750:] = 255  # the right half is glass (white, black after the grey filter)
+    f = SlideFetcher(ArraySource(img), 15)
+    win = window_scores(net, [f], [[Square(0, 0, 1500)]], grid=8)
+    scores, tissue = win.scores, win.tissue
+    assert win.pixels.shape == (1, 1, 64, 3, 32, 32)
+    assert scores.shape == tissue.shape == (1, 1, 8, 8)
+    assert not bool(tissue[0, 0, :, 4:].any())  # right half: glass
+    assert bool(tissue[0, 0, 3:6, 1:3].all())  # inside the blob: tissue
+
+
+def test_guidance_trains_only_the_inner_attention_towards_the_scores():
+    fetchers = _fetchers()
+    net = _model(attention_tissue_only=True).train()
+    _red_scorer(net)
+    out = net(fetchers)
+    loss = guidance_loss(net, out, fetchers).attention
+    assert torch.isfinite(loss) and float(loss.detach()) > 0
+    loss.backward()
+    assert all(p.grad is None for p in net.layers[0].parameters())  # the slide-level layer is not guided
+    assert all(p.grad is None for p in (*net.classifier.parameters(), *net.aux_heads.parameters()))
+    assert sum(float(p.grad.abs().sum()) for p in net.layers[1].parameters()) > 0
+
+    # optimised on the guidance alone, the layer's attention comes to agree with the scorer
+    layer = net.layers[1]
+    opt = torch.optim.Adam(layer.parameters(), lr=3e-3)
+    first = float(loss.detach())
+    for _ in range(40):
+        opt.zero_grad()
+        loss = guidance_loss(net, out, fetchers).attention
+        loss.backward()
+        opt.step()
+    assert float(loss.detach()) < first - 0.2
+    squares = [[Square(n.box[0], n.box[1], n.box[2]) for n in tree if n.layer == 1] for tree in out.trees]
+    win = window_scores(net, fetchers, squares, grid=8)
+    scores, tissue = win.scores, win.tissue
+    with torch.no_grad():
+        pooled = torch.nn.functional.adaptive_avg_pool2d(layer.attention_logits(out.crops[1]), 8)
+    node = layer.node_index
+    mask = tissue.index_select(1, node).flatten(2)
+    want = scores.index_select(1, node).flatten(2)
+    got = pooled.flatten(2)
+    for row in range(mask.shape[0] * mask.shape[1]):  # per guided view: logits follow the scores
+        m = mask.flatten(0, 1)[row]
+        w, g = want.flatten(0, 1)[row][m], got.flatten(0, 1)[row][m]
+        corr = float(torch.corrcoef(torch.stack([w, g]))[0, 1])
+        assert corr > 0.7, (row, corr)
+
+
+
+def test_guidance_runs_on_exploring_trees_and_limits_slides():
+    fetchers = _fetchers()
+    net = _model().train()
+    _red_scorer(net)
+    labels = torch.tensor([1.0, 0.0])
+    terms, tree = warmup_step(net, fetchers, labels, torch.Generator().manual_seed(0), trees=2)
+    assert len(tree.trees) == 4  # tree-major: 2 trees x 2 slides
+    one = guidance_loss(net, tree, fetchers, slides=1).attention
+    two = guidance_loss(net, tree, fetchers, slides=2).attention
+    assert torch.isfinite(one) and torch.isfinite(two) and float(one) != float(two)
+    (terms.total + one).backward()
+    assert sum(float(p.grad.abs().sum()) for p in net.layers[1].parameters()) > 0
+    with pytest.raises(ValueError, match="temperature"):
+        guidance_loss(net, tree, fetchers, temperature=0)
+    with pytest.raises(ValueError, match="guided layers"):
+        guidance_loss(net, tree, fetchers, layers=[1])
+
+
+def test_window_mil_trains_the_head_on_each_slides_best_window():
+    fetchers = _fetchers()
+    net = _model().train()
+    out = net(fetchers)
+    labels = torch.tensor([1.0, 0.0])
+    assert float(guidance_loss(net, out, fetchers).window_mil) == 0.0  # no labels, no MIL
+    terms = guidance_loss(net, out, fetchers, labels)
+    # the loss is the head's logit on the best tissue window of each slide, against the slide label
+    squares = [[Square(n.box[0], n.box[1], n.box[2]) for n in tree if n.layer == 1] for tree in out.trees]
+    win = window_scores(net, fetchers, squares, grid=8)
+    best = win.scores.flatten(1).masked_fill(~win.tissue.flatten(1), float("-inf")).amax(1)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(best, labels)
+    torch.testing.assert_close(terms.window_mil.detach(), expected, rtol=1e-4, atol=1e-5)
+    terms.window_mil.backward()
+    head = net.aux_heads[str(net.config.num_layers)]
+    assert sum(float(p.grad.abs().sum()) for p in head.parameters() if p.grad is not None) > 0
+    others = [*net.classifier.parameters(), *net.aux_heads["1"].parameters(), *net.layers.parameters()]
+    assert all(p.grad is None for p in others)
