@@ -346,6 +346,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="weight of head-guided attention (magnet_zoo.train.guidance; default 0: off)")
     ap.add_argument("--guidance-temperature", type=float, default=None, metavar="T",
                     help="softmax temperature of the head's window scores (default 1)")
+    ap.add_argument("--head-pretrain", type=int, default=None, metavar="N",
+                    help="random tissue windows per training slide to pre-train the MagNet heads on first (default 0)")
     ap.add_argument("--jitter", type=float, nargs="*", default=None, metavar="STD",
                     help="per-layer crop-centre noise at the start of training (default: the recipe's)")
     ap.add_argument("--val-every", type=int, default=50, help="MagNet validation every N steps")
@@ -403,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size, lr=args.lr, attention_lr=args.attention_lr, val_every=args.val_every,
             workers=args.workers, seed=args.seed, revive_at=args.revive_at, jitter=args.jitter,
             head_warmup_frac=args.head_warmup, guidance_weight=args.guidance,
-            guidance_temperature=args.guidance_temperature,
+            guidance_temperature=args.guidance_temperature, head_pretrain_windows=args.head_pretrain,
         )
         if args.quick:
             opts.batch_size = opts.batch_size or 4

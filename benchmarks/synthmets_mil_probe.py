@@ -25,40 +25,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine_info  # noqa: E402
-from baselines.common import Slide, load_split, tissue_view  # noqa: E402
+from baselines.common import Slide, load_split, random_crops  # noqa: E402
 
-from magnet_zoo.nn.fetcher import Square  # noqa: E402
 from magnet_zoo.nn.heads import Backbone  # noqa: E402
 from magnet_zoo.train.metrics import classification_metrics  # noqa: E402
-from magnet_zoo.wsi import SlideFetcher, open_slide  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SETTINGS = ((0.25, 56, "max"), (0.25, 56, "per_patch"), (0.1, 64, "max"))
 """(crop side / slide side, crop px, pooling): a layer-1-like crop (~73 level-0 px per pixel on 16k slides)
 and a final-patch-like one (~26 px per pixel)."""
-
-
-def random_crops(slides: list[Slide], n: int, side: float, size: int, seed: int) -> torch.Tensor:
-    """``(len(slides), n, 3, size, size)`` crops centred on random tissue pixels of each slide."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for s in slides:
-        with open_slide(s.path) as src:
-            rgb, ds, _ = tissue_view(src, 256)
-            ys, xs = np.nonzero(rgb.any(axis=-1))
-            if not len(xs):
-                ys, xs = np.nonzero(np.ones(rgb.shape[:2], bool))
-            pick = rng.integers(0, len(xs), n)
-            length = side * max(s.width, s.height)
-            squares = [Square((xs[i] + 0.5) * ds - length / 2, (ys[i] + 0.5) * ds - length / 2, length) for i in pick]
-            out.append(SlideFetcher(src, 15).fetch(squares, size).images)
-    return torch.stack(out)
 
 
 def train_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, val: list[Slide],

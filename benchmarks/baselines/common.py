@@ -140,6 +140,31 @@ def tissue_view(source: RegionSource, target: int = 1024, grey_threshold: int = 
     return rgb, float(source.level_downsamples[level]), lw * lh
 
 
+def random_crops(slides: Sequence[Slide], n: int, side: float | tuple[float, float], size: int, seed: int,
+                 grey_threshold: int = 15) -> torch.Tensor:
+    """``(len(slides), n, 3, size, size)`` squares centred on random tissue pixels of each slide, of side
+    ``side`` times the slide's longer side (or uniform in ``side = (lo, hi)``), read at ``size`` px through
+    the grey filter, as a MagNet reads."""
+    from magnet_zoo.nn.fetcher import Square
+    from magnet_zoo.wsi import SlideFetcher, open_slide
+
+    lo, hi = (side, side) if isinstance(side, (int, float)) else side
+    rng = np.random.default_rng(seed)
+    out = []
+    for s in slides:
+        with open_slide(s.path) as src:
+            rgb, ds, _ = tissue_view(src, 256, grey_threshold)
+            ys, xs = np.nonzero(rgb.any(axis=-1))
+            if not len(xs):
+                ys, xs = np.nonzero(np.ones(rgb.shape[:2], bool))
+            pick = rng.integers(0, len(xs), n)
+            lengths = (np.full(n, lo) if lo == hi else rng.uniform(lo, hi, n)) * max(s.width, s.height)
+            squares = [Square((xs[i] + 0.5) * ds - d / 2, (ys[i] + 0.5) * ds - d / 2, d)
+                       for i, d in zip(pick, lengths, strict=True)]
+            out.append(SlideFetcher(src, grey_threshold).fetch(squares, size).images)
+    return torch.stack(out)
+
+
 def d4(images: torch.Tensor, k: int) -> torch.Tensor:
     """Orientation ``k`` in 0..7 of ``(..., H, W)`` images: ``k % 4`` quarter turns, then a flip if ``k >= 4``."""
     out = torch.rot90(images, k % 4, dims=(-2, -1))

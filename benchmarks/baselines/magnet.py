@@ -9,6 +9,10 @@ by DataLoader workers (``magnet_zoo.train.data``). The schedules run on *progres
 schedule. Validation every ``val_every`` steps (with the final ``max_scale``); after the anneal the state
 with the best validation AUROC (ties: lower loss) is kept.
 
+Optional, off by default, all inside the budget (docs/synthmets_magnet.md): head pre-training on windows
+read once (:func:`pretrain_heads`), a head warm-up on random zoom trees (:func:`warm_up_heads`) and
+head-guided attention (``magnet_zoo.train.guidance``).
+
 Evaluation opens each test slide, runs the network once and records the probability, the values fed to
 the networks, the pixels read and the wall time, plus the final patches' boxes for the localisation
 metric (:func:`localisation`).
@@ -72,6 +76,9 @@ def recipe_defaults() -> tuple[dict[str, Any], dict[str, Any]]:
         "guidance_weight": 0.0,
         "guidance_temperature": 1.0,
         "guidance_slides": 4,
+        "head_pretrain_windows": 0,
+        "head_pretrain_steps": 600,
+        "head_pretrain_side": [0.025, 0.1],
     }
     return dict(RECIPE_CONFIG), settings
 
@@ -101,6 +108,8 @@ class MagnetOptions:
     guidance_weight: float | None = None
     """Weight of head-guided attention (``magnet_zoo.train.guidance``), in the warm-up and after; 0: off."""
     guidance_temperature: float | None = None
+    head_pretrain_windows: int | None = None
+    """Random tissue windows per training slide read once to pre-train the heads on (``pretrain_heads``); 0: off."""
     val_every: int = 25
     workers: int = 1
     seed: int = 0
@@ -164,8 +173,9 @@ def train_magnet(
     val_loader = make_loader(val_set, val_sampler, 8, num_workers=opts.workers, seed=opts.seed)
 
     history: list[dict[str, Any]] = []
-    warm = warm_up_heads(model, loader, sampler, opt, st, opts, cfg.grey_threshold, history)
-    budget = Budget(None if opts.budget_s is None else max(opts.budget_s - warm["seconds"], 0.0))
+    pre = pretrain_heads(model, train, st, opts)
+    warm = warm_up_heads(model, loader, sampler, opt, st, opts, cfg.grey_threshold, history, spent=pre["seconds"])
+    budget = Budget(None if opts.budget_s is None else max(opts.budget_s - pre["seconds"] - warm["seconds"], 0.0))
     evals: list[dict[str, Any]] = []
     best_state: dict[str, torch.Tensor] | None = None
     best_key = (-math.inf, -math.inf)
@@ -248,7 +258,8 @@ def train_magnet(
     best = max((e for e in evals if e["eligible"]), default=evals[-1],
                key=lambda e: (e["val_auroc"] if math.isfinite(e["val_auroc"]) else -1, -e["val_loss"]))
     record = {
-        "seconds": warm["seconds"] + budget.elapsed,
+        "seconds": pre["seconds"] + warm["seconds"] + budget.elapsed,
+        "head_pretrain": pre,
         "head_warmup": {k: v for k, v in warm.items() if k != "epochs_started"},
         "steps": step,
         "epochs_started": epoch,
@@ -284,16 +295,66 @@ def _guidance(model: MagNet, out: Any, fetchers: Sequence[Any], labels: torch.Te
     return st["guidance_weight"] * terms.total
 
 
+def pretrain_heads(model: MagNet, train: Sequence[Slide], st: dict[str, Any], opts: MagnetOptions) -> dict[str, Any]:
+    """Pre-train the last layer's auxiliary head on windows read once, then copy it into the other heads.
+
+    ``head_pretrain_windows`` random tissue squares per training slide (side uniform in
+    ``head_pretrain_side`` times the slide's side, read at the final patch size: the scale of the final
+    patches and of the guidance windows) are read once; the head is trained on them as
+    ``benchmarks/synthmets_mil_probe.py`` trains its probe (8 slides x 4 windows per step, D4, the slide
+    logit is the largest window logit, Adam at the heads' learning rate) for ``head_pretrain_steps`` steps.
+    The other auxiliary heads and, when the backbones match, the classifier's backbone start from it.
+    Reading and training count against the MagNet's budget. Returns what it did."""
+    n = int(st.get("head_pretrain_windows") or 0)
+    if n <= 0:
+        return {"seconds": 0.0, "steps": 0}
+    from magnet_zoo.train.guidance import _head
+
+    from .common import d4, random_crops
+
+    start = time.perf_counter()
+    cfg = model.config
+    head = _head(model)
+    x = random_crops(train, n, tuple(st["head_pretrain_side"]), cfg.final_patch_size, opts.seed + 31,
+                     cfg.grey_threshold)
+    read_s = time.perf_counter() - start
+    y = torch.tensor([float(s.label) for s in train])
+    opt = torch.optim.Adam(head.parameters(), lr=st["lr"])
+    gen = torch.Generator().manual_seed(opts.seed + 37)
+    steps, losses = int(st["head_pretrain_steps"]), []
+    head.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(train), (8,), generator=gen)
+        sub = torch.stack([torch.randperm(n, generator=gen)[:4] for _ in range(8)])
+        batch = d4(x[idx[:, None], sub], int(torch.randint(0, 8, (1,), generator=gen)))
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(head.patch_logits(batch).amax(1), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    for other in model.aux_heads.values():
+        if other is not head:
+            other.load_state_dict(head.state_dict())
+    copied = cfg.classifier_backbone == cfg.aux_backbone
+    if copied:
+        model.classifier.backbone.load_state_dict(head.backbone.state_dict())
+    seconds = time.perf_counter() - start
+    logger.info("magnet head pre-training: %d windows per slide read in %.0f s, %d steps, loss %.3f (%.0f s)", n,
+                read_s, steps, float(np.mean(losses[-50:])), seconds)
+    return {"seconds": seconds, "read_seconds": read_s, "windows_per_slide": n, "steps": steps,
+            "loss_last_50": float(np.mean(losses[-50:])), "classifier_backbone_copied": copied}
+
+
 def warm_up_heads(model: MagNet, loader: Any, sampler: ResumableSampler, opt: torch.optim.Optimizer,
-                  st: dict[str, Any], opts: MagnetOptions, grey_threshold: int, history: list[dict[str, Any]]
-                  ) -> dict[str, Any]:
+                  st: dict[str, Any], opts: MagnetOptions, grey_threshold: int, history: list[dict[str, Any]],
+                  spent: float = 0.0) -> dict[str, Any]:
     """Train the heads on random zoom trees for ``head_warmup_frac`` of the budget (or of the steps, without
     a budget); the heads' learning rate is constant. The attention is untouched, unless head-guided
     attention is on: then it learns from the exploring trees' windows as well. Returns what it did."""
     from magnet_zoo.train.warmup import warmup_step
 
     frac = float(st.get("head_warmup_frac") or 0.0)
-    budget = Budget(None if opts.budget_s is None else frac * opts.budget_s)
+    budget = Budget(None if opts.budget_s is None else max(frac * opts.budget_s - spent, 0.0))
     max_steps = int(frac * opts.steps) if opts.budget_s is None else opts.steps
     generator = torch.Generator().manual_seed(opts.seed + 7919)
     step, epoch, sums = 0, 0, {}
