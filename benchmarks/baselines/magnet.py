@@ -108,6 +108,7 @@ class MagnetOptions:
     guidance_weight: float | None = None
     """Weight of head-guided attention (``magnet_zoo.train.guidance``), in the warm-up and after; 0: off."""
     guidance_temperature: float | None = None
+    """Softmax temperature of the head's window scores in the guidance target (default 1)."""
     head_pretrain_windows: int | None = None
     """Random tissue windows per training slide read once to pre-train the heads on (``pretrain_heads``); 0: off."""
     val_every: int = 25
@@ -308,13 +309,13 @@ def pretrain_heads(model: MagNet, train: Sequence[Slide], st: dict[str, Any], op
     n = int(st.get("head_pretrain_windows") or 0)
     if n <= 0:
         return {"seconds": 0.0, "steps": 0}
-    from magnet_zoo.train.guidance import _head
+    from magnet_zoo.train.guidance import scoring_head
 
     from .common import d4, random_crops
 
     start = time.perf_counter()
     cfg = model.config
-    head = _head(model)
+    head = scoring_head(model)
     x = random_crops(train, n, tuple(st["head_pretrain_side"]), cfg.final_patch_size, opts.seed + 31,
                      cfg.grey_threshold)
     read_s = time.perf_counter() - start

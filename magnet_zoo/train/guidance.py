@@ -62,7 +62,8 @@ class Windows:
     """``(B, N, grid * grid, 3, S, S)``: the windows themselves."""
 
 
-def _head(model: MagNet) -> torch.nn.Module:
+def scoring_head(model: MagNet) -> torch.nn.Module:
+    """The head that scores windows: the last layer's auxiliary head, which must give per-patch logits."""
     cfg = model.config
     last = cfg.num_layers
     if last not in cfg.active_aux_layers or cfg.aux_pooling == "mean":
@@ -90,7 +91,7 @@ def window_scores(
     """Read each square at ``grid * S / 2`` pixels, cut it into ``grid x grid`` windows of ``S`` pixels
     (``S``: the final patch size) and score them with the last layer's auxiliary head (eval mode, no
     gradient). ``squares[i]`` holds the ``N`` squares of slide ``i``."""
-    head = _head(model)
+    head = scoring_head(model)
     size = model.config.final_patch_size
     if size % 4 or grid < 2:
         raise ValueError(f"needs a final patch size divisible by 4 and grid >= 2, got {size} and {grid}")
@@ -152,7 +153,7 @@ def guidance_loss(
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     cfg = model.config
-    head = _head(model)
+    head = scoring_head(model)
     b = len(fetchers) if slides is None else min(slides, len(fetchers))
     guided = list(range(2, cfg.num_layers + 1)) if layers is None else list(layers)
     zero = next(model.parameters()).new_zeros(())
