@@ -223,11 +223,7 @@ def train_magnet(
                 loss = loss + _guidance(model, out, fetchers, b.labels, st, sums)
             if st["scale_weight"]:
                 loss = loss + st["scale_weight"] * scale_prior(model, out.affines, tuple(st["scale_target"]))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if st["grad_clip"]:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), st["grad_clip"])
-            opt.step()
+            _optimise(model, opt, loss, st["grad_clip"])
             step += 1
             reviver.observe(out, b.labels)
             revived += reviver.maybe_revive(progress(), step, model, opt)
@@ -284,6 +280,15 @@ def train_magnet(
     return model, record, settings
 
 
+def _optimise(model: torch.nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor, grad_clip: float | None) -> None:
+    """One optimiser step on ``loss``, with the gradient norm clipped to ``grad_clip`` when it is set."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+
+
 def _guidance(model: MagNet, out: Any, fetchers: Sequence[Any], labels: torch.Tensor, st: dict[str, Any],
               sums: dict[str, float]) -> torch.Tensor:
     """Head-guided attention plus the head's window MIL, weighted; their values are added to ``sums``."""
@@ -329,9 +334,7 @@ def pretrain_heads(model: MagNet, train: Sequence[Slide], st: dict[str, Any], op
         sub = torch.stack([torch.randperm(n, generator=gen)[:4] for _ in range(8)])
         batch = d4(x[idx[:, None], sub], int(torch.randint(0, 8, (1,), generator=gen)))
         loss = torch.nn.functional.binary_cross_entropy_with_logits(head.patch_logits(batch).amax(1), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        _optimise(head, opt, loss, None)
         losses.append(float(loss.detach()))
     for other in model.aux_heads.values():
         if other is not head:
@@ -367,11 +370,7 @@ def warm_up_heads(model: MagNet, loader: Any, sampler: ResumableSampler, opt: to
             loss = terms.total
             if st["guidance_weight"]:
                 loss = loss + _guidance(model, tree, fetchers, b.labels, st, sums)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if st["grad_clip"]:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), st["grad_clip"])
-            opt.step()
+            _optimise(model, opt, loss, st["grad_clip"])
             step += 1
             for key, value in terms.as_floats().items():
                 sums[key] = sums.get(key, 0.0) + value
