@@ -2,7 +2,9 @@
 
 A reader (or a resumed run) sees either the old file or the new one, never half of one: the data goes
 to a temporary file in the same folder, is flushed and fsynced, then ``os.replace``s the target, and the
-folder entry is fsynced too.
+folder entry is fsynced too. The file gets the mode a plain ``open(path, "w")`` would give it
+(``0o666`` less the umask; ``tempfile.mkstemp`` alone would leave it ``0o600``, unreadable to the
+rest of a team sharing an output folder).
 """
 
 from __future__ import annotations
@@ -26,6 +28,26 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (``os.umask`` sets it, briefly,
+    for every thread)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """Mode of a newly created regular file under the current umask (``0o644`` under umask ``022``)."""
+    return 0o666 & ~_umask()
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (temporary file in the same folder, fsync, ``os.replace``)."""
     path = Path(path)
@@ -34,6 +56,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+            if hasattr(os, "fchmod"):  # not on Windows, where mkstemp's mode is not an issue
+                os.fchmod(fh.fileno(), default_file_mode())
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -67,7 +67,7 @@ def test_predict_folder_with_corrupt_slides_then_resume(cohort, checkpoint, tmp_
     capsys.readouterr()
     code = main(["predict", str(cohort), "--model", str(checkpoint), "--out", str(out)])
     assert code == 0
-    assert "0 predicted, 20 already done, 0 failed" in capsys.readouterr().err
+    assert "0 predicted, 18 already done, 0 failed, 2 failed before" in capsys.readouterr().err
     assert {p: p.stat().st_mtime_ns for p in jsons} == mtimes
 
 
@@ -113,15 +113,23 @@ def test_explain_draws_the_roi_tree_on_a_real_slide(wsi_dir, checkpoint, tmp_pat
     # Thumbnail (512 + header) beside a gallery of 4 final patches of 64x64.
     assert img.shape[0] >= 512 and img.shape[1] >= 512 + 64
 
-    # GeoJSON as QuPath reads it: a FeatureCollection of closed Polygon annotations.
+    # GeoJSON as QuPath reads it: a FeatureCollection of closed Polygon annotations, one per drawn ROI
+    # (frozen patches are their parent's box: not a second polygon) plus the slide-level result.
     assert geo["type"] == "FeatureCollection"
-    assert len(geo["features"]) == len(pred["tree"]) - 1
+    drawn = [n for n in pred["tree"] if n["layer"] > 0 and not n["frozen"]]
+    assert len(geo["features"]) == len(drawn) + 1
     for feat in geo["features"]:
         assert feat["type"] == "Feature" and feat["geometry"]["type"] == "Polygon"
         ring = feat["geometry"]["coordinates"][0]
         assert len(ring) == 5 and ring[0] == ring[-1]
-        assert {"name", "layer", "level", "scale"} <= set(feat["properties"])
         assert feat["properties"]["objectType"] == "annotation"
+    slide_result = geo["features"][0]["properties"]
+    assert slide_result["classification"]["name"] == pred["label"]
+    assert slide_result["measurements"]["MagNet probability (tumour)"] == pytest.approx(pred["probability"])
+    for feat in geo["features"][1:]:
+        assert {"MagNet layer", "Pyramid level", "Scale"} <= set(feat["properties"]["measurements"])
+    assert geo["properties"]["provenance"]["model"]["name"] == str(checkpoint)
+    assert pred["provenance"]["model"]["name"] == str(checkpoint)
 
     # Boxes are drawn where the ROI tree says: the left edge of each final ROI carries its colour.
     from magnet_zoo.explain.geojson import patch_colour
@@ -144,3 +152,133 @@ def test_explain_draws_the_roi_tree_on_a_real_slide(wsi_dir, checkpoint, tmp_pat
         assert (np.abs(patch.astype(int) - colour).sum(axis=1) < 40).any(), node["name"]
         checked += 1
     assert checked == 4
+
+
+# --------------------------------------------------------------------------- provenance and resume keys
+@pytest.fixture(scope="module")
+def other_checkpoint(tmp_path_factory):
+    import torch
+
+    torch.manual_seed(1)
+    model = magnet_zoo.create_model("magnet2_tiny", attention_init="random")
+    return save_pretrained(model, tmp_path_factory.mktemp("ckpt2") / "tiny-other")
+
+
+@pytest.fixture()
+def small_cohort(cohort, tmp_path):
+    """Two good slides and the text file that is not a slide."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    for name in ("s00.tif", "s01.tif", "s19_text.tif"):
+        shutil.copy(cohort / name, folder / name)
+    return folder
+
+
+def _jsons(out):
+    return {p.name: json.loads(p.read_text()) for p in sorted((out / "slides").glob("*.json"))}
+
+
+def test_outputs_record_model_revision_weights_version_and_settings(small_cohort, checkpoint, tmp_path):
+    from magnet_zoo.infer.provenance import weights_sha256
+
+    out = tmp_path / "out"
+    assert main(["predict", str(small_cohort), "--model", str(checkpoint), "--out", str(out)]) == 0
+    expected_hash = weights_sha256(magnet_zoo.load_pretrained(str(checkpoint)))
+    for d in _jsons(out).values():
+        prov = d["provenance"]
+        assert prov["magnet_zoo_version"] == magnet_zoo.__version__
+        assert prov["model"]["name"] == str(checkpoint) and prov["model"]["source"] == "folder"
+        assert prov["model"]["weights_sha256"] == expected_hash
+        assert prov["settings"] == {"threshold": 0.5, "backend": "auto"}
+        assert len(prov["run_key"]) == 16
+    run = json.loads((out / "run.json").read_text())
+    assert run["run_key"] == prov["run_key"]
+    with open(out / "predictions.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["weights_sha256"] for r in rows} == {expected_hash}
+    assert {r["model"] for r in rows} == {str(checkpoint)}
+    with open(out / "errors.csv") as fh:
+        assert [r["run_key"] for r in csv.DictReader(fh)] == [prov["run_key"]]
+
+
+def test_packaged_and_hub_models_name_their_revision():
+    model = magnet_zoo.load_pretrained("magnet2_micro")
+    source = model.pretrained_source
+    assert source["name"] == "magnet2_micro.synthmets_demo"
+    assert source["revision"] == f"magnet_zoo {magnet_zoo.__version__}"
+
+
+def test_rerun_with_another_model_or_threshold_predicts_again(small_cohort, checkpoint, other_checkpoint,
+                                                              tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["predict", str(small_cohort), "--model", str(checkpoint), "--out", str(out)]) == 0
+    first = _jsons(out)
+    capsys.readouterr()
+    assert main(["predict", str(small_cohort), "--model", str(other_checkpoint), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "2 predicted (2 had results of another model or settings), 0 already done, 1 failed" in err
+    second = _jsons(out)
+    assert all(second[k]["provenance"]["model"]["name"] == str(other_checkpoint) for k in second)
+    assert all(second[k]["provenance"]["run_key"] != first[k]["provenance"]["run_key"] for k in second)
+    # The text file failed for the first model too; with the new model it is tried (and fails) again.
+    with open(out / "errors.csv") as fh:
+        assert [r["run_key"] for r in csv.DictReader(fh)] == [second[next(iter(second))]["provenance"]["run_key"]]
+    # Same model, new threshold: the labels can change, so this is new work as well.
+    assert main(["predict", str(small_cohort), "--model", str(other_checkpoint), "--out", str(out),
+                 "--threshold", "0.0"]) == 0
+    assert "2 predicted" in capsys.readouterr().err
+    assert {d["label"] for d in _jsons(out).values()} == {"tumour"}
+    with open(out / "predictions.csv") as fh:
+        assert {r["label"] for r in csv.DictReader(fh)} == {"tumour"}
+
+
+def test_force_redoes_everything(small_cohort, checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["predict", str(small_cohort), "--model", str(checkpoint), "--out", str(out)]) == 0
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "slides").glob("*.json")}
+    capsys.readouterr()
+    assert main(["predict", str(small_cohort), "--model", str(checkpoint), "--out", str(out), "--force"]) == 0
+    assert "2 predicted, 0 already done, 1 failed" in capsys.readouterr().err
+    assert all(p.stat().st_mtime_ns != t for p, t in mtimes.items())
+
+
+def test_rerun_with_explain_writes_the_figures(small_cohort, checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["predict", str(small_cohort), "--model", str(checkpoint), "--out", str(out)]) == 0
+    assert not list((out / "slides").glob("*.png"))
+    capsys.readouterr()
+    assert main(["predict", str(small_cohort), "--model", str(checkpoint), "--out", str(out), "--explain"]) == 0
+    assert "2 predicted" in capsys.readouterr().err
+    assert len(list((out / "slides").glob("*.png"))) == 2
+    assert len(list((out / "slides").glob("*.geojson"))) == 2
+    # Now complete: a third run with --explain has nothing to do.
+    assert main(["predict", str(small_cohort), "--model", str(checkpoint), "--out", str(out), "--explain"]) == 0
+    assert "0 predicted, 2 already done" in capsys.readouterr().err
+
+
+def test_retry_errors_succeeds_when_other_slides_are_done(small_cohort, checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["predict", str(small_cohort), "--model", str(checkpoint), "--out", str(out)]) == 0
+    capsys.readouterr()
+    # The text file fails again; the two slides are done: that is not a failed run.
+    assert main(["predict", str(small_cohort), "--model", str(checkpoint), "--out", str(out),
+                 "--retry-errors"]) == 0
+    assert "0 predicted, 2 already done, 1 failed" in capsys.readouterr().err
+    with open(out / "errors.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 1
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_output_files_get_the_mode_the_umask_allows(small_cohort, checkpoint, tmp_path, umask, mode):
+    import os
+
+    out = tmp_path / "out"
+    old = os.umask(umask)
+    try:
+        assert main(["predict", str(small_cohort / "s00.tif"), "--model", str(checkpoint), "--out", str(out),
+                     "--explain"]) == 0
+    finally:
+        os.umask(old)
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert {p.suffix for p in files} >= {".json", ".csv", ".png", ".geojson"}
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(mode) for p in files}

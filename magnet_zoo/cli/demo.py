@@ -101,13 +101,18 @@ def run_demo(args: argparse.Namespace) -> int:
     with open_slide(slides[0]) as src:  # warm-up: the first forward pass sets up kernels
         predict_slide(model, src)
 
+    from magnet_zoo.atomic import atomic_write_text
+    from magnet_zoo.infer.provenance import provenance
+
+    prov = provenance(model, {"threshold": 0.5, "backend": "auto"})
     rows = []
     for path in slides:
         with open_slide(path) as src:
             pred = predict_slide(model, src)
+            pred.provenance = prov
             stem = path.stem
             png = save_explanation(src, pred, out / f"{stem}.magnet.png", thumb_size=args.thumb_size)
-            geo = write_geojson(pred.tree, out / f"{stem}.magnet.geojson", slide=str(path))
+            geo = write_geojson(pred, out / f"{stem}.magnet.geojson", slide=str(path))
         record = pred.to_dict()
         sidecar = path.with_suffix(".json")
         truth = None
@@ -118,7 +123,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 hits = patches_on_tumour(pred.tree, meta) if meta.get("label") else []
                 record["truth"] = {"label": model.config.labels[int(meta["label"])], "category": meta["category"]}
                 record["final_patches_on_tumour"] = sum(hits)
-        (out / f"{stem}.magnet.json").write_text(json.dumps(record, indent=1))
+        atomic_write_text(out / f"{stem}.magnet.json", json.dumps(record, indent=1))
         rows.append((path, pred, truth, record.get("final_patches_on_tumour"), png, geo))
 
     labels = model.config.labels

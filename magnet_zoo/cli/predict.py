@@ -16,13 +16,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("inputs", nargs="+", help="slide files, folders, or CSV files with a 'path' column")
     _model_args(p)
-    p.add_argument("--out", required=True, help="output folder (created; reruns skip slides already done)")
+    p.add_argument(
+        "--out", required=True,
+        help="output folder (created; a rerun skips slides done by the same model, weights and settings)",
+    )
     p.add_argument("--batch-size", type=int, default=1, help="slides per forward pass (default 1)")
     p.add_argument("--workers", type=int, default=4, help="threads opening the next slides ahead (default 4)")
     p.add_argument("--backend", default="auto", help="slide backend: auto, openslide, tifffile, pil, monai, tiatoolbox")
     p.add_argument("--recursive", action="store_true", help="look for slides in sub-folders too")
     p.add_argument("--explain", action="store_true", help="also write the explanation PNG and GeoJSON per slide")
     p.add_argument("--retry-errors", action="store_true", help="try again the slides listed in errors.csv")
+    p.add_argument("--force", action="store_true", help="predict every slide again, whatever the folder holds")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="probability from which a slide gets the positive label (default 0.5)")
     p.set_defaults(func=run_predict)
 
     p = sub.add_parser("explain", help="explanation PNG (ROIs on the slide + final patches) and QuPath GeoJSON")
@@ -31,6 +37,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=".", help="output folder (default: here)")
     p.add_argument("--backend", default="auto")
     p.add_argument("--thumb-size", type=int, default=1024, help="side of the slide picture in pixels")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="probability from which the slide gets the positive label (default 0.5)")
     p.set_defaults(func=run_explain)
 
 
@@ -84,6 +92,8 @@ def run_predict(args: argparse.Namespace) -> int:
         backend=args.backend,
         explain=args.explain,
         retry_errors=args.retry_errors,
+        force=args.force,
+        threshold=args.threshold,
         rank=rank,
         world=world,
         progress=bar,
@@ -96,8 +106,12 @@ def run_predict(args: argparse.Namespace) -> int:
             merge_rank_outputs(args.out)
         dist.barrier()
         dist.destroy_process_group()
+    failed_before = summary.skipped - summary.done_before
+    failed_now = summary.failed - failed_before
+    before = f", {failed_before} failed before (--retry-errors tries them again)" if failed_before else ""
+    redone = f" ({summary.redone} had results of another model or settings)" if summary.redone else ""
     print(
-        f"{summary.predicted} predicted, {summary.skipped} already done, {summary.failed} failed "
+        f"{summary.predicted} predicted{redone}, {summary.done_before} already done, {failed_now} failed{before} "
         f"(of {summary.total}{' on this rank' if world > 1 else ''}); results in {args.out}",
         file=sys.stderr,
     )
@@ -105,19 +119,24 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def run_explain(args: argparse.Namespace) -> int:
+    from magnet_zoo.atomic import atomic_write_text
     from magnet_zoo.explain import save_explanation, write_geojson
     from magnet_zoo.infer.predict import predict_slide
+    from magnet_zoo.infer.provenance import provenance
     from magnet_zoo.wsi.open import open_slide
 
     model = load_model(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open_slide(args.slide, args.backend) as src:
-        pred = predict_slide(model, src)
+        pred = predict_slide(model, src, threshold=args.threshold)
+        pred.provenance = provenance(model, {"threshold": float(args.threshold), "backend": args.backend})
         stem = Path(args.slide).stem
         png = save_explanation(src, pred, out / f"{stem}.magnet.png", thumb_size=args.thumb_size)
-        geo = write_geojson(pred.tree, out / f"{stem}.magnet.geojson", slide=str(args.slide))
-        (out / f"{stem}.magnet.json").write_text(json.dumps(pred.to_dict(), indent=1))
+        geo = write_geojson(pred, out / f"{stem}.magnet.geojson", slide=str(args.slide))
+        atomic_write_text(out / f"{stem}.magnet.json", json.dumps(pred.to_dict(), indent=1))
+    if pred.resolution and pred.resolution["warning"]:
+        print(f"warning: {pred.resolution['warning']}", file=sys.stderr)
     print(f"p({model.config.labels[1]}) = {pred.probability:.3f} -> {pred.label}")
     print(f"wrote {png}, {geo} and {stem}.magnet.json")
     return 0

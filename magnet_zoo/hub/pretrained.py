@@ -94,14 +94,20 @@ def load_pretrained(
             raise CheckpointNotFoundError(f"{exc} Or pass a checkpoint folder or a Hub repo id ('org/name').") from exc
         registered = f"{arch_name}.{tag_name}"
         if tag.packaged and not tag.hub_repo:
-            return _load_dir(packaged_checkpoint(tag.packaged), revision, device)
+            folder = packaged_checkpoint(tag.packaged)
+            model = _load_dir(folder, revision, device)
+            return _mark(model, name=registered, source="registered (packaged)", revision=magnet_zoo_version(),
+                         path=folder)
         if not tag.hub_repo:
             raise _no_weights(registered, tag.description)
         rev = revision or tag.hub_revision
         if rev is None:
             logger.warning("%s points at %s without a pinned revision; using its main branch", registered, tag.hub_repo)
         repo_id, rev = parse_repo_spec(tag.hub_repo, rev)
-        return _load_hub(repo_id, rev, device, cache_dir, token, local_files_only)
+        model = _load_hub(repo_id, rev, device, cache_dir, token, local_files_only)
+        model.pretrained_source["name"] = registered
+        model.pretrained_source["source"] = f"registered (hub:{repo_id})"
+        return model
 
     repo_part = spec.partition("@")[0]
     if is_repo_id(repo_part):
@@ -113,12 +119,20 @@ def load_pretrained(
     )
 
 
+def _mark(model: MagNet, **source: object) -> MagNet:
+    """Record on ``model`` what was loaded (name asked for, kind, revision, folder): outputs cite it."""
+    model.pretrained_source = {k: (str(v) if isinstance(v, Path) else v) for k, v in source.items()}
+    return model
+
+
 def _load_dir(path: Path, revision: str | None, device: str | torch.device) -> MagNet:
     if revision is not None:
         raise InvalidRepoIdError(
             f"revision={revision!r} applies to Hub repos, not to the local folder {path}; drop it or pass 'org/name'"
         )
-    return load_checkpoint_dir(path.expanduser(), device)
+    folder = path.expanduser()
+    return _mark(load_checkpoint_dir(folder, device), name=str(path), source="folder", revision=None,
+                 path=folder.resolve())
 
 
 def _load_hub(
@@ -130,4 +144,13 @@ def _load_hub(
     local_files_only: bool,
 ) -> MagNet:
     folder = download_checkpoint(repo_id, revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
-    return load_checkpoint_dir(folder, device)
+    # The Hub cache keeps every snapshot in a folder named after its commit: the revision actually loaded.
+    commit = folder.name if len(folder.name) == 40 else revision
+    return _mark(load_checkpoint_dir(folder, device), name=repo_id, source="hub", revision=commit, path=folder)
+
+
+def magnet_zoo_version() -> str:
+    """Weights shipped in the package are pinned by the package version."""
+    import magnet_zoo
+
+    return f"magnet_zoo {magnet_zoo.__version__}"

@@ -7,9 +7,15 @@ Output folder layout::
     OUT/predictions.csv            one row per predicted slide (rebuilt from the JSONs at the end)
     OUT/errors.csv                 one row per slide that could not be predicted, with the reason
 
+    OUT/run.json                   provenance of the latest run (model, revision, weights hash, settings)
+
 ``<key>`` is the file stem plus a hash of the absolute path, so two ``slide.svs`` in different folders
-do not collide. A slide with a JSON (or an error row) is skipped on the next run: rerunning after a
-crash does only the missing work; ``retry_errors=True`` tries the failed ones again.
+do not collide. Every JSON (and every error row) carries the *run key* of the run that wrote it (a hash
+of the weights, the network config and the settings; see :mod:`magnet_zoo.infer.provenance`). A rerun
+skips a slide only when its JSON has the same run key (and, with ``explain=True``, its PNG and GeoJSON
+exist): rerunning after a crash does only the missing work, while another model, revision or threshold
+predicts every slide again. Slides that failed with this run key are skipped unless
+``retry_errors=True``; ``force=True`` redoes everything.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ from pathlib import Path
 import torch
 
 from magnet_zoo.atomic import atomic_write_text
-from magnet_zoo.infer.predict import Prediction
+from magnet_zoo.infer.predict import Prediction, resolution_report
+from magnet_zoo.infer.provenance import provenance as make_provenance
 from magnet_zoo.nn.magnet import MagNet
 from magnet_zoo.wsi.errors import SlideError
 from magnet_zoo.wsi.fetch import SlideFetcher
@@ -42,7 +49,11 @@ SLIDE_SUFFIXES = {
     ".png", ".jpg", ".jpeg",
 }
 PREFETCH_BATCHES = 2
-PREDICTION_COLUMNS = ["slide", "path", "probability", "label", "seconds", "pixels_read", "values_fed"]
+PREDICTION_COLUMNS = [
+    "slide", "path", "probability", "label", "seconds", "pixels_read", "values_fed", "model", "weights_sha256",
+    "run_key",
+]
+ERROR_COLUMNS = ["key", "path", "error", "message", "run_key"]
 
 
 class InputError(ValueError):
@@ -93,8 +104,8 @@ def read_errors(path: Path) -> dict[str, dict[str, str]]:
 
 
 def write_errors(path: Path, rows: dict[str, dict[str, str]]) -> None:
-    lines = [["key", "path", "error", "message"]] + [
-        [r["key"], r["path"], r["error"], r["message"]] for r in sorted(rows.values(), key=lambda r: r["key"])
+    lines = [ERROR_COLUMNS] + [
+        [r.get(c, "") for c in ERROR_COLUMNS] for r in sorted(rows.values(), key=lambda r: r["key"])
     ]
     text = "".join(",".join(_csv_cell(c) for c in row) + "\n" for row in lines)
     atomic_write_text(path, text)
@@ -111,9 +122,12 @@ def write_predictions_csv(out_dir: Path) -> Path:
     for j in sorted((out_dir / "slides").glob("*.json")):
         d = json.loads(j.read_text())
         acc = d.get("accounting", {})
+        prov = d.get("provenance") or {}
+        model = prov.get("model") or {}
         rows.append(
             [j.stem, d["slide"], f"{d['probability']:.6f}", d["label"], f"{d['seconds']:.4f}",
-             acc.get("pixels_read", ""), acc.get("values_fed", "")]
+             acc.get("pixels_read", ""), acc.get("values_fed", ""), model.get("name") or "",
+             model.get("weights_sha256") or "", prov.get("run_key") or ""]
         )
     path = out_dir / "predictions.csv"
     text = "".join(",".join(_csv_cell(c) for c in row) + "\n" for row in [PREDICTION_COLUMNS, *rows])
@@ -125,15 +139,24 @@ def write_predictions_csv(out_dir: Path) -> Path:
 class RunSummary:
     total: int = 0
     skipped: int = 0
+    """Slides not predicted again: done before with the same run key, or failed before with it."""
+    done_before: int = 0
+    """Of ``skipped``: those with a result from an earlier run of the same run key."""
     predicted: int = 0
     failed: int = 0
+    """Slides that failed in this run, plus those skipped because they failed before."""
+    redone: int = 0
+    """Slides that had a result from another model or other settings, predicted again."""
+    run_key: str = ""
     errors: dict[str, str] = field(default_factory=dict)
 
     @property
     def all_failed(self) -> bool:
-        """True when there was work and none of it succeeded (the CLI exits non-zero then)."""
-        todo = self.total - self.skipped
-        return todo > 0 and self.predicted == 0
+        """True when there were slides and not one of them has a result (the CLI exits non-zero then).
+
+        A rerun (``retry_errors`` included) in which the corrupt slides fail again while the others
+        were done before is a success."""
+        return self.total > 0 and self.predicted + self.done_before == 0
 
 
 def shard(items: Sequence[Path], rank: int, world: int) -> list[Path]:
@@ -158,27 +181,54 @@ def predict_many(
     backend: str = "auto",
     explain: bool = False,
     retry_errors: bool = False,
+    force: bool = False,
+    threshold: float = 0.5,
     rank: int = 0,
     world: int = 1,
     progress: Callable[[Iterable], Iterable] | None = None,
 ) -> RunSummary:
-    """Predict every slide in ``slides`` (this rank's shard of it) into ``out_dir``; see module doc."""
+    """Predict every slide in ``slides`` (this rank's shard of it) into ``out_dir``; see module doc.
+
+    ``threshold`` turns the probability into the label (``p >= threshold`` is the positive class).
+    """
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}")
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must lie in [0, 1], got {threshold}")
     out = Path(out_dir)
     (out / "slides").mkdir(parents=True, exist_ok=True)
+    prov = make_provenance(model, {"threshold": float(threshold), "backend": backend})
+    key_now = prov["run_key"]
+    if rank == 0:
+        atomic_write_text(out / "run.json", json.dumps(prov, indent=1) + "\n")
     errors_path = out / ("errors.csv" if world == 1 else f"errors.rank{rank}.csv")
-    known_errors = {} if retry_errors else _all_errors(out)
+    redo_errors = retry_errors or force
+    known_errors = {} if redo_errors else {
+        k: row for k, row in _all_errors(out).items() if row.get("run_key") == key_now
+    }
     mine = shard(slides, rank, world)
-    summary = RunSummary(total=len(mine))
+    summary = RunSummary(total=len(mine), run_key=key_now)
     todo = []
     for p in mine:
         key = slide_key(p)
-        if (out / "slides" / f"{key}.json").is_file() or key in known_errors:
+        state = "todo" if force else _done_state(out / "slides", key, key_now, explain)
+        if state == "done":
             summary.skipped += 1
+            summary.done_before += 1
+        elif key in known_errors:
+            summary.skipped += 1
+            summary.failed += 1
         else:
+            summary.redone += state == "other"
             todo.append(p)
-    new_errors = read_errors(errors_path) if not retry_errors else {}
+    if summary.redone:
+        log.warning(
+            "%d slide(s) in %s have results from another model or other settings; predicting them again",
+            summary.redone, out,
+        )
+    new_errors = read_errors(errors_path) if not redo_errors else {}
+    if not redo_errors:  # rows of other runs are stale: this run decides about those slides again
+        new_errors = {k: row for k, row in new_errors.items() if row.get("run_key") == key_now}
     model.eval()
     batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
     iterator: Iterable = progress(batches) if progress is not None else batches
@@ -202,14 +252,31 @@ def predict_many(
                 else:
                     good.append((path, src))
             if good:
-                _predict_batch(model, good, out, explain, new_errors, summary)
-            if new_errors:
+                _predict_batch(model, good, out, explain, new_errors, summary, prov, threshold)
+            if new_errors or errors_path.is_file():
                 write_errors(errors_path, new_errors)
     finally:
         pool.shutdown(wait=True)
     if world == 1:
         write_predictions_csv(out)
     return summary
+
+
+def _done_state(folder: Path, key: str, key_now: str, explain: bool) -> str:
+    """``done`` (a result of this run key, with its explanation files if asked), ``other`` (a result of
+    another model or other settings) or ``todo`` (no readable result, or explanation files missing)."""
+    path = folder / f"{key}.json"
+    if not path.is_file():
+        return "todo"
+    try:
+        prov = json.loads(path.read_text()).get("provenance") or {}
+    except (OSError, ValueError, AttributeError):
+        return "todo"
+    if prov.get("run_key") != key_now:
+        return "other"
+    if explain and not ((folder / f"{key}.png").is_file() and (folder / f"{key}.geojson").is_file()):
+        return "todo"
+    return "done"
 
 
 def _all_errors(out: Path) -> dict[str, dict[str, str]]:
@@ -221,13 +288,24 @@ def _all_errors(out: Path) -> dict[str, dict[str, str]]:
 
 def _record_error(errors: dict, path: Path, exc: BaseException, summary: RunSummary) -> None:
     key = slide_key(path)
-    errors[key] = {"key": key, "path": str(path), "error": type(exc).__name__, "message": str(exc)}
+    errors[key] = {
+        "key": key, "path": str(path), "error": type(exc).__name__, "message": str(exc), "run_key": summary.run_key,
+    }
     summary.failed += 1
     summary.errors[str(path)] = f"{type(exc).__name__}: {exc}"
     log.warning("skipping %s: %s: %s", path, type(exc).__name__, exc)
 
 
-def _predict_batch(model: MagNet, opened, out: Path, explain: bool, errors: dict, summary: RunSummary) -> None:
+def _predict_batch(
+    model: MagNet,
+    opened,
+    out: Path,
+    explain: bool,
+    errors: dict,
+    summary: RunSummary,
+    prov: dict,
+    threshold: float,
+) -> None:
     labels = model.config.labels
     start = time.perf_counter()
     try:
@@ -240,7 +318,7 @@ def _predict_batch(model: MagNet, opened, out: Path, explain: bool, errors: dict
             src.close()
             return
         for item in opened:  # find the bad slide(s): one by one
-            _predict_batch(model, [item], out, explain, errors, summary)
+            _predict_batch(model, [item], out, explain, errors, summary, prov, threshold)
         return
     seconds = (time.perf_counter() - start) / len(opened)
     for i, (path, src) in enumerate(opened):
@@ -248,21 +326,29 @@ def _predict_batch(model: MagNet, opened, out: Path, explain: bool, errors: dict
         pred = Prediction(
             slide=str(path),
             probability=prob,
-            label=labels[1] if prob >= 0.5 else labels[0],
+            label=labels[1] if prob >= threshold else labels[0],
             aux_probabilities={},
             tree=result.trees[i],
             accounting=result.accounting[i],
             seconds=seconds,
             final_patches=result.final_patches[i].detach().cpu(),
+            threshold=threshold,
+            resolution=resolution_report(model, src, result.trees[i]),
+            provenance=prov,
+            labels=tuple(labels),
         )
+        if pred.resolution["warning"] and pred.resolution["trained_mpp"] is not None:
+            log.warning("%s: %s", path, pred.resolution["warning"])
         key = slide_key(path)
         if explain:
             from magnet_zoo.explain import save_explanation, write_geojson
 
             save_explanation(src, pred, out / "slides" / f"{key}.png")
-            write_geojson(pred.tree, out / "slides" / f"{key}.geojson", slide=str(path))
+            write_geojson(pred, out / "slides" / f"{key}.geojson", slide=str(path))
+        # The JSON last: it marks the slide done, so a crash before it redoes the explanation too.
         atomic_write_text(out / "slides" / f"{key}.json", json.dumps(pred.to_dict(), indent=1))
         summary.predicted += 1
+        errors.pop(key, None)
         src.close()
 
 

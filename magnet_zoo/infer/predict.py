@@ -1,8 +1,17 @@
-"""``predict_slide``: one slide in, an explainable prediction out."""
+"""``predict_slide``: one slide in, an explainable prediction out, with its resolution report.
+
+The resolution contract: a checkpoint records the microns per pixel (level 0) of the slides it was
+trained on (``config.json["io"]["slide_mpp"]``, kept on the loaded model as ``model.trained_mpp``).
+Every prediction reports the slide's own mpp, the mpp of every node's pixels (the level it was read
+from and the image the network saw) and warns when the slide's mpp differs from the training mpp by
+more than :data:`MPP_TOLERANCE` (relative), or when either is unknown and nothing can be checked.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +20,68 @@ import torch
 from magnet_zoo.nn.magnet import MagNet
 from magnet_zoo.nn.tree import RoiNode
 from magnet_zoo.wsi.fetch import as_fetcher
+
+log = logging.getLogger(__name__)
+
+MPP_TOLERANCE = 0.25
+"""Relative difference between a slide's level-0 mpp and the training slides' beyond which a prediction
+carries a resolution warning (0.25 accepts 0.5 vs 0.4-0.6 µm/px; flags 20x vs 40x scans)."""
+TRAINED_MPP_ATTR = "trained_mpp"
+
+
+def node_image_size(config: Any, layer: int) -> int:
+    """Side in pixels of the finest image the network saw for a node of ``layer``: its ``I'`` for the
+    root and inner nodes, the final patch for the last layer's nodes."""
+    return config.final_patch_size if layer == config.num_layers else config.iprime_size(layer + 1)
+
+
+def resolution_report(model: MagNet, source: Any, tree: Sequence[RoiNode]) -> dict[str, Any]:
+    """Slide mpp, training mpp, their relative difference, per-node mpp and the warning, if any.
+
+    ``nodes`` maps each tree name to ``level_mpp`` (µm per pixel of the pyramid level read) and ``mpp``
+    (µm per pixel of the image the network saw: the node's side in µm over its image side).
+    """
+    slide_mpp = getattr(source, "mpp", None)
+    trained = getattr(model, TRAINED_MPP_ATTR, None)
+    downsamples = getattr(source, "level_downsamples", None) or (1.0,)
+    cfg = model.config
+    nodes: dict[str, dict[str, float | None]] = {}
+    mean_mpp = None if slide_mpp is None else (float(slide_mpp[0]) + float(slide_mpp[1])) / 2
+    for node in tree:
+        side = float(max(node.box[2], node.box[3]))
+        size = node_image_size(cfg, node.layer)
+        ds = float(downsamples[min(node.level, len(downsamples) - 1)])
+        nodes[node.name] = {
+            "level_mpp": None if mean_mpp is None else round(mean_mpp * ds, 6),
+            "mpp": None if mean_mpp is None else round(mean_mpp * side / size, 6),
+            "level0_px_per_px": round(side / size, 6),
+        }
+    difference = None
+    warning = None
+    if mean_mpp is None:
+        warning = (
+            "the slide has no microns-per-pixel metadata: its resolution cannot be checked against the "
+            f"training slides' ({trained} µm/px)" if trained else
+            "the slide has no microns-per-pixel metadata: node sizes are in pixels only"
+        )
+    elif trained is None:
+        warning = None  # nothing to compare with; the report still gives the slide's own mpp
+    else:
+        difference = mean_mpp / float(trained) - 1.0
+        if abs(difference) > MPP_TOLERANCE:
+            warning = (
+                f"the slide's resolution ({mean_mpp:.3g} µm/px at level 0) differs from the training slides' "
+                f"({float(trained):.3g} µm/px) by {100 * difference:+.0f} % (tolerance ±{100 * MPP_TOLERANCE:.0f} %): "
+                "the model sees tissue at another scale than it learned; treat this prediction with care"
+            )
+    return {
+        "slide_mpp": None if slide_mpp is None else [float(slide_mpp[0]), float(slide_mpp[1])],
+        "trained_mpp": None if trained is None else float(trained),
+        "relative_difference": None if difference is None else round(difference, 6),
+        "tolerance": MPP_TOLERANCE,
+        "warning": warning,
+        "nodes": nodes,
+    }
 
 
 @dataclass
@@ -26,22 +97,43 @@ class Prediction:
     seconds: float
     final_patches: torch.Tensor | None = field(default=None, repr=False)
     """``(N, 3, S, S)`` final patches in tree order, for galleries; not serialised."""
+    threshold: float = 0.5
+    """``label`` is the positive class when ``probability >= threshold``."""
+    resolution: dict[str, Any] | None = None
+    """See :func:`resolution_report`; its per-node mpp also appear in ``to_dict()["tree"]``."""
+    provenance: dict[str, Any] | None = None
+    """Model, revision, weights hash, versions and settings (:mod:`magnet_zoo.infer.provenance`)."""
+    labels: tuple[str, ...] | None = None
+    """The model's ``(negative, positive)`` class names."""
 
     @property
     def final_nodes(self) -> list[RoiNode]:
         depth = max(n.layer for n in self.tree)
         return [n for n in self.tree if n.layer == depth]
 
+    @property
+    def positive_label(self) -> str:
+        """The class whose probability ``probability`` is (``labels[1]`` of the model)."""
+        return self.labels[1] if self.labels else "positive"
+
     def to_dict(self) -> dict[str, Any]:
-        return {
+        nodes = (self.resolution or {}).get("nodes", {})
+        resolution = {k: v for k, v in (self.resolution or {}).items() if k != "nodes"}
+        out = {
             "slide": self.slide,
             "probability": self.probability,
             "label": self.label,
+            "labels": list(self.labels) if self.labels else None,
+            "threshold": self.threshold,
             "aux_probabilities": self.aux_probabilities,
             "accounting": self.accounting,
             "seconds": self.seconds,
-            "tree": [n.to_dict() for n in self.tree],
+            "resolution": resolution or None,
+            "tree": [{**n.to_dict(), **nodes.get(n.name, {})} for n in self.tree],
         }
+        if self.provenance is not None:
+            out["provenance"] = self.provenance
+        return out
 
 
 @torch.inference_mode()
@@ -50,7 +142,9 @@ def predict_slide(model: MagNet, source: object, *, threshold: float = 0.5) -> P
 
     ``source`` is a slide source (``magnet_zoo.ArraySource``, or a slide opened by
     ``magnet_zoo.open_slide``), a ``SlideFetcher`` or an RGB numpy array. The model runs in eval mode
-    on its own device; its training mode is restored afterwards.
+    on its own device; its training mode is restored afterwards. The prediction's ``resolution`` says
+    the µm per pixel of the slide and of every node, and warns (also through ``logging``) when the
+    slide's resolution is far from the training slides'.
     """
     fetcher = as_fetcher(source, model.config.grey_threshold)
     was_training = model.training
@@ -63,6 +157,9 @@ def predict_slide(model: MagNet, source: object, *, threshold: float = 0.5) -> P
     seconds = time.perf_counter() - start
     prob = float(out.probs[0])
     labels = model.config.labels
+    resolution = resolution_report(model, fetcher.source, out.trees[0])
+    if resolution["warning"] and resolution["trained_mpp"] is not None:
+        log.warning("%s: %s", getattr(fetcher.source, "name", "slide"), resolution["warning"])
     return Prediction(
         slide=getattr(fetcher.source, "name", "slide"),
         probability=prob,
@@ -72,4 +169,7 @@ def predict_slide(model: MagNet, source: object, *, threshold: float = 0.5) -> P
         accounting=out.accounting[0],
         seconds=seconds,
         final_patches=out.final_patches[0].detach().cpu(),
+        threshold=threshold,
+        resolution=resolution,
+        labels=tuple(labels),
     )
