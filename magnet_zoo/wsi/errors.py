@@ -25,3 +25,15 @@ class UnreadableRegionError(SlideError):
 
 class BackendUnavailableError(SlideError, ImportError):
     """The requested backend's library is not installed."""
+
+
+class ImplausibleSlideError(CorruptSlideError):
+    """The file claims a size (or a whole level to decode) beyond any plausible slide or memory budget."""
+
+
+NO_MPP_WARNING = (
+    "no microns-per-pixel metadata. The MagNet does not need it (it picks levels by downsample), but its "
+    "resolution cannot be checked against the model's training slides, node sizes are reported in pixels "
+    "only and figures get no scale bar"
+)
+"""What a backend logs for a slide without mpp: the honest consequences, not a hint that mpp is used."""

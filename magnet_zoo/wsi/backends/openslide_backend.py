@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from magnet_zoo.wsi.errors import BackendUnavailableError, CorruptSlideError, UnreadableRegionError
+from magnet_zoo.wsi.errors import NO_MPP_WARNING, BackendUnavailableError, CorruptSlideError, UnreadableRegionError
 from magnet_zoo.wsi.protocol import BaseSource
 
 try:
@@ -81,7 +81,7 @@ class OpenSlideSource(BaseSource):
         except (KeyError, ValueError):
             self._mpp = None
         if self._mpp is None:
-            log.warning("%s: no microns-per-pixel metadata; levels are chosen by downsample only", self._path)
+            log.warning("%s: %s", self._path, NO_MPP_WARNING)
 
     def _open(self):
         try:

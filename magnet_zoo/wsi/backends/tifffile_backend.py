@@ -16,7 +16,7 @@ import numpy as np
 
 from magnet_zoo.wsi.array_source import as_rgb_uint8
 from magnet_zoo.wsi.cache import shared_tile_cache
-from magnet_zoo.wsi.errors import BackendUnavailableError, CorruptSlideError, UnreadableRegionError
+from magnet_zoo.wsi.errors import NO_MPP_WARNING, BackendUnavailableError, CorruptSlideError, UnreadableRegionError
 from magnet_zoo.wsi.protocol import BaseSource
 
 try:
@@ -71,7 +71,7 @@ class TiffFileSource(BaseSource):
         self._downsamples = tuple(((w0 / w) + (h0 / h)) / 2 for w, h in self._dims)
         self._mpp = _mpp_from_page(pages[0])
         if self._mpp is None:
-            log.warning("%s: no microns-per-pixel metadata; levels are chosen by downsample only", self._path)
+            log.warning("%s: %s", self._path, NO_MPP_WARNING)
         self._io_lock = threading.Lock()
         self._whole: dict[int, np.ndarray] = {}
         self._cache = shared_tile_cache()
