@@ -19,6 +19,7 @@ _EXPORTS = {
     "CONFIG_VERSION": "magnet_zoo.config",
     "ConfigError": "magnet_zoo.config",
     "MagNetConfig": "magnet_zoo.config",
+    "BackboneWeightsUnavailableError": "magnet_zoo.factory",
     "create_model": "magnet_zoo.factory",
     "load_pretrained": "magnet_zoo.hub.pretrained",
     "push_to_hub": "magnet_zoo.hub.remote",

@@ -61,3 +61,80 @@ def test_registered_configs_and_overrides():
     assert cfg.backbone_pretrained is False and cfg.sampler == "bilinear"
     with pytest.raises(ConfigError, match="unknown MagNet config fields: nope"):
         magnet_zoo.get_config("magnet3_inception_v3", nope=1)
+
+
+# --------------------------------------------------------------------------- offline ImageNet backbones
+def test_create_model_offline_fails_fast_with_an_actionable_typed_error(monkeypatch):
+    import time
+
+    from magnet_zoo import factory
+
+    monkeypatch.setattr(factory, "_cached", lambda repo: False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(magnet_zoo.BackboneWeightsUnavailableError) as info:
+        magnet_zoo.create_model("magnet3_inception_v3")
+    assert time.perf_counter() - start < 1.0
+    message = str(info.value)
+    assert "create_model('magnet3_inception_v3', backbone_pretrained=False)" in message
+    assert "inception_v3" in message and "HF_HUB_OFFLINE" in message
+
+    # Online but the Hub cannot be reached: the same error, not the Hub client's retries.
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(factory, "_offline", lambda: False)
+    monkeypatch.setattr(factory, "_hub_reachable", lambda timeout=3.0: (False, "huggingface.co:443: no route"))
+    with pytest.raises(magnet_zoo.BackboneWeightsUnavailableError, match="no route"):
+        magnet_zoo.create_model("magnet3_inception_v3")
+    # Without ImageNet weights nothing is fetched and nothing fails.
+    assert magnet_zoo.create_model("magnet2_tiny").config.backbone_pretrained is False
+
+
+def test_hub_client_errors_while_building_become_the_typed_error(monkeypatch):
+    import timm
+    from huggingface_hub.utils import LocalEntryNotFoundError
+
+    from magnet_zoo import factory
+
+    monkeypatch.setattr(factory, "check_backbone_weights", lambda config, name=None: None)
+
+    def offline_timm(*args, **kwargs):
+        if kwargs.get("pretrained"):
+            raise LocalEntryNotFoundError("Cannot find the requested files in the disk cache")
+        return real(*args, **kwargs)
+
+    real = timm.create_model
+    monkeypatch.setattr(timm, "create_model", offline_timm)
+    with pytest.raises(magnet_zoo.BackboneWeightsUnavailableError, match="backbone_pretrained=False") as info:
+        magnet_zoo.create_model("magnet3_tiny", backbone_pretrained=True)
+    assert isinstance(info.value.__cause__, LocalEntryNotFoundError)
+
+
+def test_cli_reports_missing_backbone_weights_as_a_user_error():
+    from magnet_zoo import factory
+    from magnet_zoo.cli.errors import is_user_error
+
+    assert is_user_error(factory.BackboneWeightsUnavailableError("x"))
+
+
+def test_one_meaning_per_name_pretrained_loads_the_tag_weights(caplog):
+    import logging
+
+    import torch
+
+    trained = magnet_zoo.create_model("magnet2_micro", pretrained=True)
+    loaded = magnet_zoo.load_pretrained("magnet2_micro")
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(trained.state_dict()[key], value)
+    with pytest.raises(ValueError, match="overrides"):
+        magnet_zoo.create_model("magnet2_micro", pretrained=True, gru_hidden=8)
+    # Naming the weights explicitly but building fresh ones is said out loud.
+    from magnet_zoo import factory
+
+    factory._noted.clear()
+    with caplog.at_level(logging.WARNING, logger="magnet_zoo.factory"):
+        fresh = magnet_zoo.create_model("magnet2_micro.synthmets_demo")
+    assert "fresh weights" in caplog.text and "pretrained=True" in caplog.text
+    floats = [k for k, v in loaded.state_dict().items() if v.is_floating_point()]
+    assert any(not torch.equal(fresh.state_dict()[k], loaded.state_dict()[k]) for k in floats)
+    with pytest.raises(magnet_zoo.hub.NoPretrainedWeightsError):
+        magnet_zoo.create_model("magnet2_tiny", pretrained=True)
