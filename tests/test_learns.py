@@ -21,16 +21,15 @@ import torch
 
 from magnet_zoo.factory import create_model
 from magnet_zoo.tasks.findit import FindItSpec, evaluate
-from magnet_zoo.tasks.train import RECIPE_CONFIG, RECIPE_SETTINGS, TrainSettings, eval_seeds, train
+from magnet_zoo.tasks.train import RECIPE_CONFIG, eval_seeds, train
 
 
 def _train_and_measure(spec: FindItSpec, steps: int, n_eval: int = 48, **config: object) -> dict[str, float]:
     torch.manual_seed(0)
     model = create_model("magnet2_tiny", **{**RECIPE_CONFIG, **config})
     before, _ = evaluate(model, spec, eval_seeds(n_eval))
-    settings = TrainSettings(**{**RECIPE_SETTINGS, "steps": steps, "seed": 0, "threads": 2, "log_every": 0})
     started = time.perf_counter()
-    train(model, spec, settings)
+    train(model, spec, steps=steps, seed=0, threads=2, log_every=0)
     seconds = time.perf_counter() - started
     after, _ = evaluate(model, spec, eval_seeds(n_eval))
     return {

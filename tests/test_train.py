@@ -312,9 +312,9 @@ def test_train_val_loss_falls_and_writes_checkpoints_and_metrics(slides: Path, t
         out=str(out),
         model="magnet2_tiny",
         model_overrides=TINY,
+        recipe="paper",
+        recipe_overrides={"lr": 3e-3, "batch_size": 4},
         epochs=3,
-        lr=3e-3,
-        batch_size=4,
         num_workers=1,
         save_every=0,
         threads=2,
@@ -326,7 +326,8 @@ def test_train_val_loss_falls_and_writes_checkpoints_and_metrics(slides: Path, t
     val = [round(h["val_loss"], 4) for h in history]
     assert history[-1]["val_loss"] < history[0]["val_loss"] - 0.05, val
     assert history[-1]["val_classifier"] < history[0]["val_classifier"], val
-    assert history[-1]["global_step"] == 3 * 2
+    assert history[-1]["step"] == 3 * 2
+    assert result.stopped_by == "steps"
     for name in ("best", "last"):
         folder = out / "checkpoints" / name
         assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
@@ -336,7 +337,14 @@ def test_train_val_loss_falls_and_writes_checkpoints_and_metrics(slides: Path, t
     assert len(rows) == 4
     for column in ("val_auroc", "val_accuracy", "val_auroc_macro", "val_accuracy_normal", "train_loss", "lr"):
         assert column in rows[0]
-    assert float(rows[-1]["lr"]) == pytest.approx(0.0, abs=1e-12)  # cosine annealed to the end
+    # cosine annealing over the 6 planned steps: the last step ran at lr * (1 + cos(pi * 5 / 6)) / 2
+    assert float(rows[-1]["lr"]) == pytest.approx(3e-3 * 0.5 * (1 + math.cos(math.pi * 5 / 6)), rel=1e-9)
+    record = json.loads((out / "train_config.json").read_text())
+    assert record["recipe"]["name"] == "paper" and record["recipe"]["lr"] == 3e-3
+    saved = json.loads((out / "checkpoints" / "last" / "config.json").read_text())
+    assert saved["recipe"] == record["recipe"]
+    card = (out / "checkpoints" / "last" / "README.md").read_text()
+    assert "paper" in card and "--recipe paper" in card
 
     from magnet_zoo.cli import main
 
@@ -351,7 +359,8 @@ def test_train_val_loss_falls_and_writes_checkpoints_and_metrics(slides: Path, t
 def test_gradient_accumulation_and_a_second_run_into_the_same_folder(slides: Path, tmp_path: Path) -> None:
     cfg = TrainConfig(
         data=str(slides / "small.csv"), out=str(tmp_path), model="magnet2_tiny", model_overrides=TINY,
-        epochs=1, lr=1e-3, batch_size=6, micro_batch=2, num_workers=0, baseline_eval=False, progress=False,
+        recipe_overrides={"lr": 1e-3, "batch_size": 6}, epochs=1, micro_batch=2, num_workers=0,
+        baseline_eval=False, progress=False,
     )
     result = train(cfg)
     record = json.loads((tmp_path / "train_config.json").read_text())
@@ -360,7 +369,7 @@ def test_gradient_accumulation_and_a_second_run_into_the_same_folder(slides: Pat
     with pytest.raises(ResumeError, match="pass --resume"):
         train(cfg)
     with pytest.raises(ResumeError, match="lr"):
-        train(TrainConfig(**{**cfg.to_dict(), "lr": 2e-3, "resume": True}))
+        train(TrainConfig(**{**cfg.to_dict(), "recipe_overrides": {"lr": 2e-3, "batch_size": 6}, "resume": True}))
     done = train(TrainConfig(**{**cfg.to_dict(), "resume": True, "num_workers": 1}))  # finished: nothing to do
     assert done.global_step == 1
 
@@ -377,7 +386,7 @@ def _train_args(csv_path: Path, out: Path, *extra: str) -> list[str]:
     args = [
         "train", "--data", str(csv_path), "--out", str(out), "--model", "magnet2_tiny",
         "--model-override", f"classifier_backbone={BACKBONE}", "--model-override", f"aux_backbone={BACKBONE}",
-        "--lr", "1e-3", "--no-progress", "--no-baseline-eval",
+        "--lr", "1e-3", "--no-progress", "--no-baseline-eval", "--log-every", "1",
     ]
     return args + list(extra)
 
@@ -408,18 +417,26 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 def test_killed_and_resumed_run_ends_with_the_uninterrupted_weights(slides: Path, tmp_path: Path) -> None:
     """SIGKILL in the middle of an epoch, resume: the same weights and metrics as a run never interrupted.
 
-    The reference runs in this process with no DataLoader workers; the killed run reads ahead in a worker
-    process and the resumed one does not: the number of workers must not change the result either.
+    The recipe is the default one with every stateful component on: a head warm-up on random trees (its
+    own generator), crop jitter (the global RNG), the scale anneal, and branch revival forced to fire
+    (margin -1: every branch but the best is revived, Adam state included). The reference runs in this
+    process with no DataLoader workers; the killed run reads ahead in a worker process and the resumed one
+    does not: the number of workers must not change the result either.
     """
     data = slides / "small.csv"  # 6 train slides: 3 steps of 2 per epoch, 3 epochs
-    common = ["--epochs", "3", "--batch-size", "2", "--save-every", "1", "--threads", "2"]
+    common = ["--epochs", "3", "--batch-size", "2", "--save-every", "1", "--threads", "2",
+              "--set", "head_warmup=0.2", "--set", "head_warmup_trees=2", "--set", "jitter=[0.05]",
+              "--set", "revive_at=[0.5, 0.75]", "--set", "revive_margin=-1"]
     cmd = [sys.executable, "-m", "magnet_zoo"]
     ref, run = tmp_path / "reference", tmp_path / "killed"
     from magnet_zoo.cli import build_parser
     from magnet_zoo.cli.train import config_from_args
 
     args = build_parser().parse_args([*_train_args(data, ref, *common), "--workers", "0"])
-    train(config_from_args(args))
+    reference = train(config_from_args(args))
+    # revival at 50 % and 75 % of the attention phase (after the 20 % warm-up): steps 6 and 8 of 9
+    assert [r["step"] for r in reference.revived] == [6, 8], reference.revived
+    assert reference.log[0]["warmup"] and not reference.log[-1]["warmup"]
 
     proc = subprocess.Popen(
         [*cmd, *_train_args(data, run, *common, "--workers", "1")], env=_env(), start_new_session=True
@@ -434,7 +451,7 @@ def test_killed_and_resumed_run_ends_with_the_uninterrupted_weights(slides: Path
             except (OSError, ValueError, KeyError):
                 time.sleep(0.01)
                 continue
-            if state["global_step"] >= 4 and state["step_in_epoch"] > 0:  # inside epoch 2 or 3
+            if state["global_step"] >= 4 and state["step_in_epoch"] > 0:  # inside epoch 2 or 3, before revival
                 os.kill(proc.pid, signal.SIGKILL)
                 killed_at = state["global_step"]
                 break
@@ -505,5 +522,5 @@ def test_torchrun_two_processes_train_with_gloo_and_only_rank0_writes(slides: Pa
     assert config["world_size"] == 2 and config["micro_batch"] == 2 and config["accumulation"] == 1
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert int(rows[-1]["val_n"]) == 2  # both ranks' validation shards gathered
-    assert int(rows[-1]["global_step"]) == 2  # 6 slides, 3 per rank, micro-batches of 2: 2 steps
+    assert int(rows[-1]["step"]) == 2  # 6 slides, 3 per rank, micro-batches of 2: 2 steps
     assert (out / "checkpoints" / "last" / "model.safetensors").is_file()

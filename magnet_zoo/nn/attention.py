@@ -64,7 +64,7 @@ def attention_to_affine(
     expected position itself (it always lies in the view) instead of its ``tanh``.
 
     ``jitter > 0`` adds Gaussian noise of that standard deviation to the crop centre (training-time
-    exploration, see ``TrainSettings.jitter``): a crop whose attention never covers the evidence gets
+    exploration, see the recipe field ``jitter``): a crop whose attention never covers the evidence gets
     no gradient towards it, but a jittered crop sometimes lands on it, and the loss gradient with
     respect to the jittered centre is the gradient with respect to the attended one.
     """

@@ -235,10 +235,13 @@ class MagNet(nn.Module):
                     crops = straight_through(crops, resize_views(iprime, size).view_as(crops))
                 image = crops.view(b, -1, 3, size, size)
             elif cfg.crop_source == "reread":
-                sharp, _, px = self._fetch(fetchers, squares, size, device)
+                sharp, reread_levels, px = self._fetch(fetchers, squares, size, device)
                 crops = straight_through(crops, sharp.view_as(crops))
                 for i in range(b):
                     pixels_read[i] += px[i]
+                    first = len(trees[i]) - len(squares[i])
+                    for j, lvl in enumerate(reread_levels[i]):  # their pixels come from here, not the parent's I'
+                        trees[i][first + j].level = lvl
 
             crops_by_layer[layer_idx] = crops
 
@@ -296,7 +299,7 @@ class MagNet(nn.Module):
         """Overwrite the attention stacks under first-layer patch ``dst`` with those under ``src``
         (same tree shape), optimiser state included: the two branches then look where ``src`` looks.
 
-        Used to revive a branch that never found the evidence (see ``TrainSettings.revive_at``).
+        Used to revive a branch that never found the evidence (see the recipe field ``revive_at``).
         """
         pairs = zip(self.subtree_stacks(src), self.subtree_stacks(dst), strict=True)
         for (layer_i, g_src), (_, g_dst) in pairs:

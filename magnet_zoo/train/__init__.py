@@ -1,11 +1,14 @@
 """Training and evaluation of MagNets on slides listed in a CSV.
 
 >>> from magnet_zoo.train import TrainConfig, train
->>> result = train(TrainConfig(data="labels.csv", model="magnet2_tiny", out="runs/tiny", epochs=5, lr=1e-3))
+>>> result = train(TrainConfig(data="labels.csv", model="magnet2_tiny", out="runs/tiny", epochs=5))
 >>> result.best  # a checkpoint folder: magnet_zoo.load_pretrained(result.best)
 
-``magnet-zoo train`` and ``magnet-zoo evaluate`` are the command-line faces of :func:`train` and
-:func:`evaluate`; ``torchrun --nproc_per_node N -m magnet_zoo train ...`` runs them with DDP.
+Every optimizer step runs in the one loop, :func:`fit` (:mod:`magnet_zoo.train.loop`); how it learns is a
+:class:`Recipe` (:func:`get_recipe`, :func:`list_recipes`; ``paper`` reproduces the paper's section 3.3,
+``learn_to_look`` is the recommended default). ``magnet-zoo train`` and ``magnet-zoo evaluate`` are the
+command-line faces of :func:`train` and :func:`evaluate`; ``torchrun --nproc_per_node N -m magnet_zoo
+train ...`` runs them with DDP.
 """
 
 from magnet_zoo.atomic import atomic_write_bytes, atomic_write_text
@@ -30,7 +33,9 @@ from magnet_zoo.train.data import (
 )
 from magnet_zoo.train.distributed import DistInfo, setup_distributed
 from magnet_zoo.train.evaluate import EvalReport, evaluate
+from magnet_zoo.train.loop import TrainLoop, fit
 from magnet_zoo.train.metrics import accuracy, auroc, classification_metrics
+from magnet_zoo.train.recipe import DEFAULT_RECIPE, RECIPES, Recipe, UnknownRecipeError, get_recipe, list_recipes
 from magnet_zoo.train.settings import (
     TrainConfig,
     build_model,
@@ -38,9 +43,21 @@ from magnet_zoo.train.settings import (
     parse_overrides,
     set_activation_checkpointing,
 )
+from magnet_zoo.train.sources import SlideData, SlideValidator, SourceData
 from magnet_zoo.train.trainer import TrainResult, train
 
 __all__ = [
+    "DEFAULT_RECIPE",
+    "RECIPES",
+    "Recipe",
+    "SlideData",
+    "SlideValidator",
+    "SourceData",
+    "TrainLoop",
+    "UnknownRecipeError",
+    "fit",
+    "get_recipe",
+    "list_recipes",
     "DataError",
     "DistInfo",
     "EvalReport",

@@ -23,39 +23,50 @@ from magnet_zoo.nn.magnet import MagNet
 
 MONITORS = ("auroc", "accuracy", "loss")
 RESUME_FREE_FIELDS = frozenset(
-    {"resume", "num_workers", "prefetch_factor", "progress", "threads", "device", "eval_batch_size"}
+    {"resume", "num_workers", "prefetch_factor", "progress", "threads", "device", "eval_batch_size", "tensorboard",
+     "log_every"}
 )
 """Settings a resumed run may change: they do not change what is computed."""
 
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a training run (see the module docstring for the recipe)."""
+    """Everything that defines a training run besides the network's weights: the data, the recipe (how the
+    network learns: :mod:`magnet_zoo.train.recipe`, by name plus single-field overrides), and the run's
+    length, machine and files. ``magnet-zoo train`` parses its arguments into one."""
 
-    data: str
-    """CSV of slides (``path,label[,category][,split]``)."""
-    out: str
-    """Output folder."""
+    data: str | None = None
+    """CSV of slides (``path,label[,category][,split]``); ``None`` when the caller passes a data source."""
+    out: str | None = None
+    """Output folder (``None``: nothing written, no resume; the best weights are kept in memory)."""
     model: str = "magnet3_inception_v3"
     """A registered name, a checkpoint folder or a hub repo (``org/name``) to fine-tune."""
     model_overrides: dict[str, Any] = field(default_factory=dict)
-    """:class:`~magnet_zoo.config.MagNetConfig` fields to change, e.g. ``{"sampler": "bilinear"}``."""
+    """:class:`~magnet_zoo.config.MagNetConfig` fields to change, on top of the recipe's ``model_overrides``."""
+    recipe: str = "learn_to_look"
+    """A registered recipe (``magnet-zoo train --list-recipes``)."""
+    recipe_overrides: dict[str, Any] = field(default_factory=dict)
+    """Single recipe fields to change, e.g. ``{"lr": 1e-4, "revive_at": []}``."""
     val_data: str | None = None
     """Validation CSV; otherwise the CSV's ``split`` column, otherwise a stratified ``val_fraction``."""
     val_fraction: float = 0.2
-    epochs: int = 200
-    lr: float = 3e-5
-    weight_decay: float = 0.0
-    min_lr: float = 0.0
-    """Floor of the cosine annealing."""
-    batch_size: int | None = None
-    """Slides per optimizer step over all processes; ``None``: 16 up to three layers, 8 for four or more."""
+    epochs: int | None = None
+    """Passes over the training slides (``None``: the recipe's)."""
+    steps: int | None = None
+    """Optimizer steps, instead of epochs (``None``: the recipe's, if it has any)."""
+    time_limit: float | None = None
+    """Wall-clock seconds; the schedules follow the clock when it runs out first (progress = the larger of
+    steps done / planned and seconds used / limit), and the run stops at it."""
     micro_batch: int | None = None
     """Slides per forward pass per process; ``None``: ``batch_size / world_size`` (no accumulation)."""
     eval_batch_size: int | None = None
-    grad_clip: float | None = None
-    augment: bool = True
-    """D4 augmentation (flips and quarter turns) of the whole slide."""
+    eval_every: int = 0
+    """Validate every this many optimizer steps (0: at the end of every epoch, or of the run)."""
+    monitor: str = "auroc"
+    """Validation score that picks ``best`` and drives early stopping: ``auroc`` (ties and NaN fall back to
+    the loss), ``accuracy`` or ``loss``."""
+    patience: int | None = None
+    """Stop after this many validations without a better ``monitor`` score (``None``: never)."""
     amp: str = "auto"
     device: str = "auto"
     num_workers: int = 2
@@ -63,34 +74,44 @@ class TrainConfig:
     prefetch_factor: int = 2
     seed: int = 0
     save_every: int = 25
-    """Optimizer steps between resume states within an epoch (0: at epoch ends only)."""
-    monitor: str = "auroc"
-    """Validation score that picks ``best``: ``auroc`` (ties and NaN fall back to the loss), ``accuracy``
-    or ``loss``."""
+    """Optimizer steps between resume states between validations (0: at validations only)."""
     baseline_eval: bool = True
-    """Validate the untrained model first (row ``epoch 0`` of the metrics)."""
+    """Validate the untrained model first (row ``step 0`` of the metrics)."""
     activation_checkpointing: bool = False
     """Recompute the backbones' activations in the backward pass (less memory, more time)."""
     backend: str = "auto"
     threads: int | None = None
     resume: bool = False
     progress: bool = True
+    log_every: int = 10
+    """Optimizer steps between training-loss log rows (0: none)."""
+    tensorboard: bool = True
+    """Write TensorBoard event files to ``OUT/tensorboard`` when the ``tensorboard`` package is installed."""
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
-        if self.lr <= 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
-        for name in ("batch_size", "micro_batch", "eval_batch_size"):
+        for name in ("epochs", "steps", "micro_batch", "eval_batch_size", "patience"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
+        if self.time_limit is not None and self.time_limit <= 0:
+            raise ConfigError(f"time_limit must be > 0 seconds, got {self.time_limit}")
         if self.monitor not in MONITORS:
             raise ConfigError(f"monitor must be one of {', '.join(MONITORS)}, got {self.monitor!r}")
-        if self.save_every < 0:
-            raise ConfigError(f"save_every must be >= 0, got {self.save_every}")
+        for name in ("save_every", "eval_every", "log_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+
+    def resolved_recipe(self) -> Any:
+        """The :class:`~magnet_zoo.train.recipe.Recipe` this run trains with."""
+        from magnet_zoo.train.recipe import get_recipe
+
+        return get_recipe(self.recipe, **self.recipe_overrides)
+
+    def model_settings(self) -> dict[str, Any]:
+        """MagNetConfig overrides the run builds its network with: the recipe's, then the run's own."""
+        return {**self.resolved_recipe().model_overrides, **self.model_overrides}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

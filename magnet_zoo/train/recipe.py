@@ -1,0 +1,261 @@
+"""Training recipes: named, serialisable data that says *how* a MagNet learns.
+
+A recipe holds everything that shapes learning — the network settings it trains (``model_overrides``),
+the optimiser and its parameter groups, the learning-rate schedule, the anneals of the scale bound and
+the entmax temperature, crop jitter, branch revival, head warm-up, head-guided attention and head
+pre-training. The one training loop (:mod:`magnet_zoo.train.loop`) reads it; nothing else does. *What*
+is trained on (slides from a CSV, FindIt images, SynthMets sets), for how long on which machine, and
+where files go are the run's settings (:class:`~magnet_zoo.train.settings.TrainConfig`), not the recipe's.
+
+>>> from magnet_zoo.train.recipe import get_recipe, list_recipes
+>>> list_recipes()
+['learn_to_look', 'paper']
+>>> get_recipe("paper", lr=1e-4).lr
+0.0001
+
+Every run writes its resolved recipe into ``train_config.json``, each checkpoint's ``config.json`` and
+its model card, so a checkpoint says how it was trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from magnet_zoo.config import ConfigError, MagNetConfig
+
+SCHEDULES = ("cosine", "constant")
+
+
+class UnknownRecipeError(ConfigError):
+    """A recipe name or a recipe field that does not exist; the message lists what does."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to train a MagNet. Fractions (``warmup``, ``anneal_frac``, ...) are shares of the planned
+    training (optimizer steps done / steps planned, or the share of ``--time-limit`` used, whichever is
+    larger), so a recipe means the same for a 300-step FindIt run and a 200-epoch cohort."""
+
+    name: str = "custom"
+    summary: str = ""
+    model_overrides: Mapping[str, Any] = field(default_factory=dict)
+    """:class:`~magnet_zoo.config.MagNetConfig` fields the recipe trains with (shape-preserving: they
+    apply to a checkpoint being fine-tuned too); the run's own ``--model-override`` wins over them."""
+
+    # ---- length
+    epochs: int = 200
+    """Passes over the training slides (ignored when ``steps`` is set, or for endless data)."""
+    steps: int | None = None
+    """Optimizer steps; overrides ``epochs``. Endless data (FindIt) needs it."""
+
+    # ---- optimiser and schedule
+    lr: float = 3e-5
+    """Adam learning rate of the classifier and auxiliary heads (and of everything without its own)."""
+    attention_lr: float | None = None
+    """Learning rate of the magnifying layers' attention stacks (``None``: ``lr``)."""
+    weight_decay: float = 0.0
+    batch_size: int | None = None
+    """Slides per optimizer step over all processes; ``None``: 16 up to three layers, 8 for four (paper)."""
+    warmup: float = 0.0
+    """Share of training with a linear learning-rate warm-up."""
+    schedule: str = "cosine"
+    """After the warm-up: ``cosine`` annealing to ``min_lr``, or ``constant``."""
+    min_lr: float = 0.0
+    """Floor of the cosine annealing (absolute)."""
+    grad_clip: float | None = None
+    """Clip the global gradient norm to this (``None``: off)."""
+    augment: bool = True
+    """D4 augmentation (flips and quarter turns) of the whole slide."""
+
+    # ---- anneals and exploration
+    max_scale_start: float | None = None
+    """Anneal the scale clamp's upper bound from this to the config's ``max_scale`` (``None``: no anneal)."""
+    temperature_start: float | None = None
+    """Anneal the entmax temperature from this to the config's (``None``: no anneal)."""
+    anneal_frac: float = 0.3
+    """Share of training over which the anneals run (cosine)."""
+    jitter: tuple[float, ...] = ()
+    """Per layer (the last entry repeats): noise on the learned crop centres at the start (normalised
+    units of the layer's view), falling to zero over ``jitter_frac`` (empty: none)."""
+    jitter_frac: float = 0.6
+    scale_weight: float = 0.0
+    """Weight of the scale prior ``mean(relu(s - scale_target_l)^2)`` (0: off)."""
+    scale_target: tuple[float, ...] = (0.3,)
+    revive_at: tuple[float, ...] = ()
+    """Shares of training at which a dead first-layer branch gets the best branch's attention stacks
+    (:class:`~magnet_zoo.train.revival.BranchReviver`; empty: never)."""
+    revive_margin: float = 0.15
+
+    # ---- helping the heads first
+    head_warmup: float = 0.0
+    """Share of training spent training the heads on random zoom trees before the attention chooses
+    (:mod:`magnet_zoo.train.warmup`; 0: off)."""
+    head_warmup_trees: int = 4
+    guidance_weight: float = 0.0
+    """Weight of head-guided attention (:mod:`magnet_zoo.train.guidance`; 0: off)."""
+    guidance_temperature: float = 1.0
+    guidance_slides: int = 4
+    head_pretrain_windows: int = 0
+    """Random tissue windows per training slide, read once, to pre-train the last auxiliary head on
+    (:mod:`magnet_zoo.train.head_pretrain`; 0: off)."""
+    head_pretrain_steps: int = 600
+    head_pretrain_side: tuple[float, float] = (0.025, 0.1)
+
+    def __post_init__(self) -> None:
+        for name in ("jitter", "scale_target", "revive_at", "head_pretrain_side"):
+            object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
+        object.__setattr__(self, "model_overrides", dict(self.model_overrides))
+        bad = sorted(set(self.model_overrides) - {f.name for f in dataclasses.fields(MagNetConfig)})
+        if bad:
+            raise ConfigError(f"recipe {self.name!r}: model_overrides has unknown MagNetConfig fields {bad}")
+        if self.epochs < 1:
+            raise ConfigError(f"recipe {self.name!r}: epochs must be >= 1, got {self.epochs}")
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"recipe {self.name!r}: steps must be >= 1, got {self.steps}")
+        for name in ("lr", "attention_lr"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"recipe {self.name!r}: {name} must be > 0, got {value}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"recipe {self.name!r}: batch_size must be >= 1, got {self.batch_size}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"recipe {self.name!r}: schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        for name in ("warmup", "anneal_frac", "jitter_frac", "head_warmup"):
+            value = getattr(self, name)
+            if not 0 <= value < 1 and not (name in ("anneal_frac", "jitter_frac") and value == 1):
+                raise ConfigError(f"recipe {self.name!r}: {name} must be in [0, 1), got {value}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ConfigError(f"recipe {self.name!r}: grad_clip must be > 0 or None, got {self.grad_clip}")
+        if self.head_warmup_trees < 1:
+            raise ConfigError(f"recipe {self.name!r}: head_warmup_trees must be >= 1")
+
+    # ------------------------------------------------------------------ data in, data out
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for key, value in out.items():
+            if isinstance(value, tuple):
+                out[key] = list(value)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Recipe:
+        _check_fields(data, "recipe")
+        return cls(**dict(data))
+
+    def replace(self, **changes: Any) -> Recipe:
+        """A copy with single fields changed (``name`` keeps its value unless given)."""
+        _check_fields(changes, f"recipe {self.name!r}")
+        if "model_overrides" in changes:
+            changes["model_overrides"] = {**self.model_overrides, **dict(changes["model_overrides"])}
+        return dataclasses.replace(self, **changes)
+
+    def one_line(self) -> str:
+        return f"{self.name:15s} {self.summary}"
+
+
+def _check_fields(data: Mapping[str, Any], what: str) -> None:
+    known = [f.name for f in dataclasses.fields(Recipe)]
+    unknown = [k for k in data if k not in known]
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, known, n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise UnknownRecipeError(f"{what}: no such field {', '.join(hints)}; fields: {', '.join(known)}")
+
+
+# --------------------------------------------------------------------------- the registered recipes
+PAPER = Recipe(
+    name="paper",
+    summary="the paper's section 3.3: Adam 3e-5, cosine, batch 16 (<=3 layers) / 8, 200 epochs, D4, tanh "
+    "translation, the three losses",
+    model_overrides={
+        "translation": "tanh",
+        "min_scale": 0.05,
+        "max_scale": 1.0,
+        "attention_init": "uniform",
+        "aux_pooling": "mean",
+        "loss_paradoxical": True,
+        "loss_auxiliary": True,
+        "loss_classifier": True,
+    },
+    epochs=200,
+    lr=3e-5,
+    schedule="cosine",
+)
+
+LEARN_TO_LOOK = Recipe(
+    name="learn_to_look",
+    summary="recommended: clamp translation, random attention init, scale in [0.1, 0.35] (bound annealed "
+    "from 1), per-patch aux loss, Adam 1e-3 (attention 3e-3), warm-up + cosine, clip 5, branch revival",
+    model_overrides={
+        "translation": "clamp",
+        "max_scale": 0.35,
+        "min_scale": 0.1,
+        "attention_init": "random",
+        "aux_pooling": "per_patch",
+    },
+    epochs=200,
+    lr=1e-3,
+    attention_lr=3e-3,
+    batch_size=8,
+    warmup=20 / 300,
+    grad_clip=5.0,
+    max_scale_start=1.0,
+    anneal_frac=0.3,
+    revive_at=(0.35, 0.5, 0.65),
+    revive_margin=0.15,
+)
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in (LEARN_TO_LOOK, PAPER)}
+DEFAULT_RECIPE = "learn_to_look"
+"""What ``magnet-zoo train`` uses without ``--recipe``: the project's recommended recipe."""
+
+
+def list_recipes() -> list[str]:
+    return sorted(RECIPES)
+
+
+def get_recipe(name: str | Recipe | Mapping[str, Any] = DEFAULT_RECIPE, **overrides: Any) -> Recipe:
+    """A registered recipe by name (or a :class:`Recipe`, or a recipe dict), with single fields overridden."""
+    if isinstance(name, Recipe):
+        base = name
+    elif isinstance(name, Mapping):
+        base = Recipe.from_dict(name)
+    else:
+        if name not in RECIPES:
+            close = difflib.get_close_matches(str(name), list(RECIPES), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise UnknownRecipeError(f"no recipe named {name!r}{hint} (recipes: {', '.join(list_recipes())})")
+        base = RECIPES[name]
+    return base.replace(**overrides) if overrides else base
+
+
+def describe_recipes() -> str:
+    """One line per registered recipe (the CLI's listing)."""
+    lines = []
+    for name in list_recipes():
+        tag = " (default)" if name == DEFAULT_RECIPE else ""
+        lines.append(f"  {name}{tag}: {RECIPES[name].summary}")
+    return "\n".join(lines)
+
+
+def parse_recipe_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``["lr=1e-3", "revive_at=[0.5]", "grad_clip=null"]`` -> a dict; field names are checked."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects FIELD=VALUE, got {item!r}")
+        try:
+            parsed: Any = json.loads(value.strip())
+        except json.JSONDecodeError:
+            parsed = value.strip()
+        out[key.strip()] = parsed
+    _check_fields(out, "--set")
+    return out
