@@ -16,6 +16,11 @@ from typing import Any
 CONFIG_VERSION = 1
 """Version of the config schema. Bump when a field changes meaning; loaders refuse newer versions."""
 
+MPP_TOLERANCE = 0.25
+"""The resolution contract's tolerance: a slide whose level-0 microns per pixel differ from the training
+slides' (``config.json["io"]["slide_mpp"]``) by more than this share gets a warning with its prediction
+(0.25 accepts 0.4-0.6 µm/px for a model trained at 0.5; it flags 20x scans for a 40x model)."""
+
 SAMPLERS = ("linearized", "bilinear")
 ATTENTION_INITS = ("uniform", "random")
 TRANSLATIONS = ("tanh", "clamp")

@@ -600,3 +600,53 @@ def test_importing_hub_errors_is_light():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+# --------------------------------------------------------------------------- resolution contract, cards that survive
+def test_checkpoint_records_the_training_resolution(model, tmp_path):
+    folder = save_pretrained(model, tmp_path / "mpp", slide_mpp=0.5)
+    raw = json.loads((folder / "config.json").read_text())
+    assert raw["io"]["slide_mpp"] == 0.5 and raw["io"]["mpp_tolerance"] == 0.25
+    loaded = load_pretrained(folder)
+    assert loaded.trained_mpp == 0.5
+    assert "| resolution | trained on slides of 0.5 µm per pixel at level 0" in (folder / "README.md").read_text()
+    # A re-save keeps it; a checkpoint without it says so instead of pretending.
+    again = save_pretrained(loaded, tmp_path / "again")
+    assert json.loads((again / "config.json").read_text())["io"]["slide_mpp"] == 0.5
+    plain = save_pretrained(model, tmp_path / "plain")
+    assert load_pretrained(plain).trained_mpp is None
+    assert "µm per pixel not recorded" in (plain / "README.md").read_text()
+    raw["io"]["slide_mpp"] = -1
+    (folder / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match="slide_mpp"):
+        load_pretrained(folder)
+
+
+def test_the_demo_model_knows_its_training_resolution():
+    assert load_pretrained("magnet2_micro").trained_mpp == 0.5
+
+
+def test_save_pretrained_of_a_loaded_model_keeps_its_card(saved, tmp_path):
+    original = (saved / "README.md").read_text()
+    resaved = save_pretrained(load_pretrained(saved), tmp_path / "resaved")
+    assert (resaved / "README.md").read_text() == original
+    # A checkpoint written before config.json kept the card's data: its README is read back instead.
+    old = tmp_path / "old"
+    shutil.copytree(saved, old)
+    raw = json.loads((old / "config.json").read_text())
+    del raw["card"]
+    (old / "config.json").write_text(json.dumps(raw))
+    again = save_pretrained(load_pretrained(old), tmp_path / "again")
+    assert (again / "README.md").read_text() == original
+    # Explicit card data still wins.
+    other = save_pretrained(load_pretrained(saved), tmp_path / "other", card_data={"training_data": "elsewhere"})
+    assert "elsewhere" in (other / "README.md").read_text()
+
+
+def test_the_demo_card_survives_a_resave(tmp_path):
+    from magnet_zoo.hub.pretrained import packaged_checkpoint
+
+    shipped = packaged_checkpoint("magnet_zoo.demo:checkpoint")
+    folder = save_pretrained(load_pretrained("magnet2_micro"), tmp_path / "demo")
+    assert (folder / "README.md").read_text() == (shipped / "README.md").read_text()
+    assert "## Training data\n\nSynthMets (1.0.0)" in (folder / "README.md").read_text()

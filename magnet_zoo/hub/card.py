@@ -278,6 +278,14 @@ def io_table(io: Mapping[str, Any]) -> str:
         mean = ", ".join(f"{v:.3f}" for v in norm.get("mean", []))
         std = ", ".join(f"{v:.3f}" for v in norm.get("std", []))
         rows.append((f"normalisation `{module}`", f"{norm.get('backbone', '?')}: mean ({mean}), std ({std})"))
+    mpp = io.get("slide_mpp")
+    tol = io.get("mpp_tolerance")
+    rows.append((
+        "resolution",
+        f"trained on slides of {mpp:g} µm per pixel at level 0; predictions warn beyond ±{100 * tol:.0f} %"
+        if isinstance(mpp, (int, float)) and isinstance(tol, (int, float))
+        else "training slides' µm per pixel not recorded: predictions cannot check a slide's resolution",
+    ))
     rows.append(("labels", f"0 = `{labels[0]}`, 1 = `{labels[1]}`"))
     rows.append(("output", f"one logit per slide; sigmoid = probability of `{labels[1]}`"))
     return _table(rows)
@@ -321,7 +329,7 @@ def _load_name(model_name: str | None) -> str:
     if "/" in model_name:
         return model_name
     try:
-        has_weights = resolve(model_name)[3].hub_repo is not None
+        has_weights = resolve(model_name)[3].has_weights
     except UnknownModelError:
         return "org/name"
     return model_name if has_weights else "org/name"
@@ -357,3 +365,132 @@ def render_card(
         "citation": PAPER_CITATION,
     }
     return string.Template(template).substitute(values)
+
+
+# --------------------------------------------------------------------------- cards that survive a re-save
+_ORDERED = ("training", "metrics")
+"""Card fields whose order is shown: kept as ``[key, value]`` pairs, since config.json sorts its keys."""
+
+
+def card_to_dict(card: CardData) -> dict[str, Any]:
+    """``card`` as JSON-ready data (``config.json["card"]``), so that a loaded model re-saves its card."""
+    out: dict[str, Any] = {}
+    for f in fields(CardData):
+        value = getattr(card, f.name)
+        if isinstance(value, Mapping):
+            value = [[str(k), v] for k, v in value.items()]
+        elif isinstance(value, (list, tuple)):
+            value = list(value)
+        out[f.name] = value
+    return json.loads(json.dumps(out, default=str))
+
+
+def card_from_dict(data: Mapping[str, Any]) -> CardData:
+    """The inverse of :func:`card_to_dict`."""
+    fixed = dict(data)
+    for name in _ORDERED:
+        if isinstance(fixed.get(name), list):
+            fixed[name] = {str(k): v for k, v in fixed[name]}
+    return CardData.coerce(fixed)
+
+
+def _sections(body: str) -> tuple[str, str, dict[str, str]]:
+    """``(title, text before the first section, {section title: text})`` of a card's Markdown body."""
+    title, intro, sections, current, lines = "", [], {}, None, []
+    for line in body.splitlines():
+        if line.startswith("# ") and not title and current is None:
+            title = line[2:].strip()
+        elif line.startswith("## "):
+            if current is not None:
+                sections[current] = "\n".join(lines).strip()
+            current, lines = line[3:].strip(), []
+        elif current is None:
+            intro.append(line)
+        else:
+            lines.append(line)
+    if current is not None:
+        sections[current] = "\n".join(lines).strip()
+    return title, "\n".join(intro).strip(), sections
+
+
+def _table_rows(text: str) -> list[tuple[str, str]]:
+    rows = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 2 and not set(cells[1]) <= {"-", " "}:
+            rows.append((cells[0], cells[1]))
+    return rows[1:] if rows else rows  # the header row
+
+
+def _recipe_value(text: str) -> Any:
+    if text.startswith("`") and text.endswith("`"):
+        inner = text[1:-1]
+        try:
+            return json.loads(inner)
+        except ValueError:
+            return {"True": True, "False": False, "None": None}.get(inner, inner)
+    return text
+
+
+def parse_card(text: str) -> CardData:
+    """The :class:`CardData` a card written by :func:`render_card` was made from (as far as it shows).
+
+    Used for checkpoints saved before ``config.json`` kept the card's data: the front matter gives the
+    license, datasets, tags and exact metrics; the sections give the summary, intended use,
+    limitations, training data, recipe and the reproduce command. Defaults come back as ``None``.
+    """
+    import yaml
+
+    meta: dict[str, Any] = {}
+    body = text
+    if text.startswith("---"):
+        _, front, body = text.split("---", 2)
+        meta = yaml.safe_load(front) or {}
+    title, intro, sections = _sections(body)
+    summary = intro.split("\nA Magnifying Network (MagNet;")[0].strip() or None
+    if summary and summary.startswith("A Magnifying Network (MagNet;"):
+        summary = None
+
+    def section(name: str, default: str | None = None) -> str | None:
+        value = sections.get(name, "").strip()
+        return None if not value or value == NOT_DOCUMENTED or value == (default or "").strip() else value
+
+    limitations = sections.get("Limitations", "")
+    fixed = "**Not for clinical use.**"
+    if limitations.startswith(fixed):
+        parts = limitations.split("\n\n", 1)
+        limitations = parts[1] if len(parts) > 1 else ""
+    metrics: dict[str, float] = {}
+    metrics_dataset = None
+    for entry in meta.get("model-index") or []:
+        for result in entry.get("results") or []:
+            metrics_dataset = (result.get("dataset") or {}).get("name") or metrics_dataset
+            for m in result.get("metrics") or []:
+                metrics[str(m.get("type") or m.get("name"))] = float(m["value"])
+    results = sections.get("Results", "")
+    reproduce = None
+    if "```" in results:
+        block = results.split("```", 2)[1]
+        reproduce = block.split("\n", 1)[1].strip() if "\n" in block else block.strip()
+        if reproduce.startswith("# not recorded"):
+            reproduce = None
+    recipe = sections.get("Training recipe", "")
+    training = {} if recipe.strip() == NOT_DOCUMENTED else {k: _recipe_value(v) for k, v in _table_rows(recipe)}
+    tags = [t for t in meta.get("tags") or [] if t not in BASE_TAGS]
+    datasets = list(meta.get("datasets") or [])
+    if metrics_dataset and datasets and metrics_dataset == datasets[0]:
+        metrics_dataset = None
+    return CardData(
+        model_name=title if title and title != "MagNet" else None,
+        license=str(meta.get("license") or "apache-2.0"),
+        datasets=datasets,
+        tags=tags,
+        summary=summary,
+        intended_use=section("Intended use", DEFAULT_INTENDED_USE),
+        limitations=(limitations.strip() or None) if limitations.strip() != DEFAULT_LIMITATIONS else None,
+        training_data=section("Training data"),
+        training=training,
+        metrics=metrics,
+        metrics_dataset=metrics_dataset,
+        reproduce=reproduce,
+    )

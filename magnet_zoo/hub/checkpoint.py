@@ -20,8 +20,8 @@ import torch
 
 import magnet_zoo
 from magnet_zoo.atomic import atomic_write_text
-from magnet_zoo.config import CONFIG_VERSION, ConfigError, MagNetConfig
-from magnet_zoo.hub.card import CardData, render_card
+from magnet_zoo.config import CONFIG_VERSION, MPP_TOLERANCE, ConfigError, MagNetConfig
+from magnet_zoo.hub.card import CardData, card_from_dict, card_to_dict, parse_card, render_card
 from magnet_zoo.hub.errors import (
     CheckpointError,
     CheckpointMismatchError,
@@ -41,10 +41,23 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _PREVIEW = 10
 
 
+TRAINED_MPP_ATTR = "trained_mpp"
+"""Attribute of a loaded model: µm per pixel (level 0) of its training slides, from ``io.slide_mpp``."""
+CARD_ATTR = "card_data"
+"""Attribute of a loaded model: its card's :class:`CardData`, which ``save_pretrained`` writes again."""
+
+
 # --------------------------------------------------------------------------- the I/O contract
-def io_contract(model: MagNet) -> dict[str, Any]:
-    """How to feed ``model`` and read its output, as stored in ``config.json["io"]``."""
+def io_contract(model: MagNet, slide_mpp: float | None = None) -> dict[str, Any]:
+    """How to feed ``model`` and read its output, as stored in ``config.json["io"]``.
+
+    ``slide_mpp`` is the microns per pixel at level 0 of the slides the model was trained on (default:
+    the loaded model's ``trained_mpp``); ``None`` where unknown. Predictions compare every slide's mpp
+    with it (see :mod:`magnet_zoo.infer.predict`).
+    """
     cfg = model.config
+    if slide_mpp is None:
+        slide_mpp = getattr(model, TRAINED_MPP_ATTR, None)
     normalisation = {
         name: {
             "backbone": module.name,
@@ -64,6 +77,8 @@ def io_contract(model: MagNet) -> dict[str, Any]:
         "grey_threshold": cfg.grey_threshold,
         "pixel_range": "RGB uint8 from the slide, scaled to [0, 1]; each backbone then normalises its input",
         "normalisation": normalisation,
+        "slide_mpp": None if slide_mpp is None else float(slide_mpp),
+        "mpp_tolerance": MPP_TOLERANCE,
         "labels": list(cfg.labels),
         "output": f"one logit per slide; sigmoid = probability of {cfg.labels[1]!r}",
     }
@@ -79,6 +94,9 @@ def _check_io(io: Mapping[str, Any], config: MagNetConfig, source: Path) -> None
         "labels": list(config.labels),
     }
     wrong = [f"io.{k} = {io[k]!r} but model.{k} = {v!r}" for k, v in expected.items() if k in io and io[k] != v]
+    mpp = io.get("slide_mpp")
+    if mpp is not None and (isinstance(mpp, bool) or not isinstance(mpp, (int, float)) or not 0 < mpp < 1000):
+        wrong.append(f"io.slide_mpp = {mpp!r} is not a positive number of microns per pixel")
     if wrong:
         raise CheckpointError(f"{source} contradicts itself: {'; '.join(wrong)}. Re-export the checkpoint.")
 
@@ -111,15 +129,18 @@ def _unwrap(model: Any) -> MagNet:
     return model
 
 
-def checkpoint_config(model: MagNet) -> dict[str, Any]:
-    """The content of ``config.json`` for ``model``."""
-    return {
+def checkpoint_config(model: MagNet, slide_mpp: float | None = None, card: CardData | None = None) -> dict[str, Any]:
+    """The content of ``config.json`` for ``model`` (with its card's data, so that a re-save keeps it)."""
+    out = {
         "library": "magnet_zoo",
         "config_version": CONFIG_VERSION,
         "magnet_zoo_version": magnet_zoo.__version__,
         "model": model.config.to_dict(),
-        "io": io_contract(model),
+        "io": io_contract(model, slide_mpp),
     }
+    if card is not None:
+        out["card"] = card_to_dict(card)
+    return out
 
 
 def save_pretrained(
@@ -129,18 +150,21 @@ def save_pretrained(
     card_data: CardData | Mapping[str, Any] | None = None,
     metrics: Mapping[str, float] | None = None,
     training: Mapping[str, Any] | None = None,
+    slide_mpp: float | None = None,
 ) -> Path:
     """Write ``model`` as a checkpoint folder (``config.json``, ``model.safetensors``, ``README.md``).
 
     ``card_data`` fills the model card (a :class:`~magnet_zoo.hub.card.CardData` or a dict of its
-    fields); ``metrics`` (e.g. ``{"roc_auc": 0.84}``) and ``training`` (the recipe as key/value pairs)
-    override the card's fields of the same name. Existing files of those names are replaced; other
-    files in the folder are left alone. Returns the folder.
+    fields); without it, a model loaded from a checkpoint keeps the card it came with (training data,
+    results, recipe). ``metrics`` (e.g. ``{"roc_auc": 0.84}``) and ``training`` (the recipe as
+    key/value pairs) override the card's fields of the same name. ``slide_mpp`` records the µm per pixel
+    (level 0) of the training slides in the I/O contract (default: the loaded model's). Existing files
+    of those names are replaced; other files in the folder are left alone. Returns the folder.
     """
     from safetensors.torch import save_file
 
     model = _unwrap(model)
-    card = CardData.coerce(card_data)
+    card = CardData.coerce(card_data if card_data is not None else getattr(model, CARD_ATTR, None))
     if metrics is not None:
         card.metrics = dict(metrics)
     if training is not None:
@@ -149,7 +173,7 @@ def save_pretrained(
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     directory = Path(save_directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = checkpoint_config(model)
+    config = checkpoint_config(model, slide_mpp, card)
     card_text = render_card(
         card,
         config=config["model"],
@@ -301,4 +325,21 @@ def load_checkpoint_dir(directory: str | os.PathLike[str], device: str | torch.d
     model = MagNet(config.replace(backbone_pretrained=False))
     load_state_dict_strict(model, state, str(weights_file))
     _apply_normalisation(model, raw.get("io", {}), config_file)
+    setattr(model, TRAINED_MPP_ATTR, raw.get("io", {}).get("slide_mpp"))
+    setattr(model, CARD_ATTR, _read_card(raw, directory / CARD_NAME))
     return model.to(device).eval()
+
+
+def _read_card(raw: Mapping[str, Any], card_file: Path) -> CardData | None:
+    """The card data of a checkpoint: from ``config.json["card"]``, else parsed from its ``README.md``."""
+    if isinstance(raw.get("card"), dict):
+        try:
+            return card_from_dict(raw["card"])
+        except (TypeError, ValueError) as exc:
+            logger.warning("%s: ignoring the malformed card data in config.json (%s)", card_file.parent, exc)
+    if card_file.is_file():
+        try:
+            return parse_card(card_file.read_text(encoding="utf-8"))
+        except Exception as exc:  # a hand-written card: keep loading, lose only the re-save of it
+            logger.warning("%s: could not read the model card (%s); a re-save writes a default card", card_file, exc)
+    return None

@@ -17,15 +17,13 @@ from typing import Any
 
 import torch
 
+from magnet_zoo.config import MPP_TOLERANCE
 from magnet_zoo.nn.magnet import MagNet
 from magnet_zoo.nn.tree import RoiNode
 from magnet_zoo.wsi.fetch import as_fetcher
 
 log = logging.getLogger(__name__)
 
-MPP_TOLERANCE = 0.25
-"""Relative difference between a slide's level-0 mpp and the training slides' beyond which a prediction
-carries a resolution warning (0.25 accepts 0.5 vs 0.4-0.6 µm/px; flags 20x vs 40x scans)."""
 TRAINED_MPP_ATTR = "trained_mpp"
 
 

@@ -48,7 +48,8 @@ class RoiNode:
     (it may extend past the slide, where the pixels are black)."""
     level: int
     """Pyramid level the node's pixels were read from (for the last layer's patches: the level of
-    the parent's ``I'`` they were sampled from)."""
+    the parent's ``I'`` they were sampled from, or with ``crop_source="reread"`` the level they were
+    re-read from)."""
     scale: float
     translation: tuple[float, float]
     parent: str | None
