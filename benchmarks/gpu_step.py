@@ -3,7 +3,8 @@
 The paper trained the 4-layer MagNet with batch 8 on a 24 GB card. This script measures, on whatever
 CUDA device is present:
 
-1. **Training step** (forward with the auxiliary heads, the paper's loss, backward, Adam step) of a
+1. **Training step** through the product's one training loop (``magnet_zoo.train.fit``, recipe
+   ``paper``: forward with the auxiliary heads, the paper's loss, backward, Adam step) of a
    batch of ``--batch`` in-memory slides under AMP (bf16 by default): median step time, the share of
    it spent reading regions (the fetchers are timed), and peak GPU memory (allocated and reserved).
    Measured twice: plain, and with activation checkpointing of the timm backbones
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -101,42 +103,48 @@ def train_steps(
     steps: int,
     checkpointing: bool,
 ) -> dict[str, Any]:
-    """Time ``steps`` training steps after ``warmup`` ones; peak memory over the measured steps."""
+    """Time ``steps`` training steps after ``warmup`` ones, through the product's training loop
+    (:func:`magnet_zoo.train.fit`, recipe ``paper``: Adam 3e-5, the three losses, batch = the slides);
+    peak memory over the measured steps. A step's time runs from the end of the previous step to its own
+    end (reads, forward, backward, optimiser step)."""
+    from magnet_zoo.train import SourceData, TrainConfig, fit, get_recipe
+
     set_activation_checkpointing(model, checkpointing)
-    model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-5)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    labels = torch.tensor([float(i % 2) for i in range(len(sources))], device=device)
-    times, reads = [], []
-    for i in range(warmup + steps):
-        if i == warmup and device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        clock = [0.0]
-        fetchers = [TimedFetcher(SlideFetcher(s), clock) for s in sources]
+    clock = [0.0]
+    data = SourceData(sources, [i % 2 for i in range(len(sources))], wrap=lambda f: TimedFetcher(f, clock))
+    times: list[float] = []
+    reads: list[float] = []
+    losses: list[float] = []
+    last = [time.perf_counter()]
+
+    def on_step(loop: Any, record: dict[str, Any]) -> None:
         _sync(device)
-        start = time.perf_counter()
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            out = model(fetchers)
-            loss = model.loss(out, labels).total
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        _sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
+        now = time.perf_counter()
+        if record["step"] > warmup:
+            times.append(now - last[0])
             reads.append(clock[0])
+        losses.append(record["loss"])
+        if record["step"] == warmup and device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        clock[0] = 0.0
+        last[0] = time.perf_counter()
+
+    amp_name = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "off"}[amp]
+    config = TrainConfig(model="gpu_step", steps=warmup + steps, device=str(device), amp=amp_name, baseline_eval=False,
+                         save_every=0, log_every=0, progress=False, tensorboard=False)
+    recipe = get_recipe("paper", batch_size=len(sources), augment=False)
+    fit(model, data, config, recipe, callbacks=[on_step])
     result: dict[str, Any] = {
         "activation_checkpointing": checkpointing,
         "step_seconds_median": statistics.median(times),
         "step_seconds": times,
         "read_seconds_median": statistics.median(reads),
-        "loss_finite": bool(torch.isfinite(loss).item()),
+        "loss_finite": all(math.isfinite(v) for v in losses),
+        "loop": "magnet_zoo.train.fit",
     }
     if device.type == "cuda":
         result["peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         result["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
-    del opt
     return result
 
 

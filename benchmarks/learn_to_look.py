@@ -36,11 +36,16 @@ RECIPE_CONFIG: dict[str, Any] = {}
 """Config overrides of the recipe on top of ``magnet2_tiny`` (filled from the trainer module)."""
 
 
-def _recipe() -> tuple[dict[str, Any], dict[str, Any]]:
-    from magnet_zoo.tasks.train import RECIPE_CONFIG as cfg
-    from magnet_zoo.tasks.train import RECIPE_SETTINGS as st
+RUN_KEYS = ("threads", "device", "log_every", "time_limit_s", "curriculum_start", "curriculum_frac", "eval_every",
+            "eval_every_n")
+"""Entries of a job's ``settings`` that are the run's, not the recipe's (everything else is a recipe field)."""
 
-    return dict(cfg), dict(st)
+
+def _recipe() -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(network settings, trainer settings)`` of the FindIt recipe: the recommended recipe at 300 steps."""
+    from magnet_zoo.tasks.train import FINDIT_RECIPE
+
+    return dict(FINDIT_RECIPE.model_overrides), {"steps": FINDIT_RECIPE.steps}
 
 
 def run_spec(name: str, cfg: dict[str, Any] | None = None, st: dict[str, Any] | None = None,
@@ -179,37 +184,40 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
 
     from magnet_zoo.factory import create_model
     from magnet_zoo.tasks.findit import FindItSpec, evaluate
-    from magnet_zoo.tasks.train import TrainSettings, eval_seeds, train
+    from magnet_zoo.tasks.train import FINDIT_RECIPE, eval_seeds, train
 
     label = job["name"].replace("%", "%%")
     logging.basicConfig(level=logging.INFO, format=f"[{label}/s{job['seed']}] %(message)s")
     st = dict(job["settings"])
-    st["seed"] = job["seed"]
-    st["scale_target"] = tuple(st.get("scale_target", (0.3,)))
-    settings = TrainSettings(**st)
-    torch.set_num_threads(settings.threads or 2)
+    run = {k: st.pop(k) for k in RUN_KEYS if k in st}
+    run["time_limit"] = run.pop("time_limit_s", None)
+    recipe = FINDIT_RECIPE.replace(**st)
+    threads = run.pop("threads", 2) or 2
+    device = run.pop("device", "cpu")
+    torch.set_num_threads(threads)
     torch.manual_seed(job["seed"])
     cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in job["config"].items()}
     model = create_model(job["model"], **cfg)
     spec = FindItSpec(**job["task"])
     t0 = time.perf_counter()
-    res = train(model, spec, settings)
+    res = train(model, spec, recipe, seed=job["seed"], threads=threads, device=device, **run)
     ev, kept = evaluate(model, spec, eval_seeds(job["n_eval"]), keep_outputs=4)
     row = {
         "name": job["name"],
         "seed": job["seed"],
         "model": job["model"],
         "config": model.config.to_dict(),
-        "settings": settings.to_dict(),
+        "recipe": res.recipe,
+        "run": {**run, "threads": threads, "device": device, "loop": "magnet_zoo.train.fit"},
         "task": spec.to_dict(),
         "steps_done": res.steps_done,
         "train_seconds": round(res.train_seconds, 1),
         "total_seconds": round(time.perf_counter() - t0, 1),
         "metrics": ev.as_dict(),
         "interim": res.evals,
-        "final_train_loss": float(np.mean([h["total"] for h in res.history[-20:]])),
-        "threads": settings.threads,
-        "device": settings.device,
+        "final_train_loss": float(res.history[-1]["total"]) if res.history else math.nan,
+        "threads": threads,
+        "device": device,
     }
     if job.get("pictures"):
         pic = Path(job["pictures"]) / f"{_slug(job['name'])}_s{job['seed']}.png"
@@ -297,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
             job["n_eval"] = args.n_eval
             job["settings"]["threads"] = args.threads
             job["settings"]["device"] = args.device
-            job["settings"]["log_every"] = 100
+            job["settings"]["log_every"] = 20  # each row: the mean over its 20 steps
             if args.steps is not None:
                 job["settings"]["steps"] = args.steps
             if args.time_limit is not None:

@@ -1,4 +1,4 @@
-"""The SynthMets benchmark's MagNet head pre-training (``benchmarks/baselines/magnet.pretrain_heads``)."""
+"""Head pre-training on windows read once (``magnet_zoo.train.head_pretrain``, a phase of the training loop)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from magnet_zoo.synth import generate_slide
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from baselines.common import Slide, random_crops  # noqa: E402
-from baselines.magnet import MagnetOptions, pretrain_heads  # noqa: E402
+
+from magnet_zoo.train.head_pretrain import pretrain_heads  # noqa: E402
 
 
 def _slides(tmp_path):
@@ -34,14 +35,12 @@ def test_random_crops_sit_on_tissue_at_the_requested_size(tmp_path):
 
 def test_pretrain_heads_trains_the_last_head_and_copies_it(tmp_path):
     slides = _slides(tmp_path)
-    opts = MagnetOptions(model="magnet2_micro", overrides={"aux_pooling": "max", "final_patch_size": 32},
-                         head_pretrain_windows=4)
-    overrides, st = opts.resolved()
-    st["head_pretrain_steps"] = 3
     torch.manual_seed(0)
-    model = create_model("magnet2_micro", **overrides)
+    model = create_model("magnet2_micro", aux_pooling="max", final_patch_size=32)
     before = {k: v.clone() for k, v in model.aux_heads["2"].state_dict().items()}
-    record = pretrain_heads(model, slides, st, opts)
+    paths, labels = [s.path for s in slides], [s.label for s in slides]
+    kwargs = {"steps": 3, "side": (0.025, 0.1), "lr": 1e-3, "seed": 0}
+    record = pretrain_heads(model, paths, labels, windows=4, **kwargs)
     assert record["steps"] == 3 and record["windows_per_slide"] == 4 and record["classifier_backbone_copied"]
     after = model.aux_heads["2"].state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)  # it trained
@@ -49,5 +48,4 @@ def test_pretrain_heads_trains_the_last_head_and_copies_it(tmp_path):
         assert torch.equal(v, after[k])
     for k, v in model.classifier.backbone.state_dict().items():
         assert torch.equal(v, model.aux_heads["2"].backbone.state_dict()[k])
-    st["head_pretrain_windows"] = 0
-    assert pretrain_heads(model, slides, st, opts) == {"seconds": 0.0, "steps": 0}
+    assert pretrain_heads(model, paths, labels, windows=0, **kwargs) == {"seconds": 0.0, "steps": 0}

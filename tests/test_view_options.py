@@ -12,7 +12,7 @@ from magnet_zoo.config import ConfigError, MagNetConfig
 from magnet_zoo.nn.attention import attention_to_affine
 from magnet_zoo.nn.fetcher import Square
 from magnet_zoo.nn.magnet import resize_views
-from magnet_zoo.tasks.train import BranchReviver
+from magnet_zoo.train.revival import BranchReviver
 from magnet_zoo.wsi import ArraySource, SlideFetcher
 from tests.conftest import micro_magnet, tissue_image
 

@@ -23,6 +23,8 @@ import torch
 
 from magnet_zoo.nn.tree import root_square
 from magnet_zoo.synth import read_labels
+from magnet_zoo.train.head_pretrain import d4, tissue_view  # noqa: F401 - the baselines import them from here
+from magnet_zoo.train.head_pretrain import random_crops as _random_crops
 from magnet_zoo.wsi import grey_filter, read_square, select_level
 from magnet_zoo.wsi.protocol import RegionSource
 
@@ -129,46 +131,10 @@ def whole_slide_view(source: RegionSource, size: int, grey_threshold: int = 15) 
     return grey_filter(pixels, grey_threshold), read
 
 
-def tissue_view(source: RegionSource, target: int = 1024, grey_threshold: int = 15) -> tuple[np.ndarray, float, int]:
-    """A whole-slide view whose longer side is at least ``target`` px, grey-filtered (glass is black):
-    ``(rgb, downsample from level 0, pixels read)``. Reads the coarsest level that is large enough."""
-    w, h = source.dimensions
-    level = select_level(source.level_downsamples, max(w, h), target)
-    lw, lh = source.level_dimensions[level]
-    rgb = np.ascontiguousarray(source.read_region((0, 0), level, (lw, lh))[..., :3])
-    grey_filter(rgb, grey_threshold)
-    return rgb, float(source.level_downsamples[level]), lw * lh
-
-
 def random_crops(slides: Sequence[Slide], n: int, side: float | tuple[float, float], size: int, seed: int,
                  grey_threshold: int = 15) -> torch.Tensor:
-    """``(len(slides), n, 3, size, size)`` squares centred on random tissue pixels of each slide, of side
-    ``side`` times the slide's longer side (or uniform in ``side = (lo, hi)``), read at ``size`` px through
-    the grey filter, as a MagNet reads."""
-    from magnet_zoo.nn.fetcher import Square
-    from magnet_zoo.wsi import SlideFetcher, open_slide
-
-    lo, hi = (side, side) if isinstance(side, (int, float)) else side
-    rng = np.random.default_rng(seed)
-    out = []
-    for s in slides:
-        with open_slide(s.path) as src:
-            rgb, ds, _ = tissue_view(src, 256, grey_threshold)
-            ys, xs = np.nonzero(rgb.any(axis=-1))
-            if not len(xs):
-                ys, xs = np.nonzero(np.ones(rgb.shape[:2], bool))
-            pick = rng.integers(0, len(xs), n)
-            lengths = (np.full(n, lo) if lo == hi else rng.uniform(lo, hi, n)) * max(s.width, s.height)
-            squares = [Square((xs[i] + 0.5) * ds - d / 2, (ys[i] + 0.5) * ds - d / 2, d)
-                       for i, d in zip(pick, lengths, strict=True)]
-            out.append(SlideFetcher(src, grey_threshold).fetch(squares, size).images)
-    return torch.stack(out)
-
-
-def d4(images: torch.Tensor, k: int) -> torch.Tensor:
-    """Orientation ``k`` in 0..7 of ``(..., H, W)`` images: ``k % 4`` quarter turns, then a flip if ``k >= 4``."""
-    out = torch.rot90(images, k % 4, dims=(-2, -1))
-    return out.flip(-1) if k >= 4 else out
+    """:func:`magnet_zoo.train.head_pretrain.random_crops` of benchmark slides."""
+    return _random_crops([s.path for s in slides], n, side, size, seed, grey_threshold)
 
 
 def category_counts(slides: Sequence[Slide]) -> dict[str, int]:

@@ -102,6 +102,18 @@ class TrainResult:
     recipe: dict[str, Any] = field(default_factory=dict)
 
 
+def build_optimizer(model: MagNet, recipe: Recipe) -> torch.optim.Optimizer:
+    """Adam with two parameter groups: the magnifying layers' attention stacks (``attention_lr``) and the
+    rest, classifier and auxiliary heads (``lr``)."""
+    attention = [p for p in model.layers.parameters() if p.requires_grad]
+    ids = {id(p) for p in attention}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    att_lr = recipe.lr if recipe.attention_lr is None else recipe.attention_lr
+    groups = [{"params": attention, "lr": att_lr, "name": "attention"},
+              {"params": rest, "lr": recipe.lr, "name": "heads"}]
+    return torch.optim.Adam(groups, weight_decay=recipe.weight_decay)
+
+
 class TrainLoop:
     """One run's state; :func:`fit` drives it."""
 
@@ -228,15 +240,9 @@ class TrainLoop:
             self.total_steps = int(steps) if steps else self.steps_per_epoch * int(epochs)
 
     def _optimizer(self) -> torch.optim.Optimizer:
-        recipe = self.recipe
-        attention = [p for p in self.model.layers.parameters() if p.requires_grad]
-        ids = {id(p) for p in attention}
-        rest = [p for p in self.model.parameters() if p.requires_grad and id(p) not in ids]
-        att_lr = recipe.lr if recipe.attention_lr is None else recipe.attention_lr
-        groups = [{"params": attention, "lr": att_lr, "name": "attention"},
-                  {"params": rest, "lr": recipe.lr, "name": "heads"}]
-        self.base_lrs = [att_lr, recipe.lr]
-        return torch.optim.Adam(groups, weight_decay=recipe.weight_decay)
+        opt = build_optimizer(self.model, self.recipe)
+        self.base_lrs = [g["lr"] for g in opt.param_groups]
+        return opt
 
     def _tensorboard(self) -> Any:
         if not (self.config.tensorboard and self.info.is_main and self.out is not None):
