@@ -136,3 +136,64 @@ def test_corrupt_slide_message_names_the_file_and_what_to_do(tmp_path, wsi_dir):
     with pytest.raises(SlideError) as info:
         open_slide(p)
     assert str(p) in str(info.value)
+
+
+# --------------------------------------------------------------------------- layouts and claims
+def _planar(tmp_path, **kwargs):
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (300, 400, 3), dtype=np.uint8)
+    path = tmp_path / f"planar_{'tiled' if 'tile' in kwargs else 'strips'}.tif"
+    tifffile.imwrite(path, np.ascontiguousarray(np.moveaxis(img, -1, 0)), photometric="rgb",
+                     planarconfig="separate", **kwargs)
+    return path, img
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"tile": (128, 128), "compression": "zlib"}], ids=["strips", "tiles"])
+def test_planar_separate_rgb_tiff_is_read(tmp_path, model, kwargs):
+    path, img = _planar(tmp_path, **kwargs)
+    with open_slide(path, "tifffile") as src:
+        assert src.dimensions == (400, 300)
+        assert np.array_equal(src.read_region((0, 0), 0, (400, 300)), img)
+        assert np.array_equal(src.read_region((130, 70), 0, (150, 100)), img[70:170, 130:280])
+        magnet_zoo.predict_slide(model, src)
+    with open_slide(path) as src:  # whichever backend auto picks
+        assert np.array_equal(src.read_region((0, 0), 0, (400, 300)), img)
+
+
+def _claiming(tmp_path, width, height, tile=None):
+    """A small valid TIFF whose size tags are then overwritten to claim ``width`` x ``height``."""
+    import tifffile
+
+    path = tmp_path / f"claims_{width}x{height}{'_tiled' if tile else ''}.tif"
+    tifffile.imwrite(path, np.full((64, 64, 3), 200, np.uint8), photometric="rgb", tile=tile)
+    with tifffile.TiffFile(path, mode="r+b") as tif:
+        tags = tif.pages[0].tags
+        tags["ImageWidth"].overwrite(width)
+        tags["ImageLength"].overwrite(height)
+        if "RowsPerStrip" in tags:
+            tags["RowsPerStrip"].overwrite(height)
+    return path
+
+
+def test_an_implausible_untiled_claim_is_refused_at_open(tmp_path):
+    import time
+
+    from magnet_zoo.wsi.errors import CorruptSlideError, ImplausibleSlideError
+
+    path = _claiming(tmp_path, 200_000, 250_000)
+    start = time.perf_counter()
+    with pytest.raises(ImplausibleSlideError, match=r"claims 200000 x 250000 px \(139.7 GiB decoded\)") as info:
+        open_slide(path)
+    assert time.perf_counter() - start < 2
+    assert path.name in str(info.value) and "tiled pyramid" in str(info.value)
+    assert isinstance(info.value, CorruptSlideError)  # reported per slide by `predict`, like any bad file
+
+
+def test_a_side_no_scanner_produces_is_refused_whatever_the_layout(tmp_path):
+    from magnet_zoo.wsi.errors import ImplausibleSlideError
+
+    path = _claiming(tmp_path, 3_000_000, 64, tile=(16, 16))
+    with pytest.raises(ImplausibleSlideError, match="3000000 x 64 px"):
+        open_slide(path, "tifffile")

@@ -8,6 +8,7 @@ from magnet_zoo.wsi.coarse import CoarseLevelSource
 from magnet_zoo.wsi.errors import (
     BackendUnavailableError,
     CorruptSlideError,
+    ImplausibleSlideError,
     SlideNotFoundError,
     UnsupportedFormatError,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "BaseSource",
     "CoarseLevelSource",
     "CorruptSlideError",
+    "ImplausibleSlideError",
     "OrientedSource",
     "SlideCache",
     "SlideNotFoundError",

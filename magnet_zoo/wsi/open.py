@@ -14,6 +14,7 @@ from magnet_zoo.wsi.coarse import CoarseLevelSource, needs_coarse_level
 from magnet_zoo.wsi.errors import (
     BackendUnavailableError,
     CorruptSlideError,
+    ImplausibleSlideError,
     SlideError,
     SlideNotFoundError,
     UnsupportedFormatError,
@@ -29,6 +30,8 @@ BACKENDS: dict[str, tuple[str, str]] = {
     "monai": ("magnet_zoo.wsi.backends.monai_backend", "MonaiSource"),
     "tiatoolbox": ("magnet_zoo.wsi.backends.tiatoolbox_backend", "TiatoolboxSource"),
 }
+MAX_SLIDE_SIDE = 1 << 20
+"""Largest level-0 side accepted (1,048,576 px: 100 mm at 0.1 µm/px; real scans stay below 250k)."""
 PIL_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 TIFF_SUFFIXES = {".tif", ".tiff", ".svs", ".ndpi", ".scn", ".bif", ".btf", ".qptiff"}
 
@@ -120,9 +123,26 @@ def open_slide(
             raise TypeError(
                 f"backend must be a name, a source class, or a MONAI/TIAToolbox reader; got {type(backend).__name__}"
             )
+    _check_plausible(source)
     if coarse_view and needs_coarse_level(source):
         source = CoarseLevelSource(source)
     return source
+
+
+def _check_plausible(source: RegionSource) -> None:
+    """Refuse a slide whose claimed size no scanner produces, before anything is decoded."""
+    bad = [
+        (i, w, h)
+        for i, (w, h) in enumerate(source.level_dimensions)
+        if not (0 < w <= MAX_SLIDE_SIDE and 0 < h <= MAX_SLIDE_SIDE)
+    ]
+    if bad:
+        level, w, h = bad[0]
+        source.close()
+        raise ImplausibleSlideError(
+            f"{source.name}: level {level} claims {w} x {h} px; magnet_zoo accepts sides of 1 to {MAX_SLIDE_SIDE:,} px "
+            "(the largest whole-slide scans are about 250,000 px). The file's size tags are probably damaged"
+        )
 
 
 class SlideCache:

@@ -2,7 +2,11 @@
 
 Tiled levels are read tile by tile (bytes under a lock, decoding outside it, so threads overlap) with
 decoded tiles kept in the shared tile cache. Stripped (untiled) levels are decoded whole, once, and
-kept: they are small in practice, since large images are always tiled.
+kept: they are small in practice, since large images are always tiled. A file whose untiled level
+*claims* more than :data:`MAX_WHOLE_DECODE_BYTES` decoded is refused when it is opened
+(:class:`~magnet_zoo.wsi.errors.ImplausibleSlideError`), not when numpy fails to allocate it.
+Both sample layouts tifffile reads are accepted: contiguous (RGBRGB...) and planar-separate (one plane
+per colour, ``PlanarConfiguration = 2``).
 """
 
 from __future__ import annotations
@@ -16,7 +20,13 @@ import numpy as np
 
 from magnet_zoo.wsi.array_source import as_rgb_uint8
 from magnet_zoo.wsi.cache import shared_tile_cache
-from magnet_zoo.wsi.errors import NO_MPP_WARNING, BackendUnavailableError, CorruptSlideError, UnreadableRegionError
+from magnet_zoo.wsi.errors import (
+    NO_MPP_WARNING,
+    BackendUnavailableError,
+    CorruptSlideError,
+    ImplausibleSlideError,
+    UnreadableRegionError,
+)
 from magnet_zoo.wsi.protocol import BaseSource
 
 try:
@@ -25,6 +35,11 @@ except ImportError as exc:  # pragma: no cover - tifffile is a core dependency
     raise BackendUnavailableError("the tifffile backend needs `pip install tifffile imagecodecs`") from exc
 
 log = logging.getLogger(__name__)
+
+MAX_WHOLE_DECODE_BYTES = 2 << 30
+"""Largest untiled (stripped) level decoded whole: 2 GiB, a 26k x 26k RGB image. Real slides are tiled."""
+SEPARATE = 2
+"""TIFF PlanarConfiguration of planar-separate files (one plane per sample)."""
 
 
 def _mpp_from_page(page) -> tuple[float, float] | None:
@@ -76,10 +91,24 @@ class TiffFileSource(BaseSource):
         self._whole: dict[int, np.ndarray] = {}
         self._cache = shared_tile_cache()
         self._key = (self._path, id(self))
-        if any(p.planarconfig == 2 and p.samplesperpixel > 1 for p in pages):
-            raise CorruptSlideError(
-                f"{self._path}: planar (separate-plane) TIFFs are not supported; convert to contiguous RGB"
-            )
+        self._check_claims()
+
+    def _check_claims(self) -> None:
+        """Refuse, before decoding anything, levels that would be decoded whole beyond the budget."""
+        for level, page in enumerate(self._pages):
+            if page.is_tiled:
+                continue
+            w, h, spp = int(page.imagewidth), int(page.imagelength), int(page.samplesperpixel)
+            itemsize = max(1, int(getattr(page.dtype, "itemsize", 1) or 1))
+            claimed = w * h * spp * itemsize
+            if claimed > MAX_WHOLE_DECODE_BYTES:
+                raise ImplausibleSlideError(
+                    f"{self._path}: level {level} is stored in strips (untiled) and claims {w} x {h} px "
+                    f"({claimed / 2**30:.1f} GiB decoded); magnet_zoo decodes untiled levels whole and refuses "
+                    f"more than {MAX_WHOLE_DECODE_BYTES / 2**30:.0f} GiB. If the size is real, convert the file to "
+                    "a tiled pyramid (e.g. `vips tiffsave in.tif out.tif --tile --pyramid --compression jpeg`); "
+                    "if not, the file's size tags are damaged"
+                )
 
     def _reduced_pages(self, first):
         """Single-series files whose coarser levels are separate reduced-resolution pages (SVS-like)."""
@@ -92,33 +121,48 @@ class TiffFileSource(BaseSource):
                 found.append(page)
         return found
 
+    def _decode_segment(self, page, level: int, index: int) -> np.ndarray | None:
+        """One stored tile, decoded to ``(th, tw, samples)``; ``None`` for a sparse (never written) tile."""
+        offset, count = page.dataoffsets[index], page.databytecounts[index]
+        th, tw = page.tilelength, page.tilewidth
+        if count == 0:
+            return None
+        with self._io_lock:
+            fh = self._tif.filehandle
+            fh.seek(offset)
+            data = fh.read(count)
+        if len(data) != count:
+            raise UnreadableRegionError(
+                f"{self._path}: tile {index} of level {level} is cut short; the file is truncated"
+            )
+        try:
+            decoded, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
+        except Exception as exc:  # codecs raise many types
+            raise UnreadableRegionError(f"{self._path}: cannot decode tile {index} of level {level}: {exc}") from exc
+        if decoded is None:
+            raise UnreadableRegionError(f"{self._path}: tile {index} of level {level} is empty or unreadable")
+        return np.asarray(decoded).reshape(th, tw, -1)
+
     def _decode_tile(self, page, level: int, index: int) -> np.ndarray:
+        """The RGB tile ``index`` of a level: one stored tile, or one per sample plane for planar-separate
+        files (plane ``s`` holds its tiles at ``s * tiles_per_plane + index``)."""
         key = (self._key, level, index)
         tile = self._cache.get(key)
         if tile is not None:
             return tile
-        offset, count = page.dataoffsets[index], page.databytecounts[index]
         th, tw = page.tilelength, page.tilewidth
-        if count == 0:  # sparse tile: nothing was scanned there
-            tile = np.zeros((th, tw, 3), np.uint8)
+        if page.planarconfig == SEPARATE and page.samplesperpixel > 1:
+            per_plane = len(page.dataoffsets) // page.samplesperpixel
+            planes = [self._decode_segment(page, level, s * per_plane + index) for s in range(page.samplesperpixel)]
+            if all(p is None for p in planes):
+                tile = np.zeros((th, tw, 3), np.uint8)
+            else:
+                dtype = next(p.dtype for p in planes if p is not None)
+                stack = [np.zeros((th, tw), dtype) if p is None else p[..., 0] for p in planes]
+                tile = as_rgb_uint8(np.stack(stack, axis=-1), self._path)
         else:
-            with self._io_lock:
-                fh = self._tif.filehandle
-                fh.seek(offset)
-                data = fh.read(count)
-            if len(data) != count:
-                raise UnreadableRegionError(
-                    f"{self._path}: tile {index} of level {level} is cut short; the file is truncated"
-                )
-            try:
-                decoded, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
-            except Exception as exc:  # codecs raise many types
-                raise UnreadableRegionError(
-                    f"{self._path}: cannot decode tile {index} of level {level}: {exc}"
-                ) from exc
-            if decoded is None:
-                raise UnreadableRegionError(f"{self._path}: tile {index} of level {level} is empty or unreadable")
-            tile = as_rgb_uint8(np.asarray(decoded).reshape(th, tw, -1), self._path)
+            segment = self._decode_segment(page, level, index)
+            tile = np.zeros((th, tw, 3), np.uint8) if segment is None else as_rgb_uint8(segment, self._path)
         self._cache.put(key, tile)
         return tile
 
@@ -128,7 +172,10 @@ class TiffFileSource(BaseSource):
             whole = self._whole.get(level)
             if whole is None:
                 try:
-                    whole = as_rgb_uint8(page.asarray(), self._path)
+                    pixels = page.asarray()
+                    if page.planarconfig == SEPARATE and page.samplesperpixel > 1 and pixels.ndim == 3:
+                        pixels = np.moveaxis(pixels, 0, -1)  # (samples, h, w) -> (h, w, samples)
+                    whole = as_rgb_uint8(pixels, self._path)
                 except Exception as exc:
                     raise UnreadableRegionError(f"{self._path}: cannot decode level {level}: {exc}") from exc
                 self._whole[level] = whole
