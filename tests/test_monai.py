@@ -165,7 +165,7 @@ def test_bundle_trains_then_infers(data_csv: Path, tmp_path: Path) -> None:
         assert (models / name / "model.safetensors").is_file(), proc.stderr[-2000:]
     evals = tmp_path / "eval"
     proc = _bundle(
-        "inference.json",
+        "evaluate.json",
         "--data_csv", str(data_csv), "--checkpoint", str(models / "best"), "--output_dir", str(evals),
         "--num_workers", "0",
     )
@@ -174,3 +174,49 @@ def test_bundle_trains_then_infers(data_csv: Path, tmp_path: Path) -> None:
     assert len(rows) == 6
     assert all(0.0 <= float(r["probability"]) <= 1.0 for r in rows)
     assert {r["category"] for r in rows} == {"normal", "macro"}
+
+
+def test_datalist_for_inference_needs_no_labels(data_csv: Path, tmp_path: Path) -> None:
+    from magnet_zoo.integrations.monai import datalist_from_slides
+
+    folder = data_csv.parent
+    items = datalist_from_slides(folder)
+    assert len(items) == 6 and all(set(d) == {"image"} for d in items)
+    listing = tmp_path / "list.csv"
+    listing.write_text("path\n" + "".join(f"{d['image']}\n" for d in items[:2]))
+    assert datalist_from_slides(listing) == items[:2]
+    batch = collate_slides([LoadSlided("image")(d) for d in items[:2]])
+    fetchers, labels = MagNetPrepareBatch()(batch)
+    assert labels is None and len(fetchers) == 2
+
+
+def test_bundle_has_the_model_zoo_layout() -> None:
+    import json
+
+    bundle = REPO / "bundle"
+    for rel in ("LICENSE", "models/README.md", "docs/README.md", "docs/data_license.txt", "configs/metadata.json",
+                "configs/inference.json", "configs/evaluate.json", "configs/train.json"):
+        assert (bundle / rel).is_file(), rel
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    required = ("version", "changelog", "monai_version", "pytorch_version", "numpy_version",
+                "required_packages_version", "task", "description", "authors", "copyright",
+                "network_data_format", "data_source", "intended_use")
+    assert all(k in meta for k in required), [k for k in required if k not in meta]
+    assert meta["version"] in meta["changelog"]
+    # The inference config has no metric and no label: it is a predictor, not an evaluator.
+    inference = (bundle / "configs" / "inference.json").read_text()
+    assert "label" not in inference and "ROCAUC" not in inference
+    assert "ROCAUC" in (bundle / "configs" / "evaluate.json").read_text()
+
+
+@pytest.mark.slow
+def test_bundle_inference_runs_on_slides_without_labels(wsi_dir: Path, tmp_path: Path) -> None:
+    """The documented command, on the real slides, with the weights a fresh clone has (the demo model)."""
+    _needs_ignite()
+    pytest.importorskip("fire", reason="`python -m monai.bundle` needs fire (pip install fire)")
+    evals = tmp_path / "eval"
+    proc = _bundle("inference.json", "--dataset_dir", str(wsi_dir), "--output_dir", str(evals))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader((evals / "predictions.csv").open()))
+    assert sorted(Path(r["path"]).name for r in rows) == ["CMU-1-Small-Region.svs", "CMU-1-Small-Region_pyramid.tiff"]
+    assert all(r["label"] == "" and 0.0 <= float(r["probability"]) <= 1.0 for r in rows)

@@ -72,6 +72,7 @@ __all__ = [
     "SavePretrained",
     "collate_slides",
     "datalist_from_csv",
+    "datalist_from_slides",
     "prepare_magnet_batch",
 ]
 
@@ -86,6 +87,22 @@ def datalist_from_csv(path: str | os.PathLike[str], split: str | None = None) ->
     if split is not None:
         records = [r for r in records if r.split == split]
     return [{"image": r.path, "label": r.label, "category": r.category} for r in records]
+
+
+def datalist_from_slides(*inputs: str | os.PathLike[str], recursive: bool = False) -> list[dict[str, Any]]:
+    """MONAI data dictionaries ``{"image": path}`` for *inference*: no labels needed.
+
+    Each input is a slide file, a folder of slides (known suffixes; ``recursive`` for sub-folders) or
+    a CSV with a ``path`` (or ``slide``, ``image``, ``filename``) column, as ``magnet-zoo predict`` takes.
+    """
+    from magnet_zoo.infer.batch import collect_slides
+
+    if not inputs:
+        raise ValueError("datalist_from_slides needs at least one slide, folder or CSV")
+    slides = collect_slides([str(i) for i in inputs], recursive=recursive)
+    if not slides:
+        raise FileNotFoundError(f"no slides found in {', '.join(str(i) for i in inputs)}")
+    return [{"image": str(p)} for p in slides]
 
 
 class LoadSlided(MapTransform):
