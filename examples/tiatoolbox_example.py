@@ -6,7 +6,14 @@
    TIAToolbox model interface (``infer_batch``, ``postproc_func``): the same reader object, no copy.
 3. Check where the MagNet looked: the share of each zoom level's ROIs that lie on tissue according
    to TIAToolbox's mask, and draw the ROIs on TIAToolbox's thumbnail.
-4. The same model on an in-memory image, through TIAToolbox's ``VirtualWSIReader``.
+4. Keep the result where TIAToolbox users keep results: an annotation store (``--store magnet.ndjson``,
+   or ``magnet.db`` for SQLite where Python's sqlite3 can load extensions; one annotation per ROI and
+   one for the slide), which TIAToolbox's renderer reads.
+5. The same model on an in-memory image, through TIAToolbox's ``VirtualWSIReader``.
+
+No TIAToolbox engine (``PatchPredictor``, ``SemanticSegmentor``, ...) can drive a MagNet: engines feed
+patches described by an ``IOConfig``, while a MagNet reads the whole slide itself. Call ``infer_batch``
+with slides instead, as here.
 
 Usage (a checkpoint folder from ``magnet-zoo train``; without ``--model`` an untrained tiny MagNet is
 used, which only shows the plumbing)::
@@ -38,12 +45,24 @@ def on_tissue(box: list[float], mask: np.ndarray, scale: float) -> float:
     return float(mask[y0:y1, x0:x1].mean())
 
 
+def thumbnail(reader, power: float = 1.25, max_side: int = 2048) -> np.ndarray:
+    """TIAToolbox's thumbnail of the slide: at ``power`` when the slide states its objective power, else
+    at a baseline scale (a fraction of level 0) whose longer side is at most ``max_side`` pixels."""
+    info = reader.info
+    if info.objective_power:
+        return reader.slide_thumbnail(resolution=power, units="power")
+    scale = min(1.0, max_side / max(info.slide_dimensions))  # "baseline" units: 1.0 is level 0 itself
+    return reader.slide_thumbnail(resolution=scale, units="baseline")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("slide", help="a slide file TIAToolbox can open")
     parser.add_argument("--model", default=None, help="magnet_zoo checkpoint folder or hub repo (default: untrained)")
     parser.add_argument("--out", default="magnet_tiatoolbox.png", help="picture of the ROIs on the thumbnail")
     parser.add_argument("--thumb", type=float, default=1.25, help="thumbnail resolution in 'power' units")
+    parser.add_argument("--store", default=None, help="also write the ROIs and the result to this annotation store")
+    parser.add_argument("--threshold", type=float, default=0.5, help="probability from which a slide is positive")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -52,21 +71,19 @@ def main(argv: list[str] | None = None) -> int:
     from tiatoolbox.wsicore.wsireader import VirtualWSIReader, WSIReader
 
     from magnet_zoo import create_model
-    from magnet_zoo.integrations.tiatoolbox import MagNetTIAModel
+    from magnet_zoo.integrations.tiatoolbox import MagNetTIAModel, to_annotation_store
 
     if args.model:
-        model = MagNetTIAModel.from_pretrained(args.model)
+        model = MagNetTIAModel.from_pretrained(args.model, threshold=args.threshold)
     else:
         logger.warning("no --model given: an untrained magnet2_tiny shows the plumbing, not a diagnosis")
         torch.manual_seed(0)
-        model = MagNetTIAModel(create_model("magnet2_tiny"))
+        model = MagNetTIAModel(create_model("magnet2_tiny"), threshold=args.threshold)
 
     # 1. TIAToolbox: reader, thumbnail and tissue mask.
     reader = WSIReader.open(args.slide)
     info = reader.info
-    thumb = reader.slide_thumbnail(resolution=args.thumb, units="power") if info.objective_power else (
-        reader.slide_thumbnail(resolution=max(info.level_downsamples), units="baseline")
-    )
+    thumb = thumbnail(reader, args.thumb)
     mask = OtsuTissueMasker().fit_transform([thumb])[0].astype(bool)
     scale = thumb.shape[1] / info.slide_dimensions[0]
     logger.info("%s: %s px at level 0, tissue %.0f%% of the thumbnail", args.slide, info.slide_dimensions,
@@ -92,7 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     picture.save(args.out)
     logger.info("wrote %s", args.out)
 
-    # 4. An in-memory image through TIAToolbox's VirtualWSIReader.
+    # 4. The result in a TIAToolbox annotation store.
+    if args.store:
+        store = to_annotation_store(out, args.store, labels=model.class_dict, threshold=model.threshold,
+                                    slides=[args.slide])
+        store.commit()
+        logger.info("wrote %d annotations to %s", len(store), args.store)
+
+    # 5. An in-memory image through TIAToolbox's VirtualWSIReader.
     virtual = VirtualWSIReader(np.asarray(thumb))
     small = MagNetTIAModel.infer_batch(model, [virtual], device="cpu")
     logger.info("the thumbnail as a VirtualWSIReader slide: p(%s) = %.3f", model.class_dict[1],

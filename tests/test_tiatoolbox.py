@@ -70,3 +70,59 @@ def test_model_contract_and_safe_weight_loading(model: MagNetTIAModel, tmp_path:
     assert isinstance(loaded.magnet, type(model.magnet))
     with pytest.raises(TypeError, match="slide"):
         MagNetTIAModel.infer_batch(model, [42], device="cpu")
+
+
+def test_postproc_func_uses_the_models_threshold(model: MagNetTIAModel) -> None:
+    strict = MagNetTIAModel(model.magnet, threshold=0.8)
+    probs = np.array([0.2, 0.7, 0.9])
+    assert strict.postproc_func(probs).tolist() == [0, 0, 1]
+    strict.threshold = 0.1  # read when called
+    assert strict.postproc_func(probs).tolist() == [1, 1, 1]
+    strict.postproc_func = None  # TIAToolbox's reset goes back to the threshold, not to 0.5
+    assert strict.postproc_func(probs).tolist() == [1, 1, 1]
+    with pytest.raises(ValueError, match="threshold"):
+        MagNetTIAModel(model.magnet, threshold=1.5)
+
+
+def test_results_go_into_a_tiatoolbox_annotation_store(model: MagNetTIAModel, wsi_dir: Path, tmp_path: Path) -> None:
+    from tiatoolbox.annotation.storage import DictionaryStore
+
+    from magnet_zoo.integrations.tiatoolbox import to_annotation_store
+
+    image = np.full((400, 480, 3), 240, dtype=np.uint8)
+    image[100:300, 120:400] = np.random.default_rng(0).integers(60, 200, size=(200, 280, 3), dtype=np.uint8)
+    out = MagNetTIAModel.infer_batch(model, [OpenSlideWSIReader(wsi_dir / SLIDE), image], device="cpu")
+    path = tmp_path / "magnet.ndjson"
+    store = to_annotation_store(out, path, labels=model.class_dict, threshold=0.5, slides=["cmu", "array"])
+    store.commit()
+    store.close()
+    reopened = DictionaryStore(path)
+    assert len(to_annotation_store(out)) == len(reopened)  # in memory by default
+    for i, slide in enumerate(["cmu", "array"]):
+        tree = out["trees"][i]
+        mine = [a for a in reopened.values() if a.properties["slide"] == slide]
+        drawn = [n for n in tree if n["layer"] > 0 and not n["frozen"]]
+        assert len(mine) == len(drawn) + 1
+        result = next(a for a in mine if a.properties["type"] == "magnet_slide")
+        assert result.properties["probability"] == pytest.approx(float(out["probabilities"][i]))
+        assert result.properties["label"] == model.class_dict[int(out["probabilities"][i] >= 0.5)]
+        rois = {a.properties["name"]: a for a in mine if a.properties["type"] == "magnet_roi"}
+        for node in drawn:
+            x, y, w, h = node["box"]
+            assert rois[node["name"]].geometry.bounds == pytest.approx((x, y, x + w, y + h))
+            assert rois[node["name"]].properties["level"] == node["level"]
+
+
+def test_example_thumbnail_without_objective_power_is_small_not_upsampled(wsi_dir: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tia_example", Path(__file__).parents[1] / "examples" /
+                                                  "tiatoolbox_example.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    image = np.full((3000, 4000, 3), 230, dtype=np.uint8)
+    reader = VirtualWSIReader(image)  # no objective power
+    assert not reader.info.objective_power
+    thumb = example.thumbnail(reader, max_side=1024)
+    assert max(thumb.shape[:2]) <= 1024 and min(thumb.shape[:2]) >= 700
+    assert thumb.shape[1] / thumb.shape[0] == pytest.approx(4000 / 3000, rel=0.01)

@@ -9,9 +9,19 @@ for readers, with the same computed coarse levels :func:`~magnet_zoo.open_slide`
 through TIAToolbox gives the same prediction as ``magnet_zoo.predict_slide`` on the same pixels.
 
 >>> from tiatoolbox.wsicore.wsireader import WSIReader
->>> model = MagNetTIAModel.from_pretrained("path/to/checkpoint")
+>>> model = MagNetTIAModel.from_pretrained("path/to/checkpoint", threshold=0.5)
 >>> out = MagNetTIAModel.infer_batch(model, [WSIReader.open("slide.svs")], device="cpu")
->>> out["probabilities"], model.postproc_func(out["probabilities"])
+>>> out["probabilities"], model.postproc_func(out["probabilities"])   # classes at model.threshold
+>>> store = to_annotation_store(out, labels=model.class_dict)             # TIAToolbox's AnnotationStore
+
+What no TIAToolbox engine does: ``PatchPredictor``, ``SemanticSegmentor`` and the other engines tile a
+slide into patches described by an ``IOConfig`` (resolution, patch shape, stride) and feed the model
+batches of patch tensors. A MagNet reads the whole slide itself, choosing where and at which level to
+read while it runs, so it has no patch shape to declare and none of those engines can drive it: call
+:meth:`MagNetTIAModel.infer_batch` with slides (as the engines would call it with patches), and keep
+the results where TIAToolbox users keep them, in an annotation store (:func:`to_annotation_store`:
+one annotation per ROI of the zoom tree and one for the slide-level result, in level-0 coordinates;
+TIAToolbox's ``AnnotationRenderer`` and its visualisation tools read it).
 
 TIAToolbox is imported when this module is (it takes seconds); ``magnet_zoo`` itself never imports it.
 """
@@ -35,7 +45,7 @@ from magnet_zoo.wsi.coarse import CoarseLevelSource, needs_coarse_level
 from magnet_zoo.wsi.fetch import as_fetcher
 from magnet_zoo.wsi.protocol import RegionSource
 
-__all__ = ["MagNetTIAModel", "slide_source"]
+__all__ = ["MagNetTIAModel", "slide_source", "to_annotation_store"]
 
 
 def slide_source(slide: Any) -> RegionSource:
@@ -64,16 +74,34 @@ class MagNetTIAModel(ModelABC):
     ``forward(slides)`` returns the :class:`~magnet_zoo.nn.magnet.MagNetOutput`; :meth:`infer_batch`
     returns NumPy arrays (``probabilities``, ``logits``) and the zoom trees (``trees``, lists of node
     dictionaries) for engines; :meth:`postproc` turns probabilities into class indices (0 normal,
-    1 tumour; ``class_dict`` names them).
+    1 tumour; ``class_dict`` names them), and ``postproc_func`` does so at this model's ``threshold``.
     """
 
     def __init__(self, magnet: MagNet, threshold: float = 0.5) -> None:
         super().__init__()
         if not isinstance(magnet, MagNet):
             raise TypeError(f"MagNetTIAModel wraps a magnet_zoo MagNet, got {type(magnet).__name__}")
+        if not 0.0 <= float(threshold) <= 1.0:
+            raise ValueError(f"threshold must lie in [0, 1], got {threshold}")
         self.magnet = magnet
-        self.threshold = threshold
+        self.threshold = float(threshold)
         self.class_dict = dict(enumerate(magnet.config.labels))
+        self._postproc = self._postproc_at_threshold
+
+    def _postproc_at_threshold(self, image: np.ndarray) -> np.ndarray:
+        return self.postproc(image, threshold=self.threshold)
+
+    @property
+    def postproc_func(self):  # type: ignore[override]
+        """Probabilities -> class indices at ``self.threshold`` (read when called, so a changed threshold
+        applies); TIAToolbox's default would be the static :meth:`postproc` at 0.5."""
+        return self._postproc
+
+    @postproc_func.setter
+    def postproc_func(self, func) -> None:
+        if func is not None and not callable(func):
+            raise ValueError(f"{func} is not callable!")
+        self._postproc = self._postproc_at_threshold if func is None else func
 
     @classmethod
     def from_pretrained(cls, name_or_dir: str | os.PathLike[str], device: str = "cpu", **kwargs: Any) -> MagNetTIAModel:
@@ -133,3 +161,64 @@ class MagNetTIAModel(ModelABC):
             "logits": out.logits.float().cpu().numpy(),
             "trees": [[node.to_dict() for node in tree] for tree in out.trees],
         }
+
+
+def to_annotation_store(
+    output: dict[str, Any],
+    store: Any = None,
+    *,
+    labels: dict[int, str] | Sequence[str] | None = None,
+    threshold: float = 0.5,
+    slides: Sequence[str] | None = None,
+) -> Any:
+    """The zoom trees and slide results of :meth:`MagNetTIAModel.infer_batch` in a TIAToolbox
+    ``AnnotationStore``: ``store`` itself, or a file (``.db`` / ``.sqlite``: a ``SQLiteStore``; any other
+    name: a ``DictionaryStore`` written as ndjson), or an in-memory ``DictionaryStore`` by default
+    (``SQLiteStore`` needs a Python whose ``sqlite3`` can load extensions; not every build can). Call
+    ``store.commit()`` to write a file store.
+
+    Per slide: one annotation per ROI (a box polygon in level-0 pixels; properties ``type`` =
+    ``"magnet_roi"``, ``name``, ``layer``, ``patch``, ``level``, ``scale``, ``slide``) except frozen
+    patches, which are their parent's box (the parent's ``frozen_child`` names them), and one slide-level
+    annotation over the slide's extent (``type`` = ``"magnet_slide"``, ``probability``, ``label``,
+    ``threshold``). With several slides in ``output``, ``slides`` names them (default: their index);
+    query one slide's annotations with ``store.query(where=f"props['slide'] == '{name}'")``.
+    """
+    from shapely.geometry import box as shapely_box
+    from tiatoolbox.annotation.storage import Annotation, AnnotationStore, DictionaryStore, SQLiteStore
+
+    from magnet_zoo.explain.geojson import patch_index
+
+    if store is None:
+        store = DictionaryStore()
+    elif not isinstance(store, AnnotationStore):
+        path = Path(store)
+        store = SQLiteStore(path) if path.suffix.lower() in (".db", ".sqlite") else DictionaryStore(path)
+    names = dict(enumerate(labels)) if isinstance(labels, Sequence) and not isinstance(labels, str) else labels
+    names = names or {0: "negative", 1: "positive"}
+    probabilities = np.asarray(output["probabilities"], dtype=np.float64).reshape(-1)
+    trees = output["trees"]
+    if len(trees) != len(probabilities):
+        raise ValueError(f"output has {len(trees)} trees but {len(probabilities)} probabilities")
+    if slides is not None and len(slides) != len(trees):
+        raise ValueError(f"{len(slides)} slide names for {len(trees)} slides")
+    annotations = []
+    for i, (tree, prob) in enumerate(zip(trees, probabilities, strict=True)):
+        slide = str(slides[i]) if slides is not None else str(i)
+        frozen_of = {n["parent"]: n["name"] for n in tree if n.get("frozen")}
+        for node in tree:
+            x, y, w, h = (float(v) for v in node["box"])
+            if node["layer"] == 0:
+                label = names[int(prob >= threshold)]
+                props = {"type": "magnet_slide", "slide": slide, "probability": float(prob), "label": label,
+                         "threshold": float(threshold), "name": node["name"]}
+            elif node.get("frozen"):
+                continue
+            else:
+                props = {"type": "magnet_roi", "slide": slide, "name": node["name"], "layer": int(node["layer"]),
+                         "patch": patch_index(node["name"]) + 1, "level": int(node["level"]),
+                         "scale": float(node["scale"]), "parent": node.get("parent") or "",
+                         "frozen_child": frozen_of.get(node["name"], "")}
+            annotations.append(Annotation(shapely_box(x, y, x + w, y + h), props))
+    store.append_many(annotations)
+    return store
