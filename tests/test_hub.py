@@ -650,3 +650,21 @@ def test_the_demo_card_survives_a_resave(tmp_path):
     folder = save_pretrained(load_pretrained("magnet2_micro"), tmp_path / "demo")
     assert (folder / "README.md").read_text() == (shipped / "README.md").read_text()
     assert "## Training data\n\nSynthMets (1.0.0)" in (folder / "README.md").read_text()
+
+
+def test_hub_loads_record_the_commit_they_came_from(hub, model, monkeypatch):
+    from magnet_zoo.infer.provenance import model_identity, weights_sha256
+
+    main = load_pretrained(REPO)  # the branch name resolves to its commit
+    assert main.pretrained_source["source"] == "hub" and main.pretrained_source["name"] == REPO
+    assert main.pretrained_source["revision"] == hub.new_sha
+    assert load_pretrained(REPO, revision=hub.old_sha).pretrained_source["revision"] == hub.old_sha
+    tag = registry.ModelTag("demo weights", hub_repo=REPO, hub_revision=hub.old_sha)
+    arch = registry.ModelArch(model.config, "t", {"demo": tag}, "demo")
+    monkeypatch.setitem(registry._REGISTRY, "magnet_hubtest", arch)
+    named = load_pretrained("magnet_hubtest")
+    assert named.pretrained_source["name"] == "magnet_hubtest.demo"
+    assert named.pretrained_source["revision"] == hub.old_sha
+    # The weights hash names the weights, wherever they were loaded from.
+    assert model_identity(main)["weights_sha256"] == weights_sha256(model)
+    assert model_identity(named)["weights_sha256"] != weights_sha256(model)
