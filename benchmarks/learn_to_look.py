@@ -1,7 +1,7 @@
 """Learn-to-look experiment runner (issue 7): train and evaluate a grid of MagNet settings on FindIt.
 
 Every run builds a small MagNet (``magnet2_tiny`` plus config overrides), trains it on fresh FindIt
-images with :func:`magnet_zoo.tasks.train.train`, evaluates it on held-out images and writes one JSON
+images with :func:`magnet_zoo.tasks.train.train` (the one training loop, :func:`magnet_zoo.train.fit`), evaluates it on held-out images and writes one JSON
 row (settings, metrics, timings) plus a Fig. 5-style picture of a few test images with their crops.
 At the end it writes all rows to ``<out>/<grid>.json`` and a markdown table to ``<out>/<grid>.md``
 (per setting: median and worst seed).

@@ -524,3 +524,20 @@ def test_torchrun_two_processes_train_with_gloo_and_only_rank0_writes(slides: Pa
     assert int(rows[-1]["val_n"]) == 2  # both ranks' validation shards gathered
     assert int(rows[-1]["step"]) == 2  # 6 slides, 3 per rank, micro-batches of 2: 2 steps
     assert (out / "checkpoints" / "last" / "model.safetensors").is_file()
+
+
+def test_cli_trains_with_the_paper_recipe_and_the_default_one(slides: Path, tmp_path: Path) -> None:
+    """The README's two training commands on a `magnet-zoo synth` CSV: --recipe paper, and no --recipe."""
+    from magnet_zoo.cli import main
+
+    for recipe, translation in (("paper", "tanh"), (None, "clamp")):
+        out = tmp_path / (recipe or "default")
+        extra = ["--recipe", recipe] if recipe else []
+        args = _train_args(slides / "small.csv", out, *extra, "--steps", "2", "--batch-size", "2", "--workers", "0",
+                           "--threads", "2", "--device", "cpu")
+        assert main(args) == 0
+        record = json.loads((out / "train_config.json").read_text())
+        assert record["recipe"]["name"] == (recipe or "learn_to_look")
+        assert record["model"]["translation"] == translation  # the recipe's network settings were applied
+        rows = list(csv.DictReader((out / "metrics.csv").open()))
+        assert int(rows[-1]["step"]) == 2 and float(rows[-1]["val_n"]) == 2

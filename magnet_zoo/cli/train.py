@@ -153,18 +153,18 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 
 def list_recipes_text() -> str:
-    """Every recipe with its summary and its fields that differ from the ``Recipe`` defaults."""
-    from magnet_zoo.train.recipe import DEFAULT_RECIPE, RECIPES, Recipe, list_recipes
+    """Every recipe with its summary and all its fields (``--set FIELD=VALUE`` changes one)."""
+    from magnet_zoo.train.recipe import DEFAULT_RECIPE, RECIPES, list_recipes
 
-    base = Recipe().to_dict()
     lines = []
     for name in list_recipes():
         recipe = RECIPES[name].to_dict()
         lines.append(f"{name}{' (default)' if name == DEFAULT_RECIPE else ''}: {recipe['summary']}")
         for key, value in recipe.items():
-            if key not in ("name", "summary") and value != base[key]:
+            if key not in ("name", "summary"):
                 lines.append(f"    {key} = {json.dumps(value)}")
-    return "\n".join(lines)
+        lines.append("")
+    return "\n".join(lines).rstrip()
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -686,10 +686,13 @@ class TrainLoop:
             for callback in self.callbacks:
                 callback(self, record)
             epoch_done = self.micro_per_epoch is not None and self.step_in_epoch >= self.steps_per_epoch
-            reason = self._stop_reason()
-            if self._should_validate() or (reason and not epoch_done):
+            validated = self._should_validate()
+            if validated:
                 self._evaluation()
-            elif (self.config.save_every and self.global_step % self.config.save_every == 0
+            reason = self._stop_reason()
+            if reason and not validated and not epoch_done:
+                self._evaluation()
+            elif (not validated and self.config.save_every and self.global_step % self.config.save_every == 0
                   and not epoch_done and self.state_dir is not None):
                 self._save_state()
             if reason:

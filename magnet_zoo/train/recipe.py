@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -247,15 +246,8 @@ def describe_recipes() -> str:
 
 def parse_recipe_overrides(items: list[str] | None) -> dict[str, Any]:
     """``["lr=1e-3", "revive_at=[0.5]", "grad_clip=null"]`` -> a dict; field names are checked."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set expects FIELD=VALUE, got {item!r}")
-        try:
-            parsed: Any = json.loads(value.strip())
-        except json.JSONDecodeError:
-            parsed = value.strip()
-        out[key.strip()] = parsed
+    from magnet_zoo.train.settings import parse_overrides
+
+    out = parse_overrides(items, flag="--set")
     _check_fields(out, "--set")
     return out

@@ -188,14 +188,12 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+def parse_overrides(items: list[str] | None, flag: str = "--model-override") -> dict[str, Any]:
     """``["sampler=bilinear", "patches=[2,2]", "max_scale=0.4"]`` -> a dict (values parsed as JSON when possible)."""
     out: dict[str, Any] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"--model-override expects KEY=VALUE, got {item!r}")
+            raise ConfigError(f"{flag} expects KEY=VALUE, got {item!r}")
         out[key.strip()] = _parse_value(value.strip())
     return out
-
-

@@ -1,0 +1,88 @@
+"""Recipes: named, serialisable data; the paper's exactly; clear errors for what does not exist."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from magnet_zoo.config import ConfigError, MagNetConfig
+from magnet_zoo.train import DEFAULT_RECIPE, RECIPES, Recipe, UnknownRecipeError, get_recipe, list_recipes
+from magnet_zoo.train.recipe import parse_recipe_overrides
+from magnet_zoo.train.settings import TrainConfig, default_batch_size
+
+
+def test_registered_recipes_and_the_default():
+    assert {"paper", "learn_to_look"} <= set(list_recipes())
+    assert DEFAULT_RECIPE == "learn_to_look" == TrainConfig().recipe
+    for name, recipe in RECIPES.items():
+        assert recipe.name == name and recipe.summary
+
+
+def test_paper_recipe_is_section_3_3():
+    r = get_recipe("paper")
+    assert (r.lr, r.attention_lr, r.schedule, r.min_lr, r.warmup, r.epochs, r.augment) == (
+        3e-5, None, "cosine", 0.0, 0.0, 200, True)
+    assert r.batch_size is None  # the paper's 16 up to three layers, 8 for four
+    assert default_batch_size(MagNetConfig(patches=(3, 2, 3))) == 16
+    assert default_batch_size(MagNetConfig(patches=(3, 2, 3, 2))) == 8
+    m = r.model_overrides
+    assert m["translation"] == "tanh" and m["loss_paradoxical"] and m["loss_auxiliary"] and m["loss_classifier"]
+    # nothing beyond the paper: no anneals, jitter, revival, head warm-up, guidance or pre-training
+    assert r.max_scale_start is None and r.temperature_start is None and not r.jitter and not r.revive_at
+    assert r.head_warmup == 0 and r.guidance_weight == 0 and r.head_pretrain_windows == 0
+    assert r.grad_clip is None
+
+
+def test_recipes_round_trip_through_json_and_take_single_field_overrides():
+    for name in list_recipes():
+        recipe = get_recipe(name)
+        again = Recipe.from_dict(json.loads(json.dumps(recipe.to_dict())))
+        assert again == recipe
+    r = get_recipe("learn_to_look", lr=1e-4, revive_at=[0.5], model_overrides={"sampler": "bilinear"})
+    assert r.lr == 1e-4 and r.revive_at == (0.5,)
+    assert r.model_overrides["sampler"] == "bilinear" and r.model_overrides["translation"] == "clamp"  # merged
+    assert get_recipe("learn_to_look").lr == 1e-3  # the registered recipe is unchanged
+
+
+def test_unknown_recipes_fields_and_bad_values_are_named():
+    with pytest.raises(UnknownRecipeError, match="did you mean 'paper'"):
+        get_recipe("papr")
+    with pytest.raises(UnknownRecipeError, match="did you mean 'attention_lr'"):
+        get_recipe("paper", attention_lrr=1e-3)
+    with pytest.raises(ConfigError, match="lr must be > 0"):
+        get_recipe("paper", lr=-1.0)
+    with pytest.raises(ConfigError, match="schedule"):
+        get_recipe("paper", schedule="step")
+    with pytest.raises(ConfigError, match="unknown MagNetConfig fields"):
+        get_recipe("paper", model_overrides={"translaton": "clamp"})
+    assert parse_recipe_overrides(["lr=1e-3", "revive_at=[]", "grad_clip=null"]) == {
+        "lr": 1e-3, "revive_at": [], "grad_clip": None}
+    with pytest.raises(UnknownRecipeError, match="did you mean 'lr'"):
+        parse_recipe_overrides(["lrr=1"])
+
+
+def test_train_config_builds_the_network_with_the_recipes_settings_then_the_runs():
+    cfg = TrainConfig(recipe="learn_to_look", model_overrides={"max_scale": 0.5})
+    settings = cfg.model_settings()
+    assert settings["translation"] == "clamp" and settings["max_scale"] == 0.5
+    assert TrainConfig(recipe="paper").model_settings()["translation"] == "tanh"
+
+
+def test_cli_lists_recipes_and_refuses_unknown_ones(capsys, tmp_path):
+    from magnet_zoo.cli import build_parser, main
+
+    help_text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    for name in list_recipes():
+        assert name in help_text
+    assert "--recipe paper" in help_text  # how to reproduce the paper
+    assert main(["train", "--list-recipes"]) == 0
+    listing = capsys.readouterr().out
+    assert "paper:" in listing and "lr = 3e-05" in listing and "revive_at = [0.35, 0.5, 0.65]" in listing
+    csv_path = tmp_path / "x.csv"
+    csv_path.write_text("path,label\n")
+    assert main(["train", "--data", str(csv_path), "--out", str(tmp_path / "o"), "--recipe", "nope"]) == 1
+    assert "no recipe named 'nope'" in capsys.readouterr().err
+    assert main(["train", "--data", str(csv_path), "--out", str(tmp_path / "o"), "--set", "warmupp=0.1"]) == 1
+    assert "did you mean 'warmup'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # refused before any work
