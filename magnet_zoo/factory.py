@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 
 from magnet_zoo.config import MagNetConfig
 from magnet_zoo.nn.magnet import MagNet
-from magnet_zoo.registry import get_config, resolve, split_name
+from magnet_zoo.registry import get_config, resolve
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +58,11 @@ def create_model(name: str, *, pretrained: bool = False, **overrides: Any) -> Ma
         from magnet_zoo.hub.pretrained import load_pretrained
 
         return load_pretrained(f"{arch}.{tag_name}")
-    if tag.has_weights and f"{arch}.{tag_name}" not in _noted:
+    if tag.has_weights and f"{arch}.{tag_name}" not in _noted:  # once per name and process
         _noted.add(f"{arch}.{tag_name}")
-        explicit = split_name(name)[1] is not None
-        (log.warning if explicit else log.info)(
-            "create_model(%r) builds the %s architecture with fresh weights; the trained weights of %s.%s "
-            "come with create_model(%r, pretrained=True) or load_pretrained(%r)",
+        log.warning(
+            "create_model(%r) builds the %s architecture with fresh (untrained) weights; the trained weights "
+            "of %s.%s come with create_model(%r, pretrained=True) or load_pretrained(%r)",
             name, arch, arch, tag_name, name, name,
         )
     config = get_config(name, **overrides)

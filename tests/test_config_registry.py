@@ -127,13 +127,14 @@ def test_one_meaning_per_name_pretrained_loads_the_tag_weights(caplog):
         assert torch.equal(trained.state_dict()[key], value)
     with pytest.raises(ValueError, match="overrides"):
         magnet_zoo.create_model("magnet2_micro", pretrained=True, gru_hidden=8)
-    # Naming the weights explicitly but building fresh ones is said out loud.
+    # A name whose tag has trained weights, built without them: said out loud (once per name).
     from magnet_zoo import factory
 
     factory._noted.clear()
     with caplog.at_level(logging.WARNING, logger="magnet_zoo.factory"):
         fresh = magnet_zoo.create_model("magnet2_micro.synthmets_demo")
-    assert "fresh weights" in caplog.text and "pretrained=True" in caplog.text
+        magnet_zoo.create_model("magnet2_micro")
+    assert caplog.text.count("fresh (untrained) weights") == 1 and "pretrained=True" in caplog.text
     floats = [k for k, v in loaded.state_dict().items() if v.is_floating_point()]
     assert any(not torch.equal(fresh.state_dict()[k], loaded.state_dict()[k]) for k in floats)
     with pytest.raises(magnet_zoo.hub.NoPretrainedWeightsError):

@@ -197,6 +197,9 @@ def test_outputs_record_model_revision_weights_version_and_settings(small_cohort
         rows = list(csv.DictReader(fh))
     assert {r["weights_sha256"] for r in rows} == {expected_hash}
     assert {r["model"] for r in rows} == {str(checkpoint)}
+    # SynthMets slides are written at 0.5 µm/px; this checkpoint does not record its training mpp.
+    assert {r["slide_mpp"] for r in rows} == {"0.5"}
+    assert all(d["resolution"]["slide_mpp"] == [0.5, 0.5] for d in _jsons(out).values())
     with open(out / "errors.csv") as fh:
         assert [r["run_key"] for r in csv.DictReader(fh)] == [prov["run_key"]]
 

@@ -50,8 +50,8 @@ SLIDE_SUFFIXES = {
 }
 PREFETCH_BATCHES = 2
 PREDICTION_COLUMNS = [
-    "slide", "path", "probability", "label", "seconds", "pixels_read", "values_fed", "model", "weights_sha256",
-    "run_key",
+    "slide", "path", "probability", "label", "seconds", "pixels_read", "values_fed", "slide_mpp",
+    "resolution_warning", "model", "weights_sha256", "run_key",
 ]
 ERROR_COLUMNS = ["key", "path", "error", "message", "run_key"]
 
@@ -124,10 +124,13 @@ def write_predictions_csv(out_dir: Path) -> Path:
         acc = d.get("accounting", {})
         prov = d.get("provenance") or {}
         model = prov.get("model") or {}
+        res = d.get("resolution") or {}
+        mpp = res.get("slide_mpp")
         rows.append(
             [j.stem, d["slide"], f"{d['probability']:.6f}", d["label"], f"{d['seconds']:.4f}",
-             acc.get("pixels_read", ""), acc.get("values_fed", ""), model.get("name") or "",
-             model.get("weights_sha256") or "", prov.get("run_key") or ""]
+             acc.get("pixels_read", ""), acc.get("values_fed", ""),
+             "" if not mpp else f"{(mpp[0] + mpp[1]) / 2:.4g}", res.get("warning") or "",
+             model.get("name") or "", model.get("weights_sha256") or "", prov.get("run_key") or ""]
         )
     path = out_dir / "predictions.csv"
     text = "".join(",".join(_csv_cell(c) for c in row) + "\n" for row in [PREDICTION_COLUMNS, *rows])
