@@ -163,6 +163,9 @@ def test_bundle_trains_then_infers(data_csv: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("last", "best"):
         assert (models / name / "model.safetensors").is_file(), proc.stderr[-2000:]
+        import json
+
+        assert json.loads((models / name / "config.json").read_text())["io"]["slide_mpp"] == 0.5
     evals = tmp_path / "eval"
     proc = _bundle(
         "evaluate.json",
@@ -220,3 +223,12 @@ def test_bundle_inference_runs_on_slides_without_labels(wsi_dir: Path, tmp_path:
     rows = list(csv.DictReader((evals / "predictions.csv").open()))
     assert sorted(Path(r["path"]).name for r in rows) == ["CMU-1-Small-Region.svs", "CMU-1-Small-Region_pyramid.tiff"]
     assert all(r["label"] == "" and 0.0 <= float(r["probability"]) <= 1.0 for r in rows)
+
+
+def test_training_mpp_from_the_csv_or_the_slides(data_csv: Path, wsi_dir: Path, tmp_path: Path) -> None:
+    from magnet_zoo.integrations.monai import training_mpp
+
+    assert training_mpp(data_csv) == 0.5  # SynthMets CSVs have an mpp column
+    listing = tmp_path / "real.csv"
+    listing.write_text("path,label\n" + "".join(f"{p},0\n" for p in sorted(wsi_dir.glob("CMU*"))))
+    assert training_mpp(listing) == pytest.approx(0.499)

@@ -74,6 +74,7 @@ __all__ = [
     "datalist_from_csv",
     "datalist_from_slides",
     "prepare_magnet_batch",
+    "training_mpp",
 ]
 
 
@@ -87,6 +88,20 @@ def datalist_from_csv(path: str | os.PathLike[str], split: str | None = None) ->
     if split is not None:
         records = [r for r in records if r.split == split]
     return [{"image": r.path, "label": r.label, "category": r.category} for r in records]
+
+
+def training_mpp(path: str | os.PathLike[str]) -> float | None:
+    """Median level-0 µm per pixel of a slide CSV: its ``mpp`` column where it has one (SynthMets CSVs
+    do), else read from (up to 16 of) its slides; ``None`` when nothing says."""
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    values = sorted(float(r["mpp"]) for r in rows if (r.get("mpp") or "").strip())
+    if values:
+        mid = len(values) // 2
+        return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+    from magnet_zoo.wsi.open import median_mpp
+
+    return median_mpp([r.path for r in read_slide_csv(path)])
 
 
 def datalist_from_slides(*inputs: str | os.PathLike[str], recursive: bool = False) -> list[dict[str, Any]]:
@@ -256,10 +271,19 @@ class SavePretrained:
     the weights of the epoch with the best key metric.
     """
 
-    def __init__(self, save_dir: str | os.PathLike[str], network: nn.Module, best_only: bool = False) -> None:
+    def __init__(
+        self,
+        save_dir: str | os.PathLike[str],
+        network: nn.Module,
+        best_only: bool = False,
+        slide_mpp: float | None = None,
+    ) -> None:
+        """``slide_mpp``: microns per pixel (level 0) of the training slides, recorded in the checkpoint's
+        I/O contract (see :func:`training_mpp`)."""
         self.save_dir = Path(save_dir)
         self.network = network
         self.best_only = best_only
+        self.slide_mpp = slide_mpp
 
     def attach(self, engine: Any) -> None:
         from ignite.engine import Events
@@ -277,7 +301,8 @@ class SavePretrained:
             name = getattr(state, "key_metric_name", None) or "key_metric"
             metrics = {name: float(state.best_metric)}
         with atomic_directory(self.save_dir) as tmp:
-            save_pretrained(self.network, tmp, metrics=metrics or None, training={"engine": "MONAI"})
+            save_pretrained(self.network, tmp, metrics=metrics or None, training={"engine": "MONAI"},
+                            slide_mpp=self.slide_mpp)
         logger.info("saved %s (epoch %d)", self.save_dir, state.epoch)
 
 

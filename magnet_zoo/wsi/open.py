@@ -176,3 +176,24 @@ class SlideCache:
             for src in self._open.values():
                 src.close()
             self._open.clear()
+
+
+def median_mpp(paths: list[str | os.PathLike], limit: int = 16) -> float | None:
+    """Median level-0 microns per pixel of (up to ``limit`` of) ``paths``, or ``None`` if none says.
+
+    What a checkpoint records as the resolution its training slides had (``save_pretrained(...,
+    slide_mpp=...)``). Unreadable slides are skipped.
+    """
+    values: list[float] = []
+    for path in list(paths)[:limit]:
+        try:
+            with open_slide(path, coarse_view=False) as src:
+                if src.mpp is not None:
+                    values.append((float(src.mpp[0]) + float(src.mpp[1])) / 2)
+        except (SlideError, OSError, ValueError):
+            continue
+    if not values:
+        return None
+    values.sort()
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
