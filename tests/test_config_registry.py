@@ -139,3 +139,19 @@ def test_one_meaning_per_name_pretrained_loads_the_tag_weights(caplog):
     assert any(not torch.equal(fresh.state_dict()[k], loaded.state_dict()[k]) for k in floats)
     with pytest.raises(magnet_zoo.hub.NoPretrainedWeightsError):
         magnet_zoo.create_model("magnet2_tiny", pretrained=True)
+
+
+def test_info_describes_the_weights_a_name_loads(caplog, capsys):
+    import logging
+
+    from magnet_zoo.cli import main
+    from magnet_zoo.cli.models import describe
+
+    with caplog.at_level(logging.WARNING):
+        info = describe("magnet2_micro")
+    shipped = magnet_zoo.load_pretrained("magnet2_micro").config.to_dict()
+    assert info["config"] == shipped and info["config"]["aux_pooling"] == "max"  # not the registry's "per_patch"
+    assert info["io"]["slide_mpp"] == 0.5 and "fresh" not in caplog.text
+    assert describe("magnet2_tiny")["io"]["slide_mpp"] is None
+    assert main(["info", "magnet2_micro"]) == 0
+    assert "0.5 µm per pixel" in capsys.readouterr().out

@@ -34,7 +34,6 @@ def run_list(args: argparse.Namespace) -> int:
 
 def describe(model_spec: str) -> dict:
     """What ``info`` reports, as a dict (used by ``--json`` and tests)."""
-    from magnet_zoo.factory import create_model
     from magnet_zoo.registry import get_config
 
     path = Path(model_spec)
@@ -45,9 +44,21 @@ def describe(model_spec: str) -> dict:
         cfg = model.config
         source = str(path)
     else:
-        cfg = get_config(model_spec, backbone_pretrained=False)
-        model = create_model(model_spec, backbone_pretrained=False)
-        source = model_spec
+        from magnet_zoo.registry import resolve
+
+        arch, tag_name, _, tag = resolve(model_spec)
+        if tag.packaged:  # the weights that `predict --model NAME` uses, with their own config
+            from magnet_zoo.hub import load_pretrained
+
+            model = load_pretrained(model_spec)
+            cfg = model.config
+            source = f"{arch}.{tag_name} (its shipped weights)"
+        else:
+            from magnet_zoo.nn.magnet import MagNet
+
+            cfg = get_config(model_spec, backbone_pretrained=False)
+            model = MagNet(cfg)  # only counted: no ImageNet download
+            source = f"{arch}.{tag_name}"
     params = sum(p.numel() for p in model.parameters())
     attention = sum(p.numel() for p in model.layers.parameters())
     counts = model.counts()
@@ -61,6 +72,7 @@ def describe(model_spec: str) -> dict:
             "grey_threshold": cfg.grey_threshold,
             "pixels": "RGB in [0, 1]; each backbone normalises with its own mean/std",
             "labels": list(cfg.labels),
+            "slide_mpp": getattr(model, "trained_mpp", None),
         },
         "parameters": params,
         "attention_parameters": attention,
@@ -84,6 +96,7 @@ def run_info(args: argparse.Namespace) -> int:
         ("input", f"I {io['input_size']}px, I' x{io['iprime_factor']}, final patches {io['final_patch_size']}px"),
         ("grey filter", f"channel spread < {io['grey_threshold']} -> black"),
         ("labels", " / ".join(io["labels"])),
+        ("trained at", f"{io['slide_mpp']:g} µm per pixel (level 0)" if io.get("slide_mpp") else "not recorded"),
         ("parameters", f"{info['parameters'] / 1e6:.2f} M ({info['attention_parameters'] / 1e3:.1f} k in attention)"),
         ("per slide", f"{images}; {info['per_slide']['values_fed'] / 1e6:.2f} M values fed to the networks"),
     ]
