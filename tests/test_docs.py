@@ -41,7 +41,9 @@ def _cli_commands() -> list[tuple[str, list[str]]]:
     for doc in DOCS:
         for line in _bash_lines(doc):
             for part in line.split("&&"):
-                words = shlex.split(part.replace("[", "").replace("]", ""))
+                if " ... " in f" {part} ":  # an elided command (`magnet-zoo train ... --set x=1`): not runnable
+                    continue
+                words = shlex.split(re.sub(r"\[(--[^\]]+)\]", r"\1", part))  # `[--explain]`: optional flag
                 for start, word in enumerate(words):
                     if word == "magnet-zoo" or (word == "magnet_zoo" and words[start - 1] == "-m"):
                         found.append((f"{doc.name}: {part.strip()}", words[start + 1 :]))
