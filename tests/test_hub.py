@@ -668,3 +668,11 @@ def test_hub_loads_record_the_commit_they_came_from(hub, model, monkeypatch):
     # The weights hash names the weights, wherever they were loaded from.
     assert model_identity(main)["weights_sha256"] == weights_sha256(model)
     assert model_identity(named)["weights_sha256"] != weights_sha256(model)
+
+
+def test_push_to_hub_of_a_loaded_model_keeps_its_card(fake_api, saved):
+    push_to_hub(load_pretrained(saved), "org/other")
+    uploaded = (fake_api.uploads[0] / "README.md").read_text()
+    original = (saved / "README.md").read_text()
+    assert CARD["training_data"] in uploaded and CARD["reproduce"] in uploaded
+    assert uploaded == original  # same card: its model name was given, so the repo id does not replace it

@@ -162,6 +162,8 @@ def push_to_hub(
     revision = inline
     if revision is not None and _COMMIT.match(revision):
         raise InvalidRepoIdError(f"cannot push to commit {revision}: give a branch name as revision")
+    if card_data is None:  # a loaded model keeps the card it came with
+        card_data = getattr(getattr(model, "module", model), "card_data", None)
     card = CardData.coerce(card_data)
     if card.model_name is None:
         card.model_name = repo_id
