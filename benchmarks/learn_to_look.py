@@ -1,8 +1,9 @@
 """Learn-to-look experiment runner (issue 7): train and evaluate a grid of MagNet settings on FindIt.
 
 Every run builds a small MagNet (``magnet2_tiny`` plus config overrides), trains it on fresh FindIt
-images with :func:`magnet_zoo.tasks.train.train` (the one training loop, :func:`magnet_zoo.train.fit`), evaluates it on held-out images and writes one JSON
-row (settings, metrics, timings) plus a Fig. 5-style picture of a few test images with their crops.
+images with :func:`magnet_zoo.tasks.train.train` (the one training loop, :func:`magnet_zoo.train.fit`),
+evaluates it on held-out images and writes one JSON row (settings, metrics, timings) plus a Fig. 5-style
+picture of a few test images with their crops.
 At the end it writes all rows to ``<out>/<grid>.json`` and a markdown table to ``<out>/<grid>.md``
 (per setting: median and worst seed).
 
@@ -62,6 +63,16 @@ def run_spec(name: str, cfg: dict[str, Any] | None = None, st: dict[str, Any] | 
     return entry
 
 
+def _paper() -> tuple[dict[str, Any], dict[str, Any]]:
+    """The ``paper`` recipe as a grid entry's overrides: its network settings, and its trainer fields where
+    they differ from the FindIt recipe (FindIt's batch of 8 and 200-300 steps are kept)."""
+    from magnet_zoo.train.recipe import get_recipe
+
+    paper = get_recipe("paper").to_dict()
+    keys = ("lr", "attention_lr", "warmup", "grad_clip", "max_scale_start", "revive_at", "jitter")
+    return dict(paper["model_overrides"]), {k: paper[k] for k in keys}
+
+
 def grid(name: str) -> list[dict[str, Any]]:
     """Named grids of settings (seeds are added by the caller)."""
     r = run_spec
@@ -100,6 +111,17 @@ def grid(name: str) -> list[dict[str, Any]]:
             r("aux_pooling=mean (no revival)", cfg={"aux_pooling": "mean"}, st={"revive_at": ()}),
             r("frozen_patch=off", cfg={"frozen_patch": False}),
             r("recipe, object 1%", task={"object_frac": 0.01}),
+        ]
+    if name == "fixes":
+        # Issue 14 item 1 (DESIGN.md section 6): the correctness switches, together and one at a time.
+        fixes = {"paradoxical_reference": "constant", "scale_bounds": "soft", "attention_padding": "replicate"}
+        return [
+            r("recipe + all fixes", cfg=fixes, st={"clip_per_group": True}, seeds=(0, 1, 2)),
+            r("+ paradoxical_reference=constant", cfg={"paradoxical_reference": "constant"}),
+            r("+ scale_bounds=soft", cfg={"scale_bounds": "soft"}),
+            r("+ attention_padding=replicate", cfg={"attention_padding": "replicate"}),
+            r("+ clip_per_group", st={"clip_per_group": True}),
+            r("paper recipe", cfg=_paper()[0], st=_paper()[1]),
         ]
     if name == "patches":
         return [
@@ -277,7 +299,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 # ------------------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--grid", default="target", help="target | onepct | cpu | search | final | ablations | patches")
+    ap.add_argument("--grid", default="target",
+                    help="target | onepct | cpu | fixes | search | final | ablations | patches")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--only", default="*", help="shell pattern on setting names")
     ap.add_argument("--steps", type=int, default=None, help="override the recipe's step count")

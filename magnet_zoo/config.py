@@ -26,6 +26,10 @@ ATTENTION_INITS = ("uniform", "random")
 TRANSLATIONS = ("tanh", "clamp")
 CROP_SOURCES = ("iprime", "reread")
 AUX_POOLINGS = ("mean", "per_patch", "max")
+PARADOXICAL_REFERENCES = ("live", "constant")
+AUX_REDUCTIONS = ("mean", "sum")
+SCALE_BOUNDS = ("clip", "soft")
+ATTENTION_PADDINGS = ("zeros", "replicate")
 
 
 class ConfigError(ValueError):
@@ -94,6 +98,21 @@ class MagNetConfig:
     loss_paradoxical: bool = True
     loss_auxiliary: bool = True
     loss_classifier: bool = True
+    paradoxical_reference: str = "live"
+    """L1's first head: ``live`` (``relu(P1 - P3)`` passes gradient into both heads, so whenever layer 1
+    leads, the loss lowers layer 1's true-class probability) or ``constant`` (``P1`` is a constant: L1 only
+    asks the later head to catch up, layer 1 being the reference it must beat; DESIGN.md section 6)."""
+    aux_reduction: str = "mean"
+    """L2 over the auxiliary heads: ``mean`` or ``sum`` (the paper sums its loss terms)."""
+    scale_bounds: str = "clip"
+    """How the crop's scale and centre are bounded: ``clip`` (the paper: ``s = min(s, 1 - max|t|)``, then
+    clamped to ``[min_scale, max_scale]``; on a bound the scale has no gradient and the clamp can leave the
+    crop outside the view) or ``soft`` (``s`` squashed smoothly into ``(min_scale, max_scale)``, slope 1 at
+    the middle, then the centre squashed into ``[-(1 - s), 1 - s]`` so the crop stays inside the view;
+    both keep a gradient everywhere)."""
+    attention_padding: str = "zeros"
+    """Padding of the attention stacks' 3x3 convolutions: ``zeros`` (as the paper's listing) or
+    ``replicate`` (the border is not the only distinct place on a dark view)."""
 
     labels: tuple[str, ...] = ("normal", "tumour")
     """Names of the negative and positive class."""
@@ -152,6 +171,10 @@ class MagNetConfig:
             raise ConfigError(f"attention_init must be one of {ATTENTION_INITS}, got {self.attention_init!r}")
         if self.translation not in TRANSLATIONS:
             raise ConfigError(f"translation must be one of {TRANSLATIONS}, got {self.translation!r}")
+        for name, allowed in (("paradoxical_reference", PARADOXICAL_REFERENCES), ("aux_reduction", AUX_REDUCTIONS),
+                              ("scale_bounds", SCALE_BOUNDS), ("attention_padding", ATTENTION_PADDINGS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.aux_pooling not in AUX_POOLINGS:
             raise ConfigError(f"aux_pooling must be one of {AUX_POOLINGS}, got {self.aux_pooling!r}")
         if not 0 < self.min_scale <= self.max_scale <= 1:

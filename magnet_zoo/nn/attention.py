@@ -55,6 +55,7 @@ def attention_to_affine(
     translation: str = "tanh",
     jitter: float = 0.0,
     mask: torch.Tensor | None = None,
+    bounds: str = "clip",
 ) -> Affine:
     """Turn attention logit maps ``(..., H, W)`` into crop parameters.
 
@@ -67,6 +68,13 @@ def attention_to_affine(
     exploration, see the recipe field ``jitter``): a crop whose attention never covers the evidence gets
     no gradient towards it, but a jittered crop sometimes lands on it, and the loss gradient with
     respect to the jittered centre is the gradient with respect to the attended one.
+
+    ``bounds="clip"`` is the paper's: ``s = min(s, 1 - max(|tx|, |ty|))`` then clamped to ``[min_scale,
+    max_scale]`` (the clamp runs last, so a crop on the view's edge can hang outside it, and a scale on a
+    bound has no gradient). ``bounds="soft"`` squashes ``s`` smoothly into ``(min_scale, max_scale)``
+    (``lo + (hi - lo) * sigmoid(4 (s - mid) / (hi - lo))``: slope 1 at the middle, a gradient everywhere),
+    then, with the scale final, squashes the centre into ``[-(1 - s), 1 - s]`` (``r * tanh(t / r)``,
+    ``r = 1 - s``) so the crop always lies inside the view.
     """
     *lead, h, w = logits.shape
     flat = logits.reshape(*lead, h * w).float() / temperature
@@ -92,8 +100,19 @@ def attention_to_affine(
     if jitter > 0:
         tx = (tx + jitter * torch.randn_like(tx)).clamp(-1, 1)
         ty = (ty + jitter * torch.randn_like(ty)).clamp(-1, 1)
-    scale = torch.minimum(spread, 1 - torch.maximum(tx.abs(), ty.abs()))
-    scale = scale.clamp(min_scale, max_scale)
+    if bounds == "clip":
+        scale = torch.minimum(spread, 1 - torch.maximum(tx.abs(), ty.abs()))
+        scale = scale.clamp(min_scale, max_scale)
+    elif bounds == "soft":
+        width = max_scale - min_scale
+        if width < 1e-6:
+            scale = torch.full_like(spread, min_scale)
+        else:
+            scale = min_scale + width * torch.sigmoid(4 * (spread - (min_scale + max_scale) / 2) / width)
+        room = (1 - scale).clamp_min(1e-6)
+        tx, ty = room * torch.tanh(tx / room), room * torch.tanh(ty / room)
+    else:
+        raise ValueError(f"bounds must be 'clip' or 'soft', got {bounds!r}")
     return Affine(scale=scale, tx=tx, ty=ty, probs=probs)
 
 

@@ -24,10 +24,11 @@ class GroupedConvBNReLU(nn.Sequential):
     group-major layout every copy keeps its own statistics and affine parameters.
     """
 
-    def __init__(self, groups: int, c_in: int, c_out: int, kernel_size: int) -> None:
+    def __init__(self, groups: int, c_in: int, c_out: int, kernel_size: int, padding: str = "zeros") -> None:
         super().__init__(
             nn.Conv2d(
-                groups * c_in, groups * c_out, kernel_size, padding=kernel_size // 2, groups=groups, bias=False
+                groups * c_in, groups * c_out, kernel_size, padding=kernel_size // 2, groups=groups, bias=False,
+                padding_mode=padding,
             ),
             nn.BatchNorm2d(groups * c_out, eps=1e-5),
             nn.ReLU(inplace=True),
@@ -42,27 +43,22 @@ class GroupedBranch(nn.Module):
     at the same spatial size.
     """
 
-    def __init__(self, groups: int, c_in: int, features: int) -> None:
+    def __init__(self, groups: int, c_in: int, features: int, padding: str = "zeros") -> None:
         super().__init__()
         self.groups = groups
         self.features = features
         r = _reduced(features)
         g = groups
-        self.path1 = GroupedConvBNReLU(g, c_in, features, 1)
-        self.path2 = nn.Sequential(GroupedConvBNReLU(g, c_in, r, 1), GroupedConvBNReLU(g, r, features, 3))
-        self.path3 = nn.Sequential(
-            GroupedConvBNReLU(g, c_in, r, 1),
-            GroupedConvBNReLU(g, r, features, 3),
-            GroupedConvBNReLU(g, features, features, 3),
-        )
-        self.path4 = nn.Sequential(
-            nn.MaxPool2d(kernel_size=3, stride=1, padding=1), GroupedConvBNReLU(g, c_in, features, 1)
-        )
+
+        def conv(c_a: int, c_b: int, k: int) -> GroupedConvBNReLU:
+            return GroupedConvBNReLU(g, c_a, c_b, k, padding)
+
+        self.path1 = conv(c_in, features, 1)
+        self.path2 = nn.Sequential(conv(c_in, r, 1), conv(r, features, 3))
+        self.path3 = nn.Sequential(conv(c_in, r, 1), conv(r, features, 3), conv(features, features, 3))
+        self.path4 = nn.Sequential(nn.MaxPool2d(kernel_size=3, stride=1, padding=1), conv(c_in, features, 1))
         self.path5 = nn.Sequential(
-            GroupedConvBNReLU(g, c_in, r, 1),
-            GroupedConvBNReLU(g, r, features, 3),
-            GroupedConvBNReLU(g, features, features, 3),
-            GroupedConvBNReLU(g, features, features, 3),
+            conv(c_in, r, 1), conv(r, features, 3), conv(features, features, 3), conv(features, features, 3)
         )
 
     @property
@@ -88,20 +84,21 @@ class BranchStack(nn.Module):
     positive part. The last conv has a bias and no BatchNorm. With ``init="uniform"`` its weights start
     tiny (std 1e-3) and its bias at zero: the attention map starts near-uniform, i.e. looking at the
     whole view, while every earlier weight still receives a (small) gradient. ``init="random"`` keeps
-    PyTorch's default initialisation, as the paper did ("randomly initialized").
+    PyTorch's default initialisation, as the paper did ("randomly initialized"). ``padding`` is the 3x3
+    convolutions' ``padding_mode`` (``zeros`` as the paper; ``replicate``: see ``attention_padding``).
 
     Input ``(B, G * 3, H, W)`` -> output ``(B, G, H, W)``.
     """
 
     widths = (3, 8, 1)
 
-    def __init__(self, groups: int, in_channels: int = 3, init: str = "uniform") -> None:
+    def __init__(self, groups: int, in_channels: int = 3, init: str = "uniform", padding: str = "zeros") -> None:
         super().__init__()
         self.groups = groups
         branches = []
         c = in_channels
         for f in self.widths:
-            branch = GroupedBranch(groups, c, f)
+            branch = GroupedBranch(groups, c, f, padding)
             branches.append(branch)
             c = branch.out_channels
         self.branches = nn.Sequential(*branches)

@@ -31,7 +31,7 @@ from magnet_zoo.config import MagNetConfig
 from magnet_zoo.nn.attention import Affine
 from magnet_zoo.nn.fetcher import RegionFetcher, Square
 from magnet_zoo.nn.heads import AuxiliaryHead, SequenceClassifier
-from magnet_zoo.nn.losses import LossTerms, output_loss
+from magnet_zoo.nn.losses import LossTerms, loss_settings, output_loss
 from magnet_zoo.nn.magnify import MagnifyingLayer
 from magnet_zoo.nn.sampler import sample
 from magnet_zoo.nn.tree import ROOT_NAME, RoiNode, child_name, child_square, root_square
@@ -307,11 +307,4 @@ class MagNet(nn.Module):
 
     def loss(self, output: MagNetOutput, targets: torch.Tensor) -> LossTerms:
         """The paper's total loss ``L1 + L2 + L3`` with the terms the config enables."""
-        cfg = self.config
-        return output_loss(
-            output,
-            targets,
-            paradoxical=cfg.loss_paradoxical,
-            auxiliary=cfg.loss_auxiliary,
-            classifier=cfg.loss_classifier,
-        )
+        return output_loss(output, targets, **loss_settings(self.config))

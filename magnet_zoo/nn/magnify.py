@@ -33,6 +33,7 @@ class MagnifyingLayer(nn.Module):
         self.temperature = config.attention_temperature
         self.translation = config.translation
         self.tissue_only = config.attention_tissue_only
+        self.bounds = config.scale_bounds
         self.jitter = 0.0
         """Training-time noise on the crop centre (set by trainers; never used in eval mode)."""
         positions = [
@@ -46,7 +47,10 @@ class MagnifyingLayer(nn.Module):
         for g, (n, p) in enumerate(positions):
             slot[n * self.num_patches + p] = g
         self.register_buffer("slot", slot, False)
-        self.stacks = BranchStack(len(positions), init=config.attention_init) if positions else None
+        self.stacks = (
+            BranchStack(len(positions), init=config.attention_init, padding=config.attention_padding)
+            if positions else None
+        )
 
     @property
     def num_stacks(self) -> int:
@@ -94,14 +98,19 @@ class MagnifyingLayer(nn.Module):
         if self.stacks is not None and explore is not None:
             learned = self.random_affine(images, explore)
         elif self.stacks is not None:
+            # The attention runs in fp32 even under AMP: entmax's support is decided by logit differences
+            # that bf16 rounds away.
+            with torch.autocast(images.device.type, enabled=False):
+                logits = self.attention_logits(images.float())
             learned = attention_to_affine(
-                self.attention_logits(images),
+                logits,
                 min_scale=self.min_scale,
                 max_scale=self.max_scale,
                 temperature=self.temperature,
                 translation=self.translation,
                 jitter=self.jitter if self.training else 0.0,
                 mask=self.tissue_mask(images) if self.tissue_only else None,
+                bounds=self.bounds,
             )
         if self.stacks is not None:
             where = (self.slot >= 0).nonzero().squeeze(1)

@@ -114,6 +114,15 @@ def build_optimizer(model: MagNet, recipe: Recipe) -> torch.optim.Optimizer:
     return torch.optim.Adam(groups, weight_decay=recipe.weight_decay)
 
 
+def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float, per_group: bool = False) -> list[float]:
+    """Clip the gradient norm of all parameters together, or of each parameter group on its own
+    (``per_group``); returns the norms before clipping (one, or one per group)."""
+    groups = [[p for p in g["params"] if p.grad is not None] for g in optimizer.param_groups]
+    if not per_group:
+        groups = [[p for group in groups for p in group]]
+    return [float(torch.nn.utils.clip_grad_norm_(group, max_norm)) if group else 0.0 for group in groups]
+
+
 class TrainLoop:
     """One run's state; :func:`fit` drives it."""
 
@@ -455,7 +464,7 @@ class TrainLoop:
     def _optimizer_step(self) -> None:
         if self.recipe.grad_clip:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.grad_clip)
+            clip_gradients(self.optimizer, self.recipe.grad_clip, self.recipe.clip_per_group)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

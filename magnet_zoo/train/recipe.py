@@ -67,7 +67,10 @@ class Recipe:
     min_lr: float = 0.0
     """Floor of the cosine annealing (absolute)."""
     grad_clip: float | None = None
-    """Clip the global gradient norm to this (``None``: off)."""
+    """Clip the gradient norm to this (``None``: off)."""
+    clip_per_group: bool = False
+    """Clip each parameter group's gradient norm on its own (the attention's gradient spikes then do not
+    shrink the heads' step), instead of the global norm."""
     augment: bool = True
     """D4 augmentation (flips and quarter turns) of the whole slide."""
 
