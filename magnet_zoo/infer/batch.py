@@ -340,7 +340,7 @@ def _predict_batch(
             provenance=prov,
             labels=tuple(labels),
         )
-        if pred.resolution["warning"] and pred.resolution["trained_mpp"] is not None:
+        if pred.resolution["warning"] and pred.resolution["relative_difference"] is not None:
             log.warning("%s: %s", path, pred.resolution["warning"])
         key = slide_key(path)
         if explain:

@@ -156,7 +156,7 @@ def predict_slide(model: MagNet, source: object, *, threshold: float = 0.5) -> P
     prob = float(out.probs[0])
     labels = model.config.labels
     resolution = resolution_report(model, fetcher.source, out.trees[0])
-    if resolution["warning"] and resolution["trained_mpp"] is not None:
+    if resolution["warning"] and resolution["relative_difference"] is not None:  # no-mpp: the reader said so
         log.warning("%s: %s", getattr(fetcher.source, "name", "slide"), resolution["warning"])
     return Prediction(
         slide=getattr(fetcher.source, "name", "slide"),
