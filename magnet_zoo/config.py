@@ -30,6 +30,7 @@ PARADOXICAL_REFERENCES = ("live", "constant")
 AUX_REDUCTIONS = ("mean", "sum")
 SCALE_BOUNDS = ("clip", "soft")
 ATTENTION_PADDINGS = ("zeros", "replicate")
+ATTENTION_NORMS = ("batch", "group")
 
 
 class ConfigError(ValueError):
@@ -113,6 +114,10 @@ class MagNetConfig:
     attention_padding: str = "zeros"
     """Padding of the attention stacks' 3x3 convolutions: ``zeros`` (as the paper's listing) or
     ``replicate`` (the border is not the only distinct place on a dark view)."""
+    attention_norm: str = "batch"
+    """Normalisation in the attention stacks: ``batch`` (the paper's BatchNorm: training-mode maps use the
+    batch's statistics, eval-mode maps the running ones, and they differ; ``benchmarks/attention_modes.py``)
+    or ``group`` (GroupNorm over each stack's channels per image: the same map in both modes)."""
 
     labels: tuple[str, ...] = ("normal", "tumour")
     """Names of the negative and positive class."""
@@ -172,7 +177,8 @@ class MagNetConfig:
         if self.translation not in TRANSLATIONS:
             raise ConfigError(f"translation must be one of {TRANSLATIONS}, got {self.translation!r}")
         for name, allowed in (("paradoxical_reference", PARADOXICAL_REFERENCES), ("aux_reduction", AUX_REDUCTIONS),
-                              ("scale_bounds", SCALE_BOUNDS), ("attention_padding", ATTENTION_PADDINGS)):
+                              ("scale_bounds", SCALE_BOUNDS), ("attention_padding", ATTENTION_PADDINGS),
+                              ("attention_norm", ATTENTION_NORMS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.aux_pooling not in AUX_POOLINGS:

@@ -113,3 +113,18 @@ def test_gradient_clipping_per_parameter_group():
     clip_gradients(opt, 1.0, per_group=False)  # the global norm: the heads' step shrinks with the attention's
     heads = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in opt.param_groups[1]["params"]])))
     assert heads < 0.01 * before[1]
+
+
+def test_group_norm_attention_is_the_same_in_training_and_eval_mode():
+    images = torch.rand(4, 2 * 3, 56, 56)
+    for norm, same in (("batch", False), ("group", True)):
+        torch.manual_seed(0)
+        stack = BranchStack(2, init="random", norm=norm)
+        with torch.no_grad():
+            train_maps = stack.train()(images)
+            eval_maps = stack.eval()(images)
+        assert torch.allclose(train_maps, eval_maps, atol=1e-5) is same, norm
+    stack.copy_group(0, 1)  # branch revival copies a GroupNorm stack too
+    with torch.no_grad():
+        out = stack(torch.cat([images[:, :3], images[:, :3]], 1))
+    torch.testing.assert_close(out[:, 0], out[:, 1])

@@ -343,6 +343,7 @@ def test_train_val_loss_falls_and_writes_checkpoints_and_metrics(slides: Path, t
     assert record["recipe"]["name"] == "paper" and record["recipe"]["lr"] == 3e-3
     saved = json.loads((out / "checkpoints" / "last" / "config.json").read_text())
     assert saved["recipe"] == record["recipe"]
+    assert saved["io"]["slide_mpp"] == pytest.approx(0.5)  # SynthMets slides are written at 0.5 µm/px
     card = (out / "checkpoints" / "last" / "README.md").read_text()
     assert "paper" in card and "--recipe paper" in card
 

@@ -21,16 +21,25 @@ class GroupedConvBNReLU(nn.Sequential):
     """``Conv2d(bias=False) -> BatchNorm -> ReLU`` with ``groups`` independent copies.
 
     The paper's ``BasicConv2d`` (Fig. A1). BatchNorm normalises each channel on its own, so with the
-    group-major layout every copy keeps its own statistics and affine parameters.
+    group-major layout every copy keeps its own statistics and affine parameters. ``norm="group"`` uses
+    GroupNorm with one group per copy instead (each image normalised on its own: the same in training
+    and in eval mode).
     """
 
-    def __init__(self, groups: int, c_in: int, c_out: int, kernel_size: int, padding: str = "zeros") -> None:
+    def __init__(self, groups: int, c_in: int, c_out: int, kernel_size: int, padding: str = "zeros",
+                 norm: str = "batch") -> None:
+        if norm == "batch":
+            normalisation: nn.Module = nn.BatchNorm2d(groups * c_out, eps=1e-5)
+        elif norm == "group":
+            normalisation = nn.GroupNorm(groups, groups * c_out, eps=1e-5)
+        else:
+            raise ValueError(f"norm must be 'batch' or 'group', got {norm!r}")
         super().__init__(
             nn.Conv2d(
                 groups * c_in, groups * c_out, kernel_size, padding=kernel_size // 2, groups=groups, bias=False,
                 padding_mode=padding,
             ),
-            nn.BatchNorm2d(groups * c_out, eps=1e-5),
+            normalisation,
             nn.ReLU(inplace=True),
         )
 
@@ -43,7 +52,7 @@ class GroupedBranch(nn.Module):
     at the same spatial size.
     """
 
-    def __init__(self, groups: int, c_in: int, features: int, padding: str = "zeros") -> None:
+    def __init__(self, groups: int, c_in: int, features: int, padding: str = "zeros", norm: str = "batch") -> None:
         super().__init__()
         self.groups = groups
         self.features = features
@@ -51,7 +60,7 @@ class GroupedBranch(nn.Module):
         g = groups
 
         def conv(c_a: int, c_b: int, k: int) -> GroupedConvBNReLU:
-            return GroupedConvBNReLU(g, c_a, c_b, k, padding)
+            return GroupedConvBNReLU(g, c_a, c_b, k, padding, norm)
 
         self.path1 = conv(c_in, features, 1)
         self.path2 = nn.Sequential(conv(c_in, r, 1), conv(r, features, 3))
@@ -92,13 +101,14 @@ class BranchStack(nn.Module):
 
     widths = (3, 8, 1)
 
-    def __init__(self, groups: int, in_channels: int = 3, init: str = "uniform", padding: str = "zeros") -> None:
+    def __init__(self, groups: int, in_channels: int = 3, init: str = "uniform", padding: str = "zeros",
+                 norm: str = "batch") -> None:
         super().__init__()
         self.groups = groups
         branches = []
         c = in_channels
         for f in self.widths:
-            branch = GroupedBranch(groups, c, f, padding)
+            branch = GroupedBranch(groups, c, f, padding, norm)
             branches.append(branch)
             c = branch.out_channels
         self.branches = nn.Sequential(*branches)

@@ -560,7 +560,9 @@ class TrainLoop:
                 "metrics_dataset": "validation split" if metrics else None}
         apply_final(self.model)
         with atomic_directory(target) as tmp:
-            save_pretrained(self.model, tmp, card_data=card, metrics=scores or None, training=self.training_record())
+            mpp = self.data.slide_mpp() if hasattr(self.data, "slide_mpp") else None
+            save_pretrained(self.model, tmp, card_data=card, metrics=scores or None, training=self.training_record(),
+                            slide_mpp=mpp)
             config_file = tmp / "config.json"
             doc = json.loads(config_file.read_text(encoding="utf-8"))
             doc["recipe"] = self.recipe.to_dict()

@@ -98,6 +98,14 @@ class SlideData:
     def paths(self) -> list[str]:
         return [r.path for r in self.records]
 
+    def slide_mpp(self) -> float | None:
+        """Median level-0 microns per pixel of the training slides (the checkpoint's resolution contract)."""
+        if not hasattr(self, "_mpp"):
+            from magnet_zoo.wsi.open import median_mpp
+
+            self._mpp = median_mpp(self.paths)
+        return self._mpp
+
     @property
     def labels(self) -> list[int]:
         return [r.label for r in self.records]
