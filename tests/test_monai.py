@@ -124,12 +124,17 @@ def test_supervised_trainer_and_evaluator_drive_a_magnet(data_csv: Path, tmp_pat
 
 def test_magnet_loss_matches_the_models_own_loss(data_csv: Path) -> None:
     torch.manual_seed(1)
-    model = create_model("magnet2_tiny", **TINY, loss_paradoxical=False)
+    model = create_model("magnet2_tiny", **TINY, loss_paradoxical=False, aux_reduction="sum")
     batch = collate_slides([LoadSlided("image")(d) for d in datalist_from_csv(data_csv)[:2]])
     fetchers, labels = MagNetPrepareBatch()(batch)
     torch.manual_seed(2)
     out = model(fetchers)
     assert torch.allclose(MagNetLoss(model)(out, labels), model.loss(out, labels).total)
+    terms = model.loss(out, labels)  # the config's loss options reach MONAI's loss: L2 summed, no L1
+    assert float(terms.paradoxical) == 0.0 and len(out.aux_logits) == 2
+    mean_config = model.config.replace(aux_reduction="mean")
+    expected = terms.total - terms.auxiliary / 2
+    assert torch.allclose(MagNetLoss(mean_config)(out, labels), expected, atol=1e-6)
     with pytest.raises(TypeError, match="MagNetOutput"):
         MagNetLoss(model)(out.logits, labels)
 

@@ -52,7 +52,7 @@ from torch import nn
 
 from magnet_zoo.atomic import atomic_write_text
 from magnet_zoo.config import MagNetConfig
-from magnet_zoo.nn.losses import output_loss
+from magnet_zoo.nn.losses import loss_settings, output_loss
 from magnet_zoo.nn.magnet import MagNet, MagNetOutput
 from magnet_zoo.train.checkpointing import atomic_directory
 from magnet_zoo.train.data import SlideRef, read_slide_csv
@@ -232,16 +232,12 @@ class MagNetLoss(nn.Module):
     def __init__(self, model: MagNet | MagNetConfig | None = None) -> None:
         super().__init__()
         config = model.config if isinstance(model, MagNet) else model
-        self.paradoxical = config.loss_paradoxical if config is not None else True
-        self.auxiliary = config.loss_auxiliary if config is not None else True
-        self.classifier = config.loss_classifier if config is not None else True
+        self.settings = loss_settings(config if config is not None else MagNetConfig())
 
     def forward(self, pred: MagNetOutput, target: torch.Tensor) -> torch.Tensor:
         if not isinstance(pred, MagNetOutput):
             raise TypeError(f"MagNetLoss expects the MagNet's output (MagNetOutput), got {type(pred).__name__}")
-        terms = output_loss(
-            pred, target, paradoxical=self.paradoxical, auxiliary=self.auxiliary, classifier=self.classifier
-        )
+        terms = output_loss(pred, target, **self.settings)
         return terms.total
 
 
