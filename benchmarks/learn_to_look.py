@@ -123,6 +123,9 @@ def grid(name: str) -> list[dict[str, Any]]:
             r("+ clip_per_group", st={"clip_per_group": True}),
             r("paper recipe", cfg=_paper()[0], st=_paper()[1]),
         ]
+    if name == "explore":
+        # Issue 14 item 3: sampled trees with a score-function gradient, on top of the recipe.
+        return [r("recipe + explore (2 trees, 70 %)", st={"explore_trees": 2}, seeds=(0, 1, 2))]
     if name == "patches":
         return [
             r("recipe, patches (1,2)", cfg={"patches": (1, 2)}),
@@ -300,7 +303,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--grid", default="target",
-                    help="target | onepct | cpu | fixes | search | final | ablations | patches")
+                    help="target | onepct | cpu | fixes | explore | search | final | ablations | patches")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--only", default="*", help="shell pattern on setting names")
     ap.add_argument("--steps", type=int, default=None, help="override the recipe's step count")

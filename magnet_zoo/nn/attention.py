@@ -37,6 +37,9 @@ class Affine:
     ty: torch.Tensor
     probs: torch.Tensor
     """The sparse attention map (..., H, W), summing to one."""
+    log_prob: torch.Tensor | None = None
+    """With sampled crop centres (training-time exploration): the log-probability of each sampled centre
+    under the sampling policy, with gradient to the attention logits; ``None`` otherwise."""
 
     def theta(self) -> torch.Tensor:
         """``[[s, 0, tx], [0, s, ty]]`` shaped ``(..., 2, 3)``."""
@@ -56,6 +59,7 @@ def attention_to_affine(
     jitter: float = 0.0,
     mask: torch.Tensor | None = None,
     bounds: str = "clip",
+    sample: dict | None = None,
 ) -> Affine:
     """Turn attention logit maps ``(..., H, W)`` into crop parameters.
 
@@ -75,6 +79,14 @@ def attention_to_affine(
     (``lo + (hi - lo) * sigmoid(4 (s - mid) / (hi - lo))``: slope 1 at the middle, a gradient everywhere),
     then, with the scale final, squashes the centre into ``[-(1 - s), 1 - s]`` (``r * tanh(t / r)``,
     ``r = 1 - s``) so the crop always lies inside the view.
+
+    ``sample={"temperature": T, "uniform": e}`` (training-time exploration) draws each crop's centre
+    from a dense policy over the same logits instead of taking the map's expectation: ``(1 - e) *
+    softmax(logits / T) + e * uniform`` (over the allowed positions), a uniformly random point inside
+    the drawn pixel. The centre then has no pathwise gradient; ``log_prob`` (the drawn pixel's
+    log-probability, differentiable in the logits) carries a score-function gradient instead
+    (:mod:`magnet_zoo.train.exploration`). The policy is dense, unlike entmax: a position outside the
+    map's support can be drawn, and its logit moves. The scale is the map's, as without sampling.
     """
     *lead, h, w = logits.shape
     flat = logits.reshape(*lead, h * w).float() / temperature
@@ -97,7 +109,10 @@ def attention_to_affine(
         tx, ty = mean_x.clamp(-1, 1), mean_y.clamp(-1, 1)
     else:
         raise ValueError(f"translation must be 'tanh' or 'clamp', got {translation!r}")
-    if jitter > 0:
+    log_prob = None
+    if sample is not None:
+        tx, ty, log_prob = _sample_centres(logits.reshape(*lead, h * w).float(), mask, h, w, **sample)
+    elif jitter > 0:
         tx = (tx + jitter * torch.randn_like(tx)).clamp(-1, 1)
         ty = (ty + jitter * torch.randn_like(ty)).clamp(-1, 1)
     if bounds == "clip":
@@ -113,7 +128,27 @@ def attention_to_affine(
         tx, ty = room * torch.tanh(tx / room), room * torch.tanh(ty / room)
     else:
         raise ValueError(f"bounds must be 'clip' or 'soft', got {bounds!r}")
-    return Affine(scale=scale, tx=tx, ty=ty, probs=probs)
+    return Affine(scale=scale, tx=tx, ty=ty, probs=probs, log_prob=log_prob)
+
+
+def _sample_centres(
+    flat: torch.Tensor, mask: torch.Tensor | None, h: int, w: int, temperature: float = 1.0, uniform: float = 0.05
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draw one centre per map from ``(1 - uniform) * softmax(flat / temperature) + uniform * U``:
+    ``(tx, ty, log_prob)``, the centres without gradient, ``log_prob`` with it (see attention_to_affine)."""
+    lead = flat.shape[:-1]
+    allowed = torch.ones_like(flat, dtype=torch.bool) if mask is None else mask.reshape(flat.shape).to(torch.bool)
+    allowed = allowed | ~allowed.any(-1, keepdim=True)  # a map with nothing allowed: anywhere
+    policy = torch.softmax((flat / temperature).masked_fill(~allowed, float("-inf")), -1)
+    even = allowed.float() / allowed.float().sum(-1, keepdim=True)
+    policy = (1 - uniform) * policy + uniform * even
+    index = torch.multinomial(policy.detach().reshape(-1, h * w), 1).view(*lead, 1)
+    log_prob = torch.log(policy.gather(-1, index).squeeze(-1).clamp_min(1e-30))
+    index = index.squeeze(-1)
+    offset = torch.rand((2, *lead), device=flat.device)
+    tx = ((index % w).float() + offset[0]) * 2 / w - 1
+    ty = (torch.div(index, w, rounding_mode="floor").float() + offset[1]) * 2 / h - 1
+    return tx, ty, log_prob
 
 
 def identity_affine(shape: tuple[int, ...], device: torch.device | None = None) -> Affine:

@@ -36,6 +36,9 @@ class MagnifyingLayer(nn.Module):
         self.bounds = config.scale_bounds
         self.jitter = 0.0
         """Training-time noise on the crop centre (set by trainers; never used in eval mode)."""
+        self.sample_policy: dict | None = None
+        """Training-time exploration: draw crop centres from the attention (``attention_to_affine``'s
+        ``sample``; set by the training loop, never used in eval mode)."""
         positions = [
             (n, p)
             for n in range(self.num_nodes)
@@ -96,6 +99,7 @@ class MagnifyingLayer(nn.Module):
         tx = images.new_zeros((b, total))
         ty = images.new_zeros((b, total))
         probs = images.new_zeros((b, total, *images.shape[-2:]))
+        log_prob = None
         if self.stacks is not None and explore is not None:
             learned = self.random_affine(images, explore)
         elif self.stacks is not None:
@@ -112,6 +116,7 @@ class MagnifyingLayer(nn.Module):
                 jitter=self.jitter if self.training else 0.0,
                 mask=self.tissue_mask(images) if self.tissue_only else None,
                 bounds=self.bounds,
+                sample=self.sample_policy if self.training else None,
             )
         if self.stacks is not None:
             where = (self.slot >= 0).nonzero().squeeze(1)
@@ -120,10 +125,14 @@ class MagnifyingLayer(nn.Module):
             tx = tx.index_copy(1, where, learned.tx.index_select(1, src).to(tx.dtype))
             ty = ty.index_copy(1, where, learned.ty.index_select(1, src).to(ty.dtype))
             probs = probs.index_copy(1, where, learned.probs.index_select(1, src).to(probs.dtype))
+            if learned.log_prob is not None:
+                log_prob = images.new_zeros((b, total), dtype=torch.float32).index_copy(
+                    1, where, learned.log_prob.index_select(1, src))
         shape = (b, self.num_nodes, self.num_patches)
         return Affine(
             scale=scale.view(shape),
             tx=tx.view(shape),
             ty=ty.view(shape),
             probs=probs.view(*shape, *images.shape[-2:]),
+            log_prob=log_prob.view(shape) if log_prob is not None else None,
         )

@@ -11,6 +11,8 @@ parts of this loop, and their state is part of its resume state:
   ``time_limit``; :mod:`magnet_zoo.train.schedules`);
 * anneals of the scale bound and the entmax temperature, crop jitter, the scale prior;
 * branch revival (:mod:`magnet_zoo.train.revival`), its running losses and pending points checkpointed;
+* exploration: several zoom trees per slide sampled from the attention, a score-function gradient
+  with a leave-one-out baseline (:mod:`~magnet_zoo.train.exploration`);
 * head pre-training on windows read once (a phase before the first step, :mod:`~magnet_zoo.train.head_pretrain`),
   head warm-up on random zoom trees (the first ``head_warmup`` of training, :mod:`~magnet_zoo.train.warmup`,
   its generator checkpointed), head-guided attention (:mod:`~magnet_zoo.train.guidance`);
@@ -73,7 +75,7 @@ from magnet_zoo.train.sources import TrainData, Validator
 
 logger = logging.getLogger(__name__)
 
-EXTRA_TERMS = ("guidance", "window_mil", "scale_prior")
+EXTRA_TERMS = ("guidance", "window_mil", "scale_prior", "explore")
 
 
 @dataclass
@@ -169,6 +171,7 @@ class TrainLoop:
         self.pretrain: dict[str, Any] | None = None
         self.stopped_by = "steps"
         self.warm = False
+        self.exploring = False
         self._segment_start = time.perf_counter()
 
         resume_state = self._load_resume_state()
@@ -403,6 +406,8 @@ class TrainLoop:
         """Learning rates, anneals and jitter for the coming step; returns the heads' learning rate."""
         recipe = self.recipe
         self.warm = self.in_head_warmup()
+        self.exploring = (recipe.explore_trees >= 2 and not self.warm
+                          and self.main_progress() < recipe.explore_frac)
         if self.warm:
             factors = [1.0, 1.0]
         else:
@@ -432,6 +437,27 @@ class TrainLoop:
                 loss = terms.total
                 if recipe.guidance_weight:
                     loss = loss + self._guidance(tree, fetchers, labels, extra)
+            elif self.exploring:
+                from magnet_zoo.train.exploration import (
+                    per_slide_loss,
+                    score_function_loss,
+                    set_exploration,
+                    tree_log_prob,
+                )
+
+                k = recipe.explore_trees
+                fetchers, labels = list(fetchers) * k, labels.repeat(k)  # tree-major
+                set_exploration(model, recipe.explore_temperature, recipe.explore_uniform)
+                try:
+                    out = self.ddp(fetchers)
+                finally:
+                    set_exploration(model, None)
+                terms = model.loss(out, labels)
+                sf = score_function_loss(per_slide_loss(out, labels), tree_log_prob(out), k)
+                extra["explore"] = float(sf.detach())
+                loss = terms.total + recipe.explore_weight * sf
+                if recipe.guidance_weight:
+                    loss = loss + self._guidance(out, fetchers, labels, extra)
             else:
                 out = self.ddp(fetchers)
                 terms = model.loss(out, labels)

@@ -108,6 +108,18 @@ class Recipe:
     head_pretrain_steps: int = 600
     head_pretrain_side: tuple[float, float] = (0.025, 0.1)
 
+    # ---- exploration
+    explore_trees: int = 0
+    """Zoom trees sampled per slide while exploring (:mod:`magnet_zoo.train.exploration`; 0: off, else >= 2)."""
+    explore_frac: float = 0.7
+    """Share of the attention's training spent exploring; the rest trains on the expected crops."""
+    explore_weight: float = 1.0
+    """Weight of the score-function term."""
+    explore_temperature: float = 1.0
+    """Softmax temperature of the sampling policy over the attention logits."""
+    explore_uniform: float = 0.05
+    """Share of the sampling policy that is uniform over the view (or its tissue)."""
+
     def __post_init__(self) -> None:
         for name in ("jitter", "scale_target", "revive_at", "head_pretrain_side"):
             object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
@@ -135,6 +147,11 @@ class Recipe:
             raise ConfigError(f"recipe {self.name!r}: grad_clip must be > 0 or None, got {self.grad_clip}")
         if self.head_warmup_trees < 1:
             raise ConfigError(f"recipe {self.name!r}: head_warmup_trees must be >= 1")
+        if self.explore_trees == 1 or self.explore_trees < 0:
+            raise ConfigError(f"recipe {self.name!r}: explore_trees must be 0 (off) or >= 2, got {self.explore_trees}")
+        if not 0 <= self.explore_frac <= 1 or not 0 <= self.explore_uniform <= 1 or self.explore_temperature <= 0:
+            raise ConfigError(f"recipe {self.name!r}: need explore_frac and explore_uniform in [0, 1] and "
+                              "explore_temperature > 0")
 
     # ------------------------------------------------------------------ data in, data out
     def to_dict(self) -> dict[str, Any]:
