@@ -60,6 +60,9 @@ def register_model(name: str, arch: ModelArch) -> None:
     _REGISTRY[name] = arch
 
 
+# Every registered model takes the crop centre as the attention's expected position itself
+# (translation="clamp"), a documented deviation from the paper's tanh (eq. 2-3), which does not learn on
+# FindIt (docs/learn_to_look.md); the `paper` recipe trains with tanh.
 _IN1K = ModelTag(
     "Backbones start from timm's ImageNet weights; attention is untrained. Fine-tune with "
     "`magnet-zoo train` before use."
@@ -69,7 +72,7 @@ _SCRATCH = ModelTag("Every weight randomly initialised; no download needed. For 
 register_model(
     "magnet3_inception_v3",
     ModelArch(
-        MagNetConfig(patches=(3, 2, 3)),
+        MagNetConfig(patches=(3, 2, 3), translation="clamp"),
         "The paper's 3-layer MagNet (3, 2, 3): 10 images of 56x56 and 18 of 224x224 per slide.",
         {"in1k": _IN1K},
         "in1k",
@@ -78,13 +81,14 @@ register_model(
 register_model(
     "magnet4_inception_v3",
     ModelArch(
-        MagNetConfig(patches=(3, 2, 3, 2)),
+        MagNetConfig(patches=(3, 2, 3, 2), translation="clamp"),
         "The paper's 4-layer MagNet (3, 2, 3, 2): 28 images of 56x56 and 36 of 224x224 per slide.",
         {"in1k": _IN1K},
         "in1k",
     ),
 )
 _TINY = dict(
+    translation="clamp",
     classifier_backbone=TINY_BACKBONE,
     aux_backbone=TINY_BACKBONE,
     backbone_pretrained=False,

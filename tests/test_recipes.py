@@ -86,3 +86,14 @@ def test_cli_lists_recipes_and_refuses_unknown_ones(capsys, tmp_path):
     assert main(["train", "--data", str(csv_path), "--out", str(tmp_path / "o"), "--set", "warmupp=0.1"]) == 1
     assert "did you mean 'warmup'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # refused before any work
+
+
+def test_every_registered_model_uses_clamp_translation_and_the_paper_recipe_tanh():
+    from magnet_zoo.registry import list_models, resolve
+
+    names = list_models()
+    assert names
+    for name in names:
+        assert resolve(name)[2].config.translation == "clamp", name
+    assert MagNetConfig().translation == "tanh"  # the paper's equation stays the config's own default
+    assert TrainConfig(recipe="paper", model="magnet3_inception_v3").model_settings()["translation"] == "tanh"
