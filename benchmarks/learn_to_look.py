@@ -315,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--tag", default=None, help="file stem (default learn_to_look_<grid>)")
     ap.add_argument("--no-pictures", action="store_true")
+    ap.add_argument("--tables-only", action="store_true",
+                    help="train nothing: rebuild <tag>.json and <tag>.md from the runs already in <tag>.jsonl")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -338,9 +340,12 @@ def main(argv: list[str] | None = None) -> int:
                 job["settings"]["time_limit_s"] = args.time_limit
             job["pictures"] = None if args.no_pictures else str(out / f"{stem}_pictures")
             jobs.append(job)
-    logger.info("%d runs, %d at a time", len(jobs), args.parallel)
     rows: list[dict[str, Any]] = []
     jsonl = out / f"{stem}.jsonl"
+    if args.tables_only:
+        jobs = []
+        rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    logger.info("%d runs, %d at a time", len(jobs), args.parallel)
     with cf.ProcessPoolExecutor(max_workers=args.parallel, mp_context=mp.get_context("spawn")) as pool:
         futures = {pool.submit(run_one, j): j for j in jobs}
         for fut in cf.as_completed(futures):

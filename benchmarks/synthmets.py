@@ -352,6 +352,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="per-layer crop-centre noise at the start of training (default: the recipe's)")
     ap.add_argument("--val-every", type=int, default=50, help="MagNet validation every N steps")
     ap.add_argument("--workers", type=int, default=1, help="DataLoader processes reading slides ahead")
+    ap.add_argument("--device", default="cpu", help="where the MagNet trains and predicts (cpu, cuda)")
     ap.add_argument("--thumb-backbone", default="resnet10t")
     ap.add_argument("--mil-level", type=int, default=2)
     ap.add_argument("--mil-tile", type=int, default=224)
@@ -403,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         opts = magnet_method.MagnetOptions(
             model=args.magnet_model, overrides=overrides, steps=args.magnet_steps, budget_s=budget_s,
             batch_size=args.batch_size, lr=args.lr, attention_lr=args.attention_lr, val_every=args.val_every,
-            workers=args.workers, seed=args.seed, revive_at=args.revive_at, jitter=args.jitter,
+            workers=args.workers, seed=args.seed, revive_at=args.revive_at, jitter=args.jitter, device=args.device,
             head_warmup_frac=args.head_warmup, guidance_weight=args.guidance,
             guidance_temperature=args.guidance_temperature, head_pretrain_windows=args.head_pretrain,
         )

@@ -118,3 +118,22 @@ def test_demo_command(tmp_path, capsys):
     tumour = json.loads((out / "demo_tumour_4096.magnet.json").read_text())
     assert 0 <= tumour["final_patches_on_tumour"] <= len([n for n in tumour["tree"] if n["layer"] == max(
         m["layer"] for m in tumour["tree"])])
+
+
+@pytest.mark.slow
+def test_gpu_script_dry_run(tmp_path):
+    """``benchmarks/gpu.py --dry-run``: every part of the prepared GPU script runs, tiny, on the CPU."""
+    out = tmp_path / "gpu.json"
+    run_script("gpu.py", "--dry-run", "--out", str(out), timeout=900)
+    result = read_json(out)
+    check_machine(result)
+    assert result["dry_run"] is True and result["device"].startswith("cpu")
+    agree = result["agreement"]
+    assert agree["max_abs_prob_diff_fp32"] == 0.0 and agree["max_abs_attention_grad_diff"] == 0.0  # CPU vs CPU
+    assert agree["max_abs_attention_grad"] > 0  # the attention did get a gradient to compare
+    assert {(r["model"], r["activation_checkpointing"]) for r in result["train_steps"]} == {
+        ("magnet2_micro", False), ("magnet2_micro", True)}
+    assert all(r["loss_finite"] and r["step_seconds_median"] > 0 for r in result["train_steps"])
+    (infer,) = result["inference"]
+    assert infer["slides_per_second"] > 0 and 0 <= infer["read_seconds_median"] <= infer["seconds_per_slide_median"]
+    assert result["synthmets"]["steps"] >= 1 and "--device cpu" in result["synthmets"]["command"]

@@ -83,6 +83,8 @@ class MagnetOptions:
     workers: int = 1
     seed: int = 0
     log_every: int = 10
+    device: str = "cpu"
+    """Where the MagNet trains and predicts (``cuda``: AMP bf16 where supported, as the loop's ``amp="auto"``)."""
 
     def resolved_recipe(self) -> Recipe:
         """The recipe with these options on top (model overrides included)."""
@@ -114,12 +116,12 @@ def train_magnet(
     data = SlideData(_records(train, "train"), num_workers=opts.workers, open_slides=max(32, len(train) + len(val)))
     validator = SlideValidator(_records(val, "val"), batch_size=8, num_workers=opts.workers)
     config = TrainConfig(model=opts.model, steps=opts.steps, time_limit=opts.budget_s, eval_every=opts.val_every,
-                         seed=opts.seed, baseline_eval=False, log_every=opts.log_every, save_every=0, amp="off",
-                         device="cpu", progress=False)
+                         seed=opts.seed, baseline_eval=False, log_every=opts.log_every, save_every=0, amp="auto",
+                         device=opts.device, progress=False)
     result = fit(model, data, config, recipe, validator)
     if result.best_state is not None:
         model.load_state_dict(result.best_state)
-    model.eval()
+    model.cpu().eval()  # predicted and saved from the CPU; predict() moves it where it runs
     evals = [{"step": r["step"], "seconds": r["seconds"], "val_auroc": r.get("val_auroc", math.nan),
               "val_accuracy": r.get("val_accuracy", math.nan), "val_loss": r.get("val_loss", math.nan),
               "eligible": r.get("eligible", False)} for r in result.history]
@@ -142,7 +144,7 @@ def train_magnet(
         "config": cfg.to_dict(),
         "recipe": recipe.to_dict(),
         "trainer": {"steps": opts.steps, "budget_s": opts.budget_s, "val_every": opts.val_every,
-                    "workers": opts.workers, "seed": opts.seed, "loop": "magnet_zoo.train.fit",
+                    "workers": opts.workers, "seed": opts.seed, "loop": "magnet_zoo.train.fit", "device": opts.device,
                     "schedule": "warm-up then cosine over progress = max(step / steps, elapsed / budget)",
                     "augmentation": "D4 of the whole slide" if recipe.augment else "none"},
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -151,10 +153,10 @@ def train_magnet(
     return model, record, settings
 
 
-def predict(model: MagNet, slides: Sequence[Slide]) -> list[SlideResult]:
+def predict(model: MagNet, slides: Sequence[Slide], device: str = "cpu") -> list[SlideResult]:
     """Each slide from its file to a probability, one at a time, timed; final patch boxes kept."""
     cfg = model.config
-    model.eval()
+    model.to(device).eval()
     if slides:  # warm-up: the first forward passes set up kernels and are not timed
         with open_slide(slides[0].path) as src, torch.inference_mode():
             for _ in range(2):
@@ -164,13 +166,14 @@ def predict(model: MagNet, slides: Sequence[Slide]) -> list[SlideResult]:
         start = time.perf_counter()
         with open_slide(s.path) as src, torch.inference_mode():
             out = model([SlideFetcher(src, cfg.grey_threshold)])
+            prob = float(out.probs[0])  # waits for the device
         seconds = time.perf_counter() - start
         tree = out.trees[0]
         finals = [n for n in tree if n.layer == cfg.num_layers]
         acc = out.accounting[0]
         results.append(
             SlideResult(
-                s.path, s.label, s.category, s.size, float(out.probs[0]), int(acc["values_fed"]),
+                s.path, s.label, s.category, s.size, prob, int(acc["values_fed"]),
                 int(acc["pixels_read"]), seconds,
                 {
                     "final_boxes": [[round(v, 1) for v in n.box[:3]] for n in finals],
@@ -188,7 +191,8 @@ def predict(model: MagNet, slides: Sequence[Slide]) -> list[SlideResult]:
 def run(train: Sequence[Slide], val: Sequence[Slide], test: Sequence[Slide], opts: MagnetOptions
         ) -> tuple[MethodReport, MagNet]:
     model, record, settings = train_magnet(train, val, opts)
-    results = predict(model, test)
+    results = predict(model, test, opts.device)
+    model.cpu()
     cfg = model.config
     report = MethodReport(
         name="magnet",
