@@ -55,6 +55,14 @@ def test_soft_bounds_keep_every_crop_inside_and_pass_a_gradient():
     soft = attention_to_affine(logits, min_scale=0.1, max_scale=0.35, translation="clamp", bounds="soft")
     assert bool((torch.maximum(soft.tx.abs(), soft.ty.abs()) + soft.scale <= 1 + 1e-6).all())
     assert bool(((soft.scale > 0.1) & (soft.scale < 0.35)).all())
+    # centres well inside the view are not moved (the limit bends only near the bound)
+    interior = torch.full((3, 56, 56), -20.0)
+    for i, (y, x) in enumerate(((28, 28), (10, 40), (45, 12))):
+        interior[i, y, x] = 20.0
+    plain = attention_to_affine(interior, min_scale=0.1, max_scale=0.35, translation="clamp", bounds="clip")
+    kept = attention_to_affine(interior, min_scale=0.1, max_scale=0.35, translation="clamp", bounds="soft")
+    torch.testing.assert_close(kept.tx, plain.tx)
+    torch.testing.assert_close(kept.ty, plain.ty)
 
     # a map far wider than max_scale: clipped, its scale has no gradient; soft, it does
     wide = torch.zeros(1, 56, 56, requires_grad=True)

@@ -77,8 +77,9 @@ def attention_to_affine(
     max_scale]`` (the clamp runs last, so a crop on the view's edge can hang outside it, and a scale on a
     bound has no gradient). ``bounds="soft"`` squashes ``s`` smoothly into ``(min_scale, max_scale)``
     (``lo + (hi - lo) * sigmoid(4 (s - mid) / (hi - lo))``: slope 1 at the middle, a gradient everywhere),
-    then, with the scale final, squashes the centre into ``[-(1 - s), 1 - s]`` (``r * tanh(t / r)``,
-    ``r = 1 - s``) so the crop always lies inside the view.
+    then, with the scale final, limits the centre softly to ``[-(1 - s), 1 - s]`` (the identity up to
+    ``0.8 (1 - s)``, then a tanh knee that reaches the bound only at infinity: centres inside are not
+    moved, and the crop always lies inside the view).
 
     ``sample={"temperature": T, "uniform": e}`` (training-time exploration) draws each crop's centre
     from a dense policy over the same logits instead of taking the map's expectation: ``(1 - e) *
@@ -125,10 +126,20 @@ def attention_to_affine(
         else:
             scale = min_scale + width * torch.sigmoid(4 * (spread - (min_scale + max_scale) / 2) / width)
         room = (1 - scale).clamp_min(1e-6)
-        tx, ty = room * torch.tanh(tx / room), room * torch.tanh(ty / room)
+        tx, ty = _soft_limit(tx, room), _soft_limit(ty, room)
     else:
         raise ValueError(f"bounds must be 'clip' or 'soft', got {bounds!r}")
     return Affine(scale=scale, tx=tx, ty=ty, probs=probs, log_prob=log_prob)
+
+
+def _soft_limit(t: torch.Tensor, limit: torch.Tensor, knee: float = 0.8) -> torch.Tensor:
+    """``t`` where ``|t| <= knee * limit``; beyond, ``knee * limit + (1 - knee) * limit * tanh(excess / ...)``:
+    continuous with slope 1 at the knee, strictly inside ``(-limit, limit)``, a gradient everywhere."""
+    a = knee * limit
+    span = (limit - a).clamp_min(1e-6)
+    excess = (t.abs() - a).clamp_min(0)
+    bent = torch.sign(t) * (a + span * torch.tanh(excess / span))
+    return torch.where(t.abs() <= a, t, bent)
 
 
 def _sample_centres(
