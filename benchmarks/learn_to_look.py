@@ -305,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grid", default="target",
                     help="target | onepct | cpu | fixes | explore | search | final | ablations | patches")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--override-seeds", action="store_true",
+                    help="use --seeds for every entry, also those that fix their own seeds")
     ap.add_argument("--only", default="*", help="shell pattern on setting names")
     ap.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
     ap.add_argument("--time-limit", type=float, default=None, help="seconds of training per run")
@@ -327,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     for entry in grid(args.grid):
         if not fnmatch.fnmatch(entry["name"], args.only):
             continue
-        for seed in entry.get("seeds", args.seeds):
+        for seed in (args.seeds if args.override_seeds else entry.get("seeds", args.seeds)):
             job = json.loads(json.dumps(entry))
             job["seed"] = seed
             job["n_eval"] = args.n_eval
