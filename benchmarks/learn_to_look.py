@@ -345,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     jsonl = out / f"{stem}.jsonl"
     if args.tables_only:
+        if not jsonl.is_file():
+            raise SystemExit(f"{jsonl}: no runs to tabulate (--tables-only reads the rows a grid appended there)")
         jobs = []
         rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
     logger.info("%d runs, %d at a time", len(jobs), args.parallel)
