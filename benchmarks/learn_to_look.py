@@ -121,7 +121,7 @@ def grid(name: str) -> list[dict[str, Any]]:
             r("+ scale_bounds=soft", cfg={"scale_bounds": "soft"}),
             r("+ attention_padding=replicate", cfg={"attention_padding": "replicate"}),
             r("+ clip_per_group", st={"clip_per_group": True}),
-            r("paper recipe", cfg=_paper()[0], st=_paper()[1]),
+            r("paper recipe", *_paper()),
         ]
     if name == "explore":
         # Issue 14 item 3: sampled trees with a score-function gradient, on top of the recipe.

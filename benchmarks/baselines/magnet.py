@@ -96,11 +96,6 @@ class MagnetOptions:
         recipe = get_recipe(self.recipe, **changes)
         return recipe.replace(model_overrides=self.overrides) if self.overrides else recipe
 
-    def resolved(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        """``(config overrides, recipe fields)``."""
-        recipe = self.resolved_recipe()
-        return dict(recipe.model_overrides), recipe.to_dict()
-
 
 def _records(slides: Sequence[Slide], split: str) -> list[SlideRecord]:
     return [SlideRecord(s.path, s.label, s.category, split) for s in slides]

@@ -58,8 +58,8 @@ def loss_settings(config: Any) -> dict[str, Any]:
         "paradoxical": config.loss_paradoxical,
         "auxiliary": config.loss_auxiliary,
         "classifier": config.loss_classifier,
-        "paradoxical_reference": getattr(config, "paradoxical_reference", "live"),
-        "aux_reduction": getattr(config, "aux_reduction", "mean"),
+        "paradoxical_reference": config.paradoxical_reference,
+        "aux_reduction": config.aux_reduction,
     }
 
 

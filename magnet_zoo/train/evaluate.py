@@ -152,6 +152,16 @@ def select_split(records: Sequence[SlideRecord], split: str | None) -> list[Slid
     return chosen
 
 
+def eval_loader(records: Sequence[SlideRecord], model_config: Any, info: DistInfo, *, batch_size: int,
+                num_workers: int = 2, prefetch_factor: int = 2, backend: str = "auto") -> DataLoader:
+    """Slides in a fixed order, no augmentation, disjoint unpadded shards per rank: what evaluation reads."""
+    dataset = SlideDataset(records, prefetch_sizes(model_config), model_config.grey_threshold, backend)
+    sampler = ResumableSampler(
+        len(dataset), shuffle=False, augment=False, rank=info.rank, world_size=info.world_size, pad=False
+    )
+    return make_loader(dataset, sampler, batch_size, num_workers=num_workers, prefetch_factor=prefetch_factor)
+
+
 def evaluate(
     model: MagNet,
     data: str | os.PathLike[str] | Sequence[SlideRecord],
@@ -175,11 +185,7 @@ def evaluate(
     )
     records = select_split(records, split)
     model = model.to(info.device)
-    dataset = SlideDataset(records, prefetch_sizes(model.config), model.config.grey_threshold, backend)
-    sampler = ResumableSampler(
-        len(dataset), shuffle=False, augment=False, rank=info.rank, world_size=info.world_size, pad=False
-    )
-    loader = make_loader(dataset, sampler, batch_size, num_workers=num_workers)
+    loader = eval_loader(records, model.config, info, batch_size=batch_size, num_workers=num_workers, backend=backend)
     rows, losses = predict_loader(
         model, loader, device=info.device, dtype=amp_dtype(amp, info.device), info=info, progress=progress
     )

@@ -173,8 +173,6 @@ class Recipe:
             changes["model_overrides"] = {**self.model_overrides, **dict(changes["model_overrides"])}
         return dataclasses.replace(self, **changes)
 
-    def one_line(self) -> str:
-        return f"{self.name:15s} {self.summary}"
 
 
 def _check_fields(data: Mapping[str, Any], what: str) -> None:

@@ -20,6 +20,7 @@ from torch import nn
 from magnet_zoo.config import ConfigError, MagNetConfig
 from magnet_zoo.nn.heads import Backbone
 from magnet_zoo.nn.magnet import MagNet
+from magnet_zoo.train.recipe import DEFAULT_RECIPE
 
 MONITORS = ("auroc", "accuracy", "loss")
 RESUME_FREE_FIELDS = frozenset(
@@ -43,7 +44,7 @@ class TrainConfig:
     """A registered name, a checkpoint folder or a hub repo (``org/name``) to fine-tune."""
     model_overrides: dict[str, Any] = field(default_factory=dict)
     """:class:`~magnet_zoo.config.MagNetConfig` fields to change, on top of the recipe's ``model_overrides``."""
-    recipe: str = "learn_to_look"
+    recipe: str = DEFAULT_RECIPE
     """A registered recipe (``magnet-zoo train --list-recipes``)."""
     recipe_overrides: dict[str, Any] = field(default_factory=dict)
     """Single recipe fields to change, e.g. ``{"lr": 1e-4, "revive_at": []}``."""

@@ -196,12 +196,11 @@ class SlideValidator:
 
     def _loader(self, model_config: Any, info: DistInfo) -> Any:
         if self.loader is None:
-            dataset = SlideDataset(self.records, prefetch_sizes(model_config), model_config.grey_threshold,
-                                   self.backend)
-            sampler = ResumableSampler(len(dataset), shuffle=False, augment=False, rank=info.rank,
-                                       world_size=info.world_size, pad=False)
-            self.loader = make_loader(dataset, sampler, self.batch_size, num_workers=self.num_workers,
-                                      prefetch_factor=self.prefetch_factor)
+            from magnet_zoo.train.evaluate import eval_loader
+
+            self.loader = eval_loader(self.records, model_config, info, batch_size=self.batch_size,
+                                      num_workers=self.num_workers, prefetch_factor=self.prefetch_factor,
+                                      backend=self.backend)
         return self.loader
 
     def __call__(self, model: Any, *, device: torch.device, dtype: torch.dtype | None, info: DistInfo,

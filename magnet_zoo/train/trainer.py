@@ -92,7 +92,7 @@ def train(config: TrainConfig, *, model: MagNet | None = None) -> TrainResult:
         return build_model(config.model, config.model_settings())
 
     network = model if model is not None else (None if config.resume else build())
-    labels = (network.config if network is not None else _saved_labels(config)).labels
+    labels = (network.config if network is not None else _saved_config(config)).labels
     train_rows, val_rows = split_records(config, tuple(labels))
     data = SlideData(train_rows, backend=config.backend, num_workers=config.num_workers,
                      prefetch_factor=config.prefetch_factor)
@@ -105,8 +105,8 @@ def train(config: TrainConfig, *, model: MagNet | None = None) -> TrainResult:
     return fit(network, data, config, recipe, validator, build=build, card=card)
 
 
-def _saved_labels(config: TrainConfig) -> object:
-    """The class names of the run being resumed (from its saved network config), or the default ones."""
+def _saved_config(config: TrainConfig) -> object:
+    """The network config of the run being resumed (for its class names), or the default one."""
     from magnet_zoo.config import MagNetConfig
 
     path = Path(config.out) / "train_config.json"
