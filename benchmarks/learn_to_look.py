@@ -123,6 +123,13 @@ def grid(name: str) -> list[dict[str, Any]]:
             r("+ clip_per_group", st={"clip_per_group": True}),
             r("paper recipe", *_paper()),
         ]
+    if name == "geometry":
+        # Issue 14 item 2: fixed-frame geometry (ancestors get the gradient of the pixels the heads see),
+        # and the next layer's view detached (no gradient through the attention input).
+        return [
+            r("recipe + geometry=frame", cfg={"geometry": "frame"}),
+            r("recipe + geometry=frame, view_gradient=off", cfg={"geometry": "frame", "view_gradient": False}),
+        ]
     if name == "explore":
         # Issue 14 item 3: sampled trees with a score-function gradient, on top of the recipe.
         return [r("recipe + explore (2 trees, 70 %)", st={"explore_trees": 2}, seeds=(0, 1, 2))]

@@ -25,6 +25,7 @@ SAMPLERS = ("linearized", "bilinear")
 ATTENTION_INITS = ("uniform", "random")
 TRANSLATIONS = ("tanh", "clamp")
 CROP_SOURCES = ("iprime", "reread")
+GEOMETRIES = ("reread", "frame")
 AUX_POOLINGS = ("mean", "per_patch", "max")
 PARADOXICAL_REFERENCES = ("live", "constant")
 AUX_REDUCTIONS = ("mean", "sum")
@@ -57,6 +58,20 @@ class MagNetConfig:
     ``reread`` (its own region read from the slide at its output size, at the level that region needs;
     the sampled crop's gradient is passed straight through, so the attention learns as in the paper).
     Not in the paper; costs one extra read of the final patches. See docs/synthmets_magnet.md."""
+    geometry: str = "reread"
+    """How a crop's pixels depend on its *ancestors'* crop parameters: ``reread`` (the paper: each child's
+    ``I'`` is read from the slide for its box, a constant, so an ancestor learns only through the next
+    attention map's input) or ``frame`` (each child's pixels are read for a fixed frame, its box grown by
+    ``frame_margin`` on every side, and its crops are sampled from that frame with the ancestors'
+    transforms composed relative to it: the forward is the same, and every ancestor gets the gradient of
+    the sharp pixels the heads see; DESIGN.md section 6, item 2). Costs the margin's extra pixels read."""
+    frame_margin: float = 0.125
+    """With ``geometry="frame"``: the frame's margin on each side, as a share of the child's side (rounded
+    to whole ``I'`` pixels)."""
+    view_gradient: bool = True
+    """Whether a layer's crops pass gradient to its crop parameters through the next layer's attention
+    input (its view ``I``). ``False`` feeds the next layer ``crops.detach()``: an ancestor then learns only
+    through the pixels the heads see (with ``geometry="frame"``) or not at all."""
     frozen_patch: bool = True
     """Fix the first patch of layer 2 to the identity transform (paper section 3.3.3)."""
     sampler: str = "linearized"
@@ -139,6 +154,13 @@ class MagNetConfig:
         """Side of ``I'``, the view layer ``layer`` samples its crops from."""
         return self.iprime_factor * self.output_size(layer)
 
+    def frame_pixels(self, layer: int) -> int:
+        """With ``geometry="frame"``: the margin, in pixels of ``I'``, of the frames read for layer
+        ``layer``'s nodes (0 for the first layer, whose frame is the slide's canvas)."""
+        if self.geometry != "frame" or layer == 1:
+            return 0
+        return int(round(self.frame_margin * self.iprime_size(layer)))
+
     def nodes_entering(self, layer: int) -> int:
         """Number of images that enter magnifying layer ``layer`` (1 for the first)."""
         n = 1
@@ -168,6 +190,10 @@ class MagNetConfig:
             raise ConfigError(f"final_patch_size must be at least 8, got {self.final_patch_size}")
         if self.iprime_factor < 1:
             raise ConfigError(f"iprime_factor must be >= 1, got {self.iprime_factor}")
+        if self.geometry not in GEOMETRIES:
+            raise ConfigError(f"geometry must be one of {GEOMETRIES}, got {self.geometry!r}")
+        if not 0 <= self.frame_margin <= 1:
+            raise ConfigError(f"frame_margin must be in [0, 1] (a share of the child's side), got {self.frame_margin}")
         if self.crop_source not in CROP_SOURCES:
             raise ConfigError(f"crop_source must be one of {CROP_SOURCES}, got {self.crop_source!r}")
         if self.sampler not in SAMPLERS:

@@ -30,11 +30,12 @@ from torch import nn
 from magnet_zoo.config import MagNetConfig
 from magnet_zoo.nn.attention import Affine
 from magnet_zoo.nn.fetcher import RegionFetcher, Square
+from magnet_zoo.nn.frames import Frames
 from magnet_zoo.nn.heads import AuxiliaryHead, SequenceClassifier
 from magnet_zoo.nn.losses import LossTerms, loss_settings, output_loss
 from magnet_zoo.nn.magnify import MagnifyingLayer
 from magnet_zoo.nn.sampler import sample
-from magnet_zoo.nn.tree import ROOT_NAME, RoiNode, child_name, child_square, root_square
+from magnet_zoo.nn.tree import ROOT_NAME, RoiNode, child_name, child_square, frame_square, root_square
 
 
 @dataclass
@@ -109,12 +110,14 @@ class MagNet(nn.Module):
         )
 
     # ------------------------------------------------------------------ helpers
-    def _crop(self, iprime: torch.Tensor, affine: Affine, size: int) -> torch.Tensor:
-        """Crops ``(B, N*P, 3, size, size)`` of each node's ``I'`` ``(B, N, 3, S, S)``."""
+    def _crop(self, iprime: torch.Tensor, affine: Affine, size: int, frames: Frames | None = None) -> torch.Tensor:
+        """Crops ``(B, N*P, 3, size, size)`` of each node's ``I'`` ``(B, N, 3, S, S)``; with ``frames``
+        (``geometry="frame"``) ``iprime`` holds each node's frame and the crops are composed through it."""
         b, n, c, s, _ = iprime.shape
         p = affine.scale.shape[-1]
         images = iprime.unsqueeze(2).expand(b, n, p, c, s, s).reshape(b * n * p, c, s, s)
-        theta = affine.theta().reshape(b * n * p, 2, 3).to(images.dtype)
+        theta = affine.theta() if frames is None else frames.theta(affine)
+        theta = theta.reshape(b * n * p, 2, 3).to(images.dtype)
         out = sample(images, theta, size, mode=self.config.sampler, num_samples=self.config.linearized_samples)
         return out.view(b, n * p, c, size, size)
 
@@ -187,11 +190,12 @@ class MagNet(nn.Module):
 
         affines: list[Affine] = []
         crops_by_layer: dict[int, torch.Tensor] = {}
+        frames = Frames.root(b, device) if cfg.geometry == "frame" else None
         for layer_idx, layer in enumerate(self.layers, start=1):
             affine = layer(image, explore=explore)
             affines.append(affine)
             size = cfg.output_size(layer_idx)
-            crops = self._crop(iprime, affine, size)
+            crops = self._crop(iprime, affine, size, frames)
 
             # Geometry of the children (no gradient: boxes only decide where to read).
             p = affine.scale.shape[-1]
@@ -225,15 +229,25 @@ class MagNet(nn.Module):
             squares, names = new_squares, new_names
 
             if layer_idx < cfg.num_layers:
-                iprime, levels, px = self._fetch(fetchers, squares, cfg.iprime_size(layer_idx + 1), device)
+                # With geometry="frame" each child is read for a frame (its box plus a margin of ``margin``
+                # I' pixels per side) and its crops are composed through it; otherwise for its box.
+                core, margin = cfg.iprime_size(layer_idx + 1), cfg.frame_pixels(layer_idx + 1)
+                grow = (core + 2 * margin) / core
+                reads = squares if margin == 0 else [[frame_square(sq, grow) for sq in row] for row in squares]
+                iprime, levels, px = self._fetch(fetchers, reads, core + 2 * margin, device)
+                if frames is not None:
+                    frames = frames.children(affine, grow)
                 for i in range(b):
                     pixels_read[i] += px[i]
                     first = len(trees[i]) - len(squares[i])
                     for j, lvl in enumerate(levels[i]):
                         trees[i][first + j].level = lvl
                 if cfg.crop_source == "reread":
-                    crops = straight_through(crops, resize_views(iprime, size).view_as(crops))
+                    view = iprime[..., margin:margin + core, margin:margin + core]
+                    crops = straight_through(crops, resize_views(view, size).view_as(crops))
                 image = crops.view(b, -1, 3, size, size)
+                if not cfg.view_gradient:
+                    image = image.detach()
             elif cfg.crop_source == "reread":
                 sharp, reread_levels, px = self._fetch(fetchers, squares, size, device)
                 crops = straight_through(crops, sharp.view_as(crops))

@@ -35,6 +35,13 @@ def child_square(parent: Square, scale: float, tx: float, ty: float) -> Square:
     return Square(x=cx - side / 2, y=cy - side / 2, side=side)
 
 
+def frame_square(square: Square, grow: float) -> Square:
+    """``square`` grown ``grow`` times about its centre (the frame read with ``geometry="frame"``)."""
+    cx, cy = square.centre
+    side = square.side * grow
+    return Square(x=cx - side / 2, y=cy - side / 2, side=side)
+
+
 @dataclass
 class RoiNode:
     """One image of the zoom tree."""
