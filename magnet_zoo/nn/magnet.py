@@ -9,7 +9,10 @@ Per slide, with ``L`` layers and ``P_l`` patches per node at layer ``l``:
    child's ``I'`` is re-read from the slide at the level its ROI needs, and the crops are the children's
    ``I`` (56x56); the last layer's crops (224x224) go to the classifier. With ``crop_source="reread"``
    every crop takes its values from its own region read at its output size instead (for inner layers:
-   the child's re-read ``I'``, resized), and its gradient from the sampled crop.
+   the child's re-read ``I'``, resized), and its gradient from the sampled crop. With
+   ``geometry="frame"`` each child is read for a frame around its box and its crops are sampled through
+   the ancestors' composed transforms (:mod:`magnet_zoo.nn.frames`), so they are differentiable in every
+   ancestor's crop.
 3. Auxiliary heads read the crops of the watched layers (1 and 3 by default).
 
 The forward pass also returns the ROI tree (names, boxes, levels, scales) and the accounting (images
