@@ -8,7 +8,7 @@ the thread pool.
 
     python benchmarks/read_speed.py                 # generates /tmp/magnet_read_100k.tiff once (minutes)
     python benchmarks/read_speed.py --quick         # an 8k slide, for CI
-    python benchmarks/read_speed.py --slide my.svs  # any slide
+    python benchmarks/read_speed.py --slide my.svs  # any slide (a missing path: generated there)
 """
 
 from __future__ import annotations
@@ -77,7 +77,9 @@ def replay(slide: Path, calls, serial: bool) -> tuple[float, int, float]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--slide", type=Path, help="slide to read (default: generate a SynthMets slide)")
+    ap.add_argument("--slide", type=Path,
+                    help="slide to read; generated there (a SynthMets slide of --size) if missing "
+                         "(default /tmp/magnet_read_SIZE.tiff)")
     ap.add_argument("--size", type=int, default=100_000, help="side of the generated slide")
     ap.add_argument("--quick", action="store_true", help="8k slide, few repeats (CI smoke test)")
     ap.add_argument("--trees", type=int, default=5, help="different random trees (seeds)")
@@ -88,16 +90,14 @@ def main() -> int:
     if args.quick:
         args.size, args.trees, args.repeats = 8192, 2, 1
         args.out = args.out.with_name("read_speed_quick.json")
-    slide = args.slide
+    slide = args.slide or Path(f"/tmp/magnet_read_{args.size}.tiff")
     gen_seconds = None
-    if slide is None:
+    if not slide.exists():
         from magnet_zoo.synth import generate_slide
 
-        slide = Path(f"/tmp/magnet_read_{args.size}.tiff")
-        if not slide.exists():
-            t = time.perf_counter()
-            generate_slide(slide, size=args.size, category="macro", seed=0, progress=True)
-            gen_seconds = time.perf_counter() - t
+        t = time.perf_counter()
+        generate_slide(slide, size=args.size, category="macro", seed=0, progress=True)
+        gen_seconds = time.perf_counter() - t
     with open_slide(slide) as src:
         dims, levels = src.dimensions, src.level_count
     rows = []

@@ -154,7 +154,9 @@ def bench_dense(slide: Path, tiles_measured: int) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--slide", type=Path, help="slide (default: a generated SynthMets macro slide)")
+    ap.add_argument("--slide", type=Path,
+                    help="slide; generated there (a SynthMets macro slide of --size) if missing "
+                         "(default /tmp/magnet_read_SIZE.tiff)")
     ap.add_argument("--size", type=int, default=100_000)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--tiles", type=int, default=64, help="tiles in the dense pipeline's measured batch")

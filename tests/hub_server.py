@@ -4,7 +4,8 @@ What huggingface_hub (1.x; the requests are the same in 0.2x) sends, and what th
 
 - ``GET /api/models/{org}/{name}[/revision/{rev}]`` (``HfApi.model_info``, called by
   ``snapshot_download`` and so by ``hf download``): JSON with ``id``, ``sha`` (the resolved commit)
-  and ``siblings`` (``[{"rfilename": ...}]``, the files of that commit).
+  and ``siblings`` (``[{"rfilename": ...}]``, the files of that commit). ``rev`` is a branch or tag,
+  a commit sha or an unambiguous short sha.
 - ``HEAD /{org}/{name}/resolve/{rev}/{file}`` (``get_hf_file_metadata``, made without following
   redirects to other hosts). Small files, stored in git: ``200`` with ``X-Repo-Commit``, ``ETag``
   (the git blob sha1) and ``Content-Length``. Large files, stored in LFS: ``302`` to a CDN URL with
@@ -51,9 +52,17 @@ class Repo:
     refs: dict[str, str] = field(default_factory=dict)
 
     def resolve(self, revision: str) -> Commit | None:
+        """A branch or tag name, a full commit sha, or an unambiguous short sha (7+ hex digits), as the Hub
+        resolves revisions."""
         if revision in self.refs:
             return self.commits[self.refs[revision]]
-        return self.commits.get(revision)
+        if revision in self.commits:
+            return self.commits[revision]
+        if 7 <= len(revision) < 40 and all(c in "0123456789abcdef" for c in revision):
+            matches = [sha for sha in self.commits if sha.startswith(revision)]
+            if len(matches) == 1:
+                return self.commits[matches[0]]
+        return None
 
 
 class FakeHub:
@@ -86,6 +95,13 @@ class FakeHub:
             if self.is_lfs(name, data):
                 self.lfs[hashlib.sha256(data).hexdigest()] = data
         return sha
+
+    def set_ref(self, repo_id: str, name: str, sha: str) -> None:
+        """Point the branch or tag ``name`` of ``repo_id`` at the commit ``sha`` (creating or moving it)."""
+        repo = self.repos[repo_id]
+        if sha not in repo.commits:
+            raise KeyError(f"{repo_id} has no commit {sha}")
+        repo.refs[name] = sha
 
     @staticmethod
     def is_lfs(name: str, data: bytes) -> bool:

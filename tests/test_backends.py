@@ -1,4 +1,5 @@
-"""Every backend on the real slides in ../shared/data/wsi: same pixels, same ROI tree."""
+"""Every backend on one JPEG pyramid (the real one of ../shared/data/wsi, or a generated one when it is
+absent): same geometry, same pixels, same ROI tree; the .svs tests need the real slide."""
 
 from __future__ import annotations
 
@@ -11,36 +12,44 @@ from magnet_zoo.wsi import CoarseLevelSource, OrientedSource, SlideFetcher, open
 from magnet_zoo.wsi.array_source import ArraySource
 from magnet_zoo.wsi.orient import _forward_point, _inverse_point, orient_array
 
-PYRAMID = "CMU-1-Small-Region_pyramid.tiff"
 SVS = "CMU-1-Small-Region.svs"
 BACKENDS = ["openslide", "tifffile", "monai", "tiatoolbox"]
+# Boxes as fractions of the level-0 size: (x, y), level, (w, h); the last one hangs over the bottom-right edge.
 BOXES = [
-    ((0, 0), 0, (256, 256)),
-    ((700, 900), 0, (300, 200)),
-    ((1000, 1600), 1, (120, 90)),
-    ((2100, 2900), 0, (200, 200)),
+    ((0.0, 0.0), 0, (256, 256)),
+    ((0.3, 0.3), 0, (300, 200)),
+    ((0.45, 0.54), 1, (120, 90)),
+    (None, 0, (200, 200)),
 ]
 
 
+def _edge_location(pyramid) -> tuple[int, int]:
+    """Top-left of a 200 x 200 read with 120 x 67 px on the slide (the rest past the edge)."""
+    w, h = pyramid.dimensions
+    return w - 120, h - 67
+
+
 @pytest.fixture(scope="module")
-def pyramid_sources(wsi_dir):
-    sources = {b: open_slide(wsi_dir / PYRAMID, b) for b in BACKENDS}
+def pyramid_sources(pyramid):
+    sources = {b: open_slide(pyramid.path, b) for b in BACKENDS}
     yield sources
     for s in sources.values():
         s.close()
 
 
-def test_backends_agree_on_geometry(pyramid_sources):
+def test_backends_agree_on_geometry(pyramid_sources, pyramid):
     ref = pyramid_sources["openslide"]
-    assert ref.dimensions == (2220, 2967) and ref.level_count == 4
-    assert ref.mpp == pytest.approx((0.499, 0.499))
+    assert ref.level_dimensions == pyramid.level_dimensions and ref.level_count == 4
+    assert ref.mpp == pytest.approx((pyramid.mpp, pyramid.mpp))
     for name, src in pyramid_sources.items():
         assert src.level_dimensions == ref.level_dimensions, name
         assert np.allclose(src.level_downsamples, ref.level_downsamples, rtol=1e-3), name
 
 
 @pytest.mark.parametrize(("location", "level", "size"), BOXES)
-def test_backends_return_the_same_pixels(pyramid_sources, location, level, size):
+def test_backends_return_the_same_pixels(pyramid_sources, pyramid, location, level, size):
+    w, h = pyramid.dimensions
+    location = _edge_location(pyramid) if location is None else (round(location[0] * w), round(location[1] * h))
     ref = pyramid_sources["openslide"].read_region(location, level, size).astype(np.int16)
     assert ref.shape == (size[1], size[0], 3)
     for name, src in pyramid_sources.items():
@@ -51,15 +60,15 @@ def test_backends_return_the_same_pixels(pyramid_sources, location, level, size)
             # Same JPEG tiles; decoders may differ by rounding (JPEG tolerance).
             assert diff.mean() < 1.0 and diff.max() <= 8, name
         else:
-            # This pyramid's downsamples are not integers (2.000337): OpenSlide places level pixels at
+            # These pyramids' downsamples are not integers (2.000337): OpenSlide places level pixels at
             # fractional offsets and interpolates (cairo), tifffile reads whole pixels. A sub-pixel
             # shift of textured H&E, not a misplaced read (a one-pixel shift gives a mean of ~17).
             assert diff.mean() < 6.0, name
 
 
-def test_reads_past_the_edge_are_black(pyramid_sources):
+def test_reads_past_the_edge_are_black(pyramid_sources, pyramid):
     for name, src in pyramid_sources.items():
-        px = src.read_region((2100, 2900), 0, (200, 200))
+        px = src.read_region(_edge_location(pyramid), 0, (200, 200))
         assert (px[67:] == 0).all() and (px[:, 120:] == 0).all(), name
         assert px[:60, :100].mean() > 50, name
 
@@ -107,17 +116,17 @@ def test_svs_associated_images(wsi_dir):
         assert inner.associated_image("nope") is None
 
 
-def test_backend_accepts_class_and_reader_instances(wsi_dir):
+def test_backend_accepts_class_and_reader_instances(pyramid):
     from monai.data import WSIReader as MonaiReader
 
     from magnet_zoo.wsi.backends.tifffile_backend import TiffFileSource
 
-    with open_slide(wsi_dir / PYRAMID, TiffFileSource) as src:
+    with open_slide(pyramid.path, TiffFileSource) as src:
         assert src.backend == "tifffile"
-    with open_slide(wsi_dir / PYRAMID, MonaiReader(backend="tifffile")) as src:
+    with open_slide(pyramid.path, MonaiReader(backend="tifffile")) as src:
         assert src.backend == "monai" and src.level_count == 4
     with pytest.raises(ValueError, match="unknown backend 'nope'"):
-        open_slide(wsi_dir / PYRAMID, "nope")
+        open_slide(pyramid.path, "nope")
 
 
 # ----------------------------------------------------------------------------- D4 orientation

@@ -27,8 +27,17 @@ def model():
 
 
 def assert_valid_prediction(model, source):
+    import torch
+
+    from magnet_zoo.wsi.fetch import as_fetcher
+
     pred = magnet_zoo.predict_slide(model, source)
-    assert math.isfinite(pred.probability) and 0 <= pred.probability <= 1
+    # The probability is the network's on this slide (not a default or a NaN clipped into [0, 1]) and
+    # the label follows from it.
+    with torch.inference_mode():
+        direct = float(model([as_fetcher(source, model.config.grey_threshold)]).probs[0])
+    assert math.isfinite(pred.probability) and pred.probability == pytest.approx(direct, abs=1e-6)
+    assert pred.label == model.config.labels[int(pred.probability >= pred.threshold)]
     assert len(pred.tree) == 1 + 2 + 4
     for node in pred.tree:
         assert all(math.isfinite(v) for v in node.box)
@@ -59,9 +68,8 @@ def test_text_file_named_svs(tmp_path):
         open_slide(p)
 
 
-def test_truncated_tiff(tmp_path, wsi_dir, model):
-    src_path = wsi_dir / "CMU-1-Small-Region_pyramid.tiff"
-    data = src_path.read_bytes()
+def test_truncated_tiff(tmp_path, pyramid, model):
+    data = pyramid.path.read_bytes()
     p = tmp_path / "truncated.tiff"
     p.write_bytes(data[: len(data) // 2])
     # Either it refuses to open, or it opens and the missing tiles fail loudly when read.
@@ -79,9 +87,22 @@ def test_truncated_tiff(tmp_path, wsi_dir, model):
 @pytest.mark.parametrize("suffix", [".png", ".jpg"])
 def test_png_and_jpeg_work(tmp_path, model, suffix):
     p = tmp_path / f"tile{suffix}"
-    Image.fromarray(tissue_image(300, 400)).save(p)
+    image = tissue_image(300, 400)
+    Image.fromarray(image).save(p, **({"quality": 95, "subsampling": 0} if suffix == ".jpg" else {}))
     with open_slide(p) as src:
         assert src.backend == "pil" and src.dimensions == (400, 300)
+        whole = src.read_region((0, 0), 0, (400, 300))
+        part = src.read_region((130, 70), 0, (150, 100))
+        assert whole.shape == (300, 400, 3) and part.shape == (100, 150, 3)
+        if suffix == ".png":  # lossless: every pixel, exactly
+            assert np.array_equal(whole, image) and np.array_equal(part, image[70:170, 130:280])
+        else:  # JPEG (4:4:4, q95): close everywhere (the texture is noise), and placed right
+            for got, want in ((whole, image), (part, image[70:170, 130:280])):
+                diff = np.abs(got.astype(np.int16) - want)
+                assert diff.mean() < 4.5 and diff.max() <= 40, (diff.mean(), diff.max())
+            # A read one pixel off is much further from the source than the codec's error.
+            shifted = np.abs(src.read_region((131, 70), 0, (150, 100)).astype(np.int16) - image[70:170, 130:280])
+            assert shifted.mean() > 3 * np.abs(part.astype(np.int16) - image[70:170, 130:280]).mean()
         assert_valid_prediction(model, src)
 
 
@@ -127,9 +148,9 @@ def test_all_white_slide_is_all_black_after_the_grey_filter(model):
     assert_valid_prediction(model, fetcher)
 
 
-def test_corrupt_slide_message_names_the_file_and_what_to_do(tmp_path, wsi_dir):
+def test_corrupt_slide_message_names_the_file_and_what_to_do(tmp_path, pyramid):
     p = tmp_path / "broken slide é.tiff"  # unicode and a space in the name
-    shutil.copy(wsi_dir / "CMU-1-Small-Region_pyramid.tiff", p)
+    shutil.copy(pyramid.path, p)
     data = bytearray(p.read_bytes())
     data[4:8] = b"\xff\xff\xff\x7f"  # first IFD offset points past the end of the file
     p.write_bytes(bytes(data))

@@ -65,6 +65,9 @@ def test_synthmets_quick(tmp_path):
             assert p["values_fed"] > 0 and p["pixels_read"] > 0 and p["seconds"] > 0, (name, p)
         summary = method["summary"]
         assert {"auroc", "accuracy", "per_category"} <= set(summary["metrics"])
+        # The summary is of these predictions: its accuracy is theirs (p >= 0.5 is the positive class).
+        right = [(p["probability"] >= 0.5) == (p["label"] == 1) for p in preds]
+        assert summary["metrics"]["accuracy"] == pytest.approx(sum(right) / len(right)), name
         assert {"values_fed_mean", "pixels_read_mean", "seconds_mean"} <= set(summary["cost"])
         assert "seconds" in method["training"]
     magnet = result["methods"]["magnet"]
@@ -73,8 +76,15 @@ def test_synthmets_quick(tmp_path):
     n_final = math.prod(magnet["settings"]["config"]["patches"])
     assert all(len(p["extra"]["final_boxes"]) == n_final for p in magnet["predictions"])
     loc = result["localisation"]
-    assert loc["all"]["n"] >= 1
-    assert 0.0 <= loc["all"]["hit"] <= 1.0 and 0.0 <= loc["all"]["random_hit"] <= 1.0
+    per_slide = result["localisation_per_slide"]
+    assert loc["all"]["n"] == len(per_slide) >= 1
+    # A slide's hit is the share of its final patches on tumour (a multiple of 1 / n_final); the pooled
+    # hit and random hit are the means over the slides.
+    for row in per_slide:
+        assert row["hit"] * n_final == pytest.approx(round(row["hit"] * n_final)), row
+        assert 0.0 <= row["random_hit"] <= 1.0, row
+    assert loc["all"]["hit"] == pytest.approx(sum(r["hit"] for r in per_slide) / len(per_slide))
+    assert loc["all"]["random_hit"] == pytest.approx(sum(r["random_hit"] for r in per_slide) / len(per_slide))
     assert result["targets"] and all("value" in row for row in result["targets"].values())
     markdown = (tmp_path / "synthmets_quick.md").read_text()
     assert "python benchmarks/synthmets.py --quick" in markdown
@@ -83,23 +93,29 @@ def test_synthmets_quick(tmp_path):
 
 @pytest.mark.slow
 def test_speed_quick(tmp_path):
-    run_script("speed.py", "--quick", "--out", str(tmp_path / "speed.json"))
+    slide = tmp_path / "slide_8192.tiff"  # not the script's default in /tmp, which would outlive the run
+    run_script("speed.py", "--quick", "--slide", str(slide), "--out", str(tmp_path / "speed.json"))
     result = read_json(tmp_path / "speed_quick.json")
     check_machine(result)
+    assert result["slide"] == str(slide) and slide.is_file()
     assert [m["model"] for m in result["magnet"]] == ["magnet3_inception_v3", "magnet4_inception_v3"]
     for m in result["magnet"]:
         assert m["seconds_per_slide"] > 0 and m["values_fed"] > 0 and m["pixels_read"] > 0
     assert result["dense"]["tissue_tiles"] > 0 and result["dense"]["seconds_per_slide_estimated"] > 0
 
 
+@pytest.mark.slow
 def test_read_speed_quick(tmp_path):
-    run_script("read_speed.py", "--quick", "--out", str(tmp_path / "read_speed.json"))
+    slide = tmp_path / "slide_8192.tiff"
+    run_script("read_speed.py", "--quick", "--slide", str(slide), "--out", str(tmp_path / "read_speed.json"))
     result = read_json(tmp_path / "read_speed_quick.json")
     check_machine(result)
+    assert result["slide"] == str(slide) and slide.is_file()
     assert result["reads_per_slide"] > 0
     assert result["serial_seconds_median"] > 0 and result["concurrent_seconds_median"] > 0
 
 
+@pytest.mark.slow
 def test_demo_command(tmp_path, capsys):
     """``magnet-zoo demo`` with the shipped checkpoint on two small generated slides."""
     from magnet_zoo.cli import main
@@ -111,13 +127,18 @@ def test_demo_command(tmp_path, capsys):
     for stem in ("demo_tumour_4096", "demo_normal_4096"):
         record = json.loads((out / f"{stem}.magnet.json").read_text())
         assert is_probability(record["probability"]) and record["tree"]
+        labels = ("normal", "tumour")
+        assert record["label"] == labels[record["probability"] >= record.get("threshold", 0.5)], record["label"]
         assert record["truth"]["label"] in ("tumour", "normal")
         geo = json.loads((out / f"{stem}.magnet.geojson").read_text())
         assert geo["type"] == "FeatureCollection" and geo["features"]
         assert (out / f"{stem}.magnet.png").stat().st_size > 1000
     tumour = json.loads((out / "demo_tumour_4096.magnet.json").read_text())
-    assert 0 <= tumour["final_patches_on_tumour"] <= len([n for n in tumour["tree"] if n["layer"] == max(
-        m["layer"] for m in tumour["tree"])])
+    finals = [n for n in tumour["tree"] if n["layer"] == max(m["layer"] for m in tumour["tree"])]
+    assert isinstance(tumour["final_patches_on_tumour"], int)
+    assert 0 <= tumour["final_patches_on_tumour"] <= len(finals) == 4
+    # The shipped model finds the tumour of its own demo slide (what the demo prints as "k / 4").
+    assert tumour["final_patches_on_tumour"] >= 1
 
 
 @pytest.mark.slow
@@ -135,5 +156,6 @@ def test_gpu_script_dry_run(tmp_path):
         ("magnet2_micro", False), ("magnet2_micro", True)}
     assert all(r["loss_finite"] and r["step_seconds_median"] > 0 for r in result["train_steps"])
     (infer,) = result["inference"]
-    assert infer["slides_per_second"] > 0 and 0 <= infer["read_seconds_median"] <= infer["seconds_per_slide_median"]
+    assert infer["slides_per_second"] == pytest.approx(1.0 / infer["seconds_per_slide_median"])
+    assert 0 < infer["read_seconds_median"] <= infer["seconds_per_slide_median"]  # reads are part of the time
     assert result["synthmets"]["steps"] >= 1 and "--device cpu" in result["synthmets"]["command"]

@@ -85,8 +85,23 @@ def test_create_model_offline_fails_fast_with_an_actionable_typed_error(monkeypa
     monkeypatch.setattr(factory, "_hub_reachable", lambda timeout=3.0: (False, "huggingface.co:443: no route"))
     with pytest.raises(magnet_zoo.BackboneWeightsUnavailableError, match="no route"):
         magnet_zoo.create_model("magnet3_inception_v3")
-    # Without ImageNet weights nothing is fetched and nothing fails.
-    assert magnet_zoo.create_model("magnet2_tiny").config.backbone_pretrained is False
+    # The same config without ImageNet weights: nothing is checked or fetched, and nothing fails. (On a
+    # config that asks for them, so that a build which ignored backbone_pretrained=False would fail here.)
+    import timm
+
+    assert magnet_zoo.get_config("magnet3_inception_v3").backbone_pretrained is True
+    asked = []
+    real = timm.create_model
+
+    def spy(*args, **kwargs):
+        asked.append(bool(kwargs.get("pretrained")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", spy)
+    monkeypatch.setattr(factory, "_hub_reachable", lambda timeout=3.0: pytest.fail("the Hub was asked"))
+    model = magnet_zoo.create_model("magnet3_inception_v3", backbone_pretrained=False)
+    assert model.config.backbone_pretrained is False
+    assert asked and not any(asked)  # every backbone built, none with pretrained=True
 
 
 def test_hub_client_errors_while_building_become_the_typed_error(monkeypatch):

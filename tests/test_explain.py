@@ -211,11 +211,24 @@ def test_geojson_is_qupath_native(model, image, tmp_path):
     layer1 = [f["properties"] for f in rois if f["properties"]["measurements"]["MagNet layer"] == 1]
     assert len({p["classification"]["name"] for p in layer1}) == 2
     assert len({tuple(p["classification"]["color"]) for p in layer1}) == 2
-    # Polygons stay on the slide (QuPath refuses nothing, but a box past the edge is not an ROI there).
+    # Every polygon is its node's box (x, y, w, h in level-0 pixels), corner for corner: one closed exterior
+    # ring, starting top-left and going right first (positive shoelace area in QuPath's y-down pixel frame,
+    # as _check_qupath requires); a box hanging past the slide's edge is cut at the edge.
     w, h = src.dimensions
+    nodes = {n.name: n for n in pred.tree}
+    assert features[0]["properties"]["tree_name"] == pred.tree[0].name
+    inside = 0
     for f in features:
-        for x, y in f["geometry"]["coordinates"][0]:
+        (ring,) = f["geometry"]["coordinates"]
+        bx, by, bw, bh = nodes[f["properties"]["tree_name"]].box
+        x0, y0, x1, y1 = max(bx, 0.0), max(by, 0.0), min(bx + bw, w), min(by + bh, h)
+        assert ring == [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], f["properties"]["tree_name"]
+        if (x0, y0, x1, y1) == (bx, by, bx + bw, by + bh):
+            inside += 1
+            assert ring == [[bx, by], [bx + bw, by], [bx + bw, by + bh], [bx, by + bh], [bx, by]]
+        for x, y in ring:  # polygons stay on the slide (a box past the edge is not an ROI there)
             assert 0 <= x <= w and 0 <= y <= h
+    assert inside >= len(features) // 2  # most boxes lie inside and are compared uncut
     # A rewrite gives the same ids (QuPath re-imports replace instead of duplicating).
     assert json.loads(write_geojson(pred, tmp_path / "y.geojson", slide="slide.tif").read_text()) == collection
 

@@ -156,9 +156,15 @@ def test_recorded_normalisation_is_used(saved, tmp_path):
 
 
 def test_training_mode_and_device(saved):
-    loaded = load_pretrained(saved, device=torch.device("cpu"))
-    assert next(loaded.parameters()).device.type == "cpu"
-    assert not loaded.training
+    # "meta" is a device every machine has that is not where weights load by default (the CPU): a loader
+    # that ignored ``device`` would leave them on the CPU. Every parameter and buffer must move.
+    for device in ("meta", torch.device("meta")):
+        loaded = load_pretrained(saved, device=device)
+        tensors = list(loaded.parameters()) + list(loaded.buffers())
+        assert tensors and {t.device.type for t in tensors} == {"meta"}, device
+        assert not loaded.training
+    loaded = load_pretrained(saved)
+    assert {t.device.type for t in [*loaded.parameters(), *loaded.buffers()]} == {"cpu"}  # the default
 
 
 # --------------------------------------------------------------------------- broken checkpoints
@@ -340,14 +346,61 @@ def test_pinned_revision_loads_older_weights(hub, model, old_model, monkeypatch)
 def test_offline_cache_hit_with_server_stopped(hub, model, old_model, tmp_path, monkeypatch, no_unpickling):
     load_pretrained(REPO)
     load_pretrained(REPO, revision=hub.old_sha)
-    hub.stop()
+    # Offline while the server still runs (and records): a load that asked it anything would show here.
     requests = len(hub.requests)
+    point_huggingface_hub_at(monkeypatch, hub.endpoint, tmp_path / "hf_home", offline=True)
+    assert_same_weights(model, load_pretrained(REPO))
+    assert_same_weights(old_model, load_pretrained(REPO, revision=hub.old_sha))
+    assert hub.requests[requests:] == []
+    # And with no server at all.
+    hub.stop()
     point_huggingface_hub_at(monkeypatch, None, tmp_path / "hf_home", offline=True)
     assert_same_weights(model, load_pretrained(REPO))
     assert_same_weights(old_model, load_pretrained(REPO, revision=hub.old_sha))
-    assert len(hub.requests) == requests
     with pytest.raises(HubError, match=r"not in the Hugging Face cache.*hf download org/name --revision v9"):
         load_pretrained(REPO, revision="v9")
+
+
+def test_pinning_to_a_tag_a_branch_and_a_short_sha(hub, model, old_model, tmp_path, monkeypatch, no_unpickling):
+    hub.set_ref(REPO, "v1.0", hub.old_sha)  # a release tag on the older weights
+    hub.set_ref(REPO, "dev", hub.old_sha)  # a branch, for now at the same commit
+    short = hub.old_sha[:7]  # as in the README: load_pretrained("org/magnet-model", revision="a1b2c3d")
+    assert not hub.new_sha.startswith(short)
+
+    tagged = load_pretrained(REPO, revision="v1.0")
+    assert_same_weights(old_model, tagged)
+    assert tagged.pretrained_source["revision"] == hub.old_sha  # the tag resolved to its commit
+    assert ("GET", f"/api/models/{REPO}/revision/v1.0") in hub.requests
+    assert_same_weights(old_model, load_pretrained(f"hf-hub:{REPO}@v1.0"))
+
+    pinned = load_pretrained(REPO, revision=short)
+    assert_same_weights(old_model, pinned)
+    assert pinned.pretrained_source["revision"] == hub.old_sha
+    assert ("GET", f"/api/models/{REPO}/revision/{short}") in hub.requests
+    assert_same_weights(old_model, load_pretrained(f"{REPO}@{short}"))
+
+    assert_same_weights(old_model, load_pretrained(REPO, revision="dev"))
+    hub.set_ref(REPO, "dev", hub.new_sha)  # the branch moves on; the tag and the sha stay pinned
+    moved = load_pretrained(REPO, revision="dev")
+    assert_same_weights(model, moved)
+    assert moved.pretrained_source["revision"] == hub.new_sha
+    assert_same_weights(old_model, load_pretrained(REPO, revision="v1.0"))
+    assert_same_weights(old_model, load_pretrained(REPO, revision=short))
+
+    # Pinned revisions load offline from the cache, the short sha included (the README's promise).
+    requests = len(hub.requests)
+    point_huggingface_hub_at(monkeypatch, hub.endpoint, tmp_path / "hf_home", offline=True)
+    assert_same_weights(old_model, load_pretrained(REPO, revision=short))
+    assert_same_weights(old_model, load_pretrained(REPO, revision="v1.0"))
+    assert_same_weights(model, load_pretrained(REPO, revision="dev"))  # where the branch was last seen
+    assert hub.requests[requests:] == []
+
+
+def test_an_unknown_short_sha_is_a_missing_revision(hub):
+    unknown = next(c * 7 for c in "0123456789abcdef" if not hub.old_sha.startswith(c * 7)
+                   and not hub.new_sha.startswith(c * 7))
+    with pytest.raises(HubError, match=f"no revision '{unknown}'"):
+        load_pretrained(REPO, revision=unknown)
 
 
 def test_hub_errors_name_the_repo(hub):
@@ -393,6 +446,7 @@ def test_hf_download_cli_then_load_folder(hub, model, old_model, tmp_path, no_un
     assert_same_weights(old_model, load_pretrained(pinned))
 
 
+@pytest.mark.slow
 def test_offline_process_loads_what_hf_download_cached(hub, model, tmp_path):
     """Environment variables alone (read when huggingface_hub is imported) make a fresh process load
     from the cache that `hf download` filled, without a single request."""
@@ -417,30 +471,57 @@ def test_offline_process_loads_what_hf_download_cached(hub, model, tmp_path):
 
 
 # --------------------------------------------------------------------------- push (no real Hub here)
+def _bind(method: str, args: tuple, kwargs: dict) -> dict:
+    """The arguments of a call as the real ``huggingface_hub.HfApi.<method>`` would receive them: a name it
+    does not take, a keyword-only argument passed by position or a missing required one is a TypeError
+    here, as it would be against the Hub."""
+    import inspect
+
+    from huggingface_hub.hf_api import HfApi  # the real class (the fixture replaces huggingface_hub.HfApi)
+
+    assert HfApi is not RecordingHfApi
+    bound = inspect.signature(getattr(HfApi, method)).bind(None, *args, **kwargs)
+    arguments = dict(bound.arguments)
+    del arguments["self"]
+    return arguments
+
+
 class RecordingHfApi:
-    """Stands in for ``huggingface_hub.HfApi``: records calls, keeps a copy of the uploaded folder."""
+    """Stands in for ``huggingface_hub.HfApi``: checks every call against the real method's signature,
+    records the bound arguments, and keeps a copy of the files ``upload_folder`` would upload."""
 
     calls: list[tuple[str, dict]] = []
     uploads: list[Path] = []
     keep_dir: Path
     fail_with: Exception | None = None
 
-    def __init__(self, token=None, **kwargs):
-        self.calls.append(("__init__", {"token": token}))
+    def __init__(self, *args, **kwargs):
+        self.calls.append(("__init__", _bind("__init__", args, kwargs)))
 
-    def create_repo(self, repo_id, **kwargs):
-        self.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
+    def create_repo(self, *args, **kwargs):
+        self.calls.append(("create_repo", _bind("create_repo", args, kwargs)))
         if self.fail_with is not None:
             raise self.fail_with
-        return f"https://hub.example/{repo_id}"
+        return f"https://hub.example/{kwargs.get('repo_id', args[0] if args else None)}"
 
-    def create_branch(self, repo_id, **kwargs):
-        self.calls.append(("create_branch", {"repo_id": repo_id, **kwargs}))
+    def create_branch(self, *args, **kwargs):
+        self.calls.append(("create_branch", _bind("create_branch", args, kwargs)))
 
-    def upload_folder(self, **kwargs):
-        self.calls.append(("upload_folder", kwargs))
+    def upload_folder(self, *args, **kwargs):
+        from huggingface_hub.utils import filter_repo_objects
+
+        call = _bind("upload_folder", args, kwargs)
+        self.calls.append(("upload_folder", call))
+        folder = Path(call["folder_path"])
+        present = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+        # The files the Hub client would upload: huggingface_hub's own pattern filter.
+        chosen = list(filter_repo_objects(present, allow_patterns=call.get("allow_patterns"),
+                                          ignore_patterns=call.get("ignore_patterns")))
         kept = self.keep_dir / f"upload{len(self.uploads)}"
-        shutil.copytree(kwargs["folder_path"], kept)
+        kept.mkdir()
+        for name in chosen:
+            (kept / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(folder / name, kept / name)
         self.uploads.append(kept)
         return "commit-info"
 
@@ -455,6 +536,18 @@ def fake_api(monkeypatch, tmp_path):
     return RecordingHfApi
 
 
+def test_the_fake_hf_api_refuses_calls_the_real_one_refuses(fake_api, tmp_path):
+    api = fake_api(token="tok")
+    with pytest.raises(TypeError):
+        api.create_repo(REPO, privat=True)  # misspelt
+    with pytest.raises(TypeError):
+        api.create_branch(REPO, "dev")  # branch is keyword-only
+    with pytest.raises(TypeError):
+        api.upload_folder(REPO, folder_path=tmp_path)  # repo_id is keyword-only
+    with pytest.raises(TypeError):
+        api.upload_folder(repo_id=REPO)  # folder_path is required
+
+
 def test_push_to_hub_creates_repo_branch_and_uploads_a_loadable_folder(fake_api, model):
     result = push_to_hub(model, "hf-hub:org/name", revision="dev", private=True, metrics=METRICS, token="tok")
     assert result == "commit-info"
@@ -463,9 +556,11 @@ def test_push_to_hub_creates_repo_branch_and_uploads_a_loadable_folder(fake_api,
     calls = dict(fake_api.calls)
     assert calls["__init__"] == {"token": "tok"}
     assert calls["create_repo"] == {"repo_id": REPO, "private": True, "repo_type": "model", "exist_ok": True}
-    assert calls["create_branch"]["branch"] == "dev" and calls["create_branch"]["exist_ok"] is True
-    assert calls["upload_folder"]["repo_id"] == REPO and calls["upload_folder"]["revision"] == "dev"
-    assert "magnet_zoo" in calls["upload_folder"]["commit_message"]
+    assert calls["create_branch"] == {"repo_id": REPO, "branch": "dev", "repo_type": "model", "exist_ok": True}
+    upload = calls["upload_folder"]
+    assert upload["repo_id"] == REPO and upload["revision"] == "dev" and upload["repo_type"] == "model"
+    assert upload.get("path_in_repo") is None and not upload.get("create_pr") and not upload.get("delete_patterns")
+    assert "magnet_zoo" in upload["commit_message"]
     uploaded = fake_api.uploads[0]
     assert sorted(p.name for p in uploaded.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     assert_same_weights(model, load_pretrained(uploaded))
@@ -476,10 +571,16 @@ def test_push_to_hub_creates_repo_branch_and_uploads_a_loadable_folder(fake_api,
 
 
 def test_push_to_main_creates_no_branch(fake_api, model):
-    push_to_hub(model, REPO, commit_message="weights v1")
+    push_to_hub(model, REPO, commit_message="weights v1", create_pr=True)
     names = [name for name, _ in fake_api.calls]
-    assert "create_branch" not in names
-    assert dict(fake_api.calls)["upload_folder"]["commit_message"] == "weights v1"
+    assert names == ["__init__", "create_repo", "upload_folder"]
+    calls = dict(fake_api.calls)
+    assert calls["__init__"] == {"token": None}
+    assert calls["create_repo"] == {"repo_id": REPO, "private": None, "repo_type": "model", "exist_ok": True}
+    upload = calls["upload_folder"]
+    assert upload["commit_message"] == "weights v1" and upload["create_pr"] is True
+    assert upload["repo_id"] == REPO and upload.get("revision") in (None, "main")
+    assert sorted(p.name for p in fake_api.uploads[0].iterdir()) == ["README.md", "config.json", "model.safetensors"]
 
 
 @pytest.mark.parametrize(

@@ -83,3 +83,63 @@ def test_single_level_and_float_downsamples():
 def test_empty_pyramid_is_an_error():
     with pytest.raises(ValueError, match="at least one level"):
         select_level([], 100, 10)
+
+
+# --------------------------------------------------------------------------- irregular and anisotropic pyramids
+def test_irregular_downsamples_in_any_order():
+    # DICOM-style irregular factors, listed out of order, with a duplicate: the coarsest sufficient level wins.
+    ds = [1.0, 10.3, 2.5, 40.0, 10.3]
+    assert select_level(ds, 100, 112) == 0  # even level 0 is short: nothing finer exists
+    assert select_level(ds, 280, 112) == 2  # 112 px at 2.5x
+    assert select_level(ds, 279, 112) == 0  # 111.6 px at 2.5x: short by more than the slack
+    assert ds[select_level(ds, 1153.6, 112)] == 10.3  # 112.0 px at 10.3x (either of the two equal levels)
+    assert select_level(ds, 4480, 112) == 3
+    assert select_level(ds, 10**6, 112) == 3
+    # Exhaustively: the level chosen has enough pixels, and no coarser level has.
+    for side in np.geomspace(50, 20_000, 400):
+        lvl = select_level(ds, side, 112)
+        enough = [d for d in ds if side / d >= 112 * (1 - 1e-3)]
+        assert ds[lvl] == (max(enough) if enough else 1.0), side
+
+
+def _anisotropic_pyramid(w0: int, h0: int, factors_x, factors_y):
+    dims = [(w0, h0)] + [(max(1, round(w0 / fx)), max(1, round(h0 / fy))) for fx, fy in zip(factors_x, factors_y,
+                                                                                            strict=True)]
+    # How every backend reports a level's downsample: the mean of its two axes' factors.
+    return dims, [((w0 / w) + (h0 / h)) / 2 for w, h in dims]
+
+
+@pytest.mark.parametrize(
+    ("w0", "h0", "fx", "fy"),
+    [
+        (2220, 2967, (2, 4, 8), (2, 4, 8)),  # rounding makes real pyramids slightly anisotropic
+        (99_999, 77_777, (4, 16, 64, 256), (4, 16, 64, 256)),
+        (4001, 3, (2, 4), (1.5, 3)),  # a thin strip: the short axis rounds far from the long one
+        (6000, 6000, (2, 4, 8), (2.02, 4.04, 8.08)),  # a scanner whose y steps are 1% larger
+    ],
+)
+def test_anisotropic_pyramids_give_both_axes_the_target_within_the_axis_mismatch(w0, h0, fx, fy):
+    """On an anisotropic level the scalar downsample is the mean of the axes, so an axis may get fewer
+    pixels than the target, but never fewer than the target scaled by that axis' mismatch; and the level
+    chosen is the coarsest that reaches the target by the scalar downsample (the protocol's)."""
+    dims, ds = _anisotropic_pyramid(w0, h0, fx, fy)
+    for side in np.geomspace(4, 4 * max(w0, h0), 300):
+        for target in (56, 112):
+            lvl = select_level(ds, side, target)
+            assert lvl == 0 or side / ds[lvl] >= target * (1 - 1e-3), (side, target)
+            coarser = [i for i in range(len(ds)) if ds[i] > ds[lvl]]
+            assert all(side / ds[i] < target * (1 - 1e-3) for i in coarser), (side, target, lvl)
+            if lvl:
+                w, h = dims[lvl]
+                per_axis = (side * w / w0, side * h / h0)  # level pixels across the region, each axis
+                mismatch = (min(w0 / w, h0 / h) / ds[lvl], max(w0 / w, h0 / h) / ds[lvl])
+                assert min(per_axis) >= target * (1 - 1e-3) / mismatch[1] - 1e-9, (side, target, lvl)
+
+
+def test_rectangles_meet_each_axis_target_on_a_4x_pyramid():
+    ds = [1.0, 4.0, 16.0]
+    # (w, h) regions against (w, h) targets: each axis must meet its own target.
+    assert select_level(ds, (1600, 400), (100, 100)) == 1  # 400 / 16 = 25 < 100 on the short side
+    assert select_level(ds, (1600, 1600), (100, 100)) == 2
+    assert select_level(ds, (1600, 1600), (100, 400)) == 1
+    assert select_level(ds, (1600, 1600), (100, 401)) == 0

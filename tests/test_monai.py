@@ -85,7 +85,7 @@ def test_supervised_trainer_and_evaluator_drive_a_magnet(data_csv: Path, tmp_pat
     model = create_model("magnet2_tiny", **TINY)
     train_ds = Dataset(datalist_from_csv(data_csv, "train"), Compose([LoadSlided("image"), RandSlideOrientd("image")]))
     val_ds = Dataset(datalist_from_csv(data_csv, "val"), LoadSlided("image"))
-    prepare = MagNetPrepareBatch(grey_threshold=model.config.grey_threshold)
+    prepare = MagNetPrepareBatch(model=model)
     evaluator = SupervisedEvaluator(
         device=device,
         val_data_loader=DataLoader(val_ds, batch_size=2, collate_fn=collate_slides),
@@ -96,7 +96,9 @@ def test_supervised_trainer_and_evaluator_drive_a_magnet(data_csv: Path, tmp_pat
         val_handlers=[SavePretrained(tmp_path / "best", model, best_only=True)],
         decollate=False,
     )
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # Parameters only: BatchNorm running statistics (buffers) change on any training-mode forward pass,
+    # optimizer step or not.
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
     losses: list[float] = []
     trainer = SupervisedTrainer(
         device=device,
@@ -115,7 +117,10 @@ def test_supervised_trainer_and_evaluator_drive_a_magnet(data_csv: Path, tmp_pat
     SavePretrained(tmp_path / "last", model).attach(trainer)
     trainer.run()
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
-    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    changed = {k for k, v in model.named_parameters() if not torch.equal(before[k], v.detach())}
+    assert changed, "the optimizer did not change a single parameter"
+    heads = [k for k in before if k.startswith(("classifier.", "aux_heads."))]
+    assert heads and set(heads) <= changed  # the heads get a gradient on every step, so all of them moved
     auroc = evaluator.state.metrics["val_auroc"]
     assert 0.0 <= auroc <= 1.0
     for name in ("last", "best"):
@@ -126,7 +131,7 @@ def test_magnet_loss_matches_the_models_own_loss(data_csv: Path) -> None:
     torch.manual_seed(1)
     model = create_model("magnet2_tiny", **TINY, loss_paradoxical=False, aux_reduction="sum")
     batch = collate_slides([LoadSlided("image")(d) for d in datalist_from_csv(data_csv)[:2]])
-    fetchers, labels = MagNetPrepareBatch()(batch)
+    fetchers, labels = MagNetPrepareBatch(model=model)(batch)
     torch.manual_seed(2)
     out = model(fetchers)
     assert torch.allclose(MagNetLoss(model)(out, labels), model.loss(out, labels).total)
@@ -194,8 +199,28 @@ def test_datalist_for_inference_needs_no_labels(data_csv: Path, tmp_path: Path) 
     listing.write_text("path\n" + "".join(f"{d['image']}\n" for d in items[:2]))
     assert datalist_from_slides(listing) == items[:2]
     batch = collate_slides([LoadSlided("image")(d) for d in items[:2]])
-    fetchers, labels = MagNetPrepareBatch()(batch)
+    fetchers, labels = MagNetPrepareBatch(grey_threshold=15)(batch)
     assert labels is None and len(fetchers) == 2
+
+
+def test_prepare_batch_uses_the_models_grey_threshold(data_csv: Path) -> None:
+    """The grey filter is the model's, never a silent default of 15 that another config does not share."""
+    from magnet_zoo.integrations.monai import prepare_magnet_batch
+
+    model = create_model("magnet2_tiny", **TINY, grey_threshold=40)
+    batch = collate_slides([LoadSlided("image")(d) for d in datalist_from_csv(data_csv)[:2]])
+    for prepare in (MagNetPrepareBatch(model=model), MagNetPrepareBatch(model=model.config),
+                    MagNetPrepareBatch(grey_threshold=40)):
+        fetchers, _ = prepare(batch)
+        assert [f.grey_threshold for f in fetchers] == [40, 40]
+    fetchers, _ = prepare_magnet_batch(batch, model=model)
+    assert [f.grey_threshold for f in fetchers] == [40, 40]
+    with pytest.raises(TypeError, match="grey_threshold"):
+        MagNetPrepareBatch()
+    with pytest.raises(TypeError, match="grey_threshold"):
+        prepare_magnet_batch(batch)
+    with pytest.raises(ValueError, match="40"):
+        MagNetPrepareBatch(grey_threshold=15, model=model)
 
 
 def test_bundle_has_the_model_zoo_layout() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,6 +43,7 @@ def cohort(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_predict_folder_with_corrupt_slides_then_resume(cohort, checkpoint, tmp_path, capsys):
     out = tmp_path / "out"
     code = main(["predict", str(cohort), "--model", str(checkpoint), "--out", str(out), "--batch-size", "4"])
@@ -103,12 +105,12 @@ def test_model_without_weights_is_a_one_line_error(cohort, tmp_path, capsys):
     assert "Traceback" not in err
 
 
-def test_explain_draws_the_roi_tree_on_a_real_slide(wsi_dir, checkpoint, tmp_path):
-    slide = wsi_dir / "CMU-1-Small-Region_pyramid.tiff"
+def test_explain_draws_the_roi_tree_on_a_pyramid(pyramid, checkpoint, tmp_path):
+    slide = pyramid.path
     assert main(["explain", str(slide), "--model", str(checkpoint), "--out", str(tmp_path), "--thumb-size", "512"]) == 0
-    png = tmp_path / "CMU-1-Small-Region_pyramid.magnet.png"
-    geo = json.loads((tmp_path / "CMU-1-Small-Region_pyramid.magnet.geojson").read_text())
-    pred = json.loads((tmp_path / "CMU-1-Small-Region_pyramid.magnet.json").read_text())
+    png = tmp_path / f"{slide.stem}.magnet.png"
+    geo = json.loads((tmp_path / f"{slide.stem}.magnet.geojson").read_text())
+    pred = json.loads((tmp_path / f"{slide.stem}.magnet.json").read_text())
     img = np.asarray(Image.open(png).convert("RGB"))
     # Thumbnail (512 + header) beside a gallery of 4 final patches of 64x64.
     assert img.shape[0] >= 512 and img.shape[1] >= 512 + 64
@@ -135,7 +137,7 @@ def test_explain_draws_the_roi_tree_on_a_real_slide(wsi_dir, checkpoint, tmp_pat
     from magnet_zoo.explain.geojson import patch_colour
     from magnet_zoo.explain.render import GAP, HEADER
 
-    w, h = 2220, 2967
+    w, h = pyramid.dimensions
     side = max(w, h)
     x0 = (w - side) / 2
     k = 512 / side
@@ -285,3 +287,102 @@ def test_output_files_get_the_mode_the_umask_allows(small_cohort, checkpoint, tm
     files = [p for p in out.rglob("*") if p.is_file()]
     assert {p.suffix for p in files} >= {".json", ".csv", ".png", ".geojson"}
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(mode) for p in files}
+
+
+# --------------------------------------------------------------------------- sharded runs (torchrun ranks)
+def _csv_rows(path):
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_sharded_run_merges_into_one_folder_then_a_sharded_retry_clears_fixed_errors(cohort, checkpoint, tmp_path):
+    """``predict`` under torchrun: every rank predicts its shard into one folder, with its own errors file;
+    rank 0 then merges (magnet_zoo.cli.predict calls merge_rank_outputs after a barrier)."""
+    from magnet_zoo.infer.batch import merge_rank_outputs, predict_many, slide_key
+
+    folder = tmp_path / "cohort"
+    folder.mkdir()
+    for name in ("s00.tif", "s01.tif", "s02.tif", "s18_truncated.tif", "s19_text.tif"):
+        shutil.copy(cohort / name, folder / name)
+    slides = collect_slides([folder])
+    assert len(slides) == 5
+    model = magnet_zoo.load_pretrained(str(checkpoint))
+    out = tmp_path / "out"
+
+    def run_ranks(**kwargs):
+        return [predict_many(model, slides, out, rank=r, world=2, **kwargs) for r in range(2)]
+
+    summaries = run_ranks()
+    assert not (out / "predictions.csv").exists()  # ranks leave the shared CSV to the merge
+    assert [s.total for s in summaries] == [3, 2]  # the shards of 5 slides
+    assert sum(s.predicted for s in summaries) == 3 and sum(s.failed for s in summaries) == 2
+    rank_files = sorted(p.name for p in out.glob("errors.rank*.csv"))
+    assert rank_files and not (out / "errors.csv").exists()
+    merged = merge_rank_outputs(out)
+    assert merged == out / "predictions.csv"
+    assert sorted(r["path"] for r in _csv_rows(merged)) == sorted(
+        str(p) for p in slides if p.name in ("s00.tif", "s01.tif", "s02.tif"))
+    assert len({r["slide"] for r in _csv_rows(merged)}) == 3  # each slide once, whichever rank did it
+    errors = _csv_rows(out / "errors.csv")
+    assert sorted(Path(e["path"]).name for e in errors) == ["s18_truncated.tif", "s19_text.tif"]
+    assert not list(out.glob("errors.rank*.csv"))
+
+    # The text file is replaced by a good slide; a sharded retry predicts it and its error row goes.
+    shutil.copy(cohort / "s00.tif", folder / "s19_text.tif")
+    summaries = run_ranks(retry_errors=True)
+    assert sum(s.predicted for s in summaries) == 1 and sum(s.done_before for s in summaries) == 3
+    assert sum(s.failed for s in summaries) == 1  # the truncated file, tried again
+    merge_rank_outputs(out)
+    errors = _csv_rows(out / "errors.csv")
+    assert [Path(e["path"]).name for e in errors] == ["s18_truncated.tif"], errors
+    assert (out / "slides" / f"{slide_key(folder / 's19_text.tif')}.json").is_file()
+    assert len(_csv_rows(out / "predictions.csv")) == 4
+
+
+# --------------------------------------------------------------------------- the model's grey threshold, end to end
+def test_a_checkpoints_grey_threshold_other_than_15_is_honoured_end_to_end(tmp_path):
+    """Tissue whose colour channels differ by exactly 20: kept by the paper's threshold (15), blacked out
+    by a model whose config says 30. Saved, loaded, and predicted by predict_slide, predict_many and the
+    CLI, that model must see an all-black slide; under 15 it sees tissue."""
+    import torch
+
+    from magnet_zoo.infer.batch import predict_many, slide_key
+    from tests.conftest import micro_magnet
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(60, 200, (500, 600, 1))
+    image = np.concatenate([base + 20, base + 10, base], axis=-1).astype(np.uint8)  # spread 20 everywhere
+    slide = tmp_path / "spread20.png"
+    Image.fromarray(image).save(slide)
+    black = magnet_zoo.ArraySource(np.zeros_like(image))
+
+    model = micro_magnet(attention_init="random", grey_threshold=30).eval()
+    loaded = magnet_zoo.load_pretrained(save_pretrained(model, tmp_path / "ckpt30"))
+    assert loaded.config.grey_threshold == 30
+    with open_source(slide) as src:
+        seen = magnet_zoo.predict_slide(loaded, src)
+    assert seen.final_patches.abs().sum() == 0  # every read was filtered with 30
+    expected = magnet_zoo.predict_slide(loaded, black).probability
+    assert seen.probability == pytest.approx(expected, abs=1e-6)
+
+    fifteen = micro_magnet(attention_init="random").eval()
+    assert fifteen.config.grey_threshold == 15
+    with torch.no_grad():
+        fifteen.load_state_dict(loaded.state_dict())
+    with open_source(slide) as src:
+        assert magnet_zoo.predict_slide(fifteen, src).final_patches.abs().sum() > 0  # the control sees tissue
+
+    out = tmp_path / "out"
+    summary = predict_many(loaded, [slide], out)
+    assert summary.predicted == 1
+    record = json.loads((out / "slides" / f"{slide_key(slide)}.json").read_text())
+    assert record["probability"] == pytest.approx(expected, abs=1e-6)
+    assert main(["predict", str(slide), "--model", str(tmp_path / "ckpt30"), "--out", str(tmp_path / "cli")]) == 0
+    record = json.loads((tmp_path / "cli" / "slides" / f"{slide_key(slide)}.json").read_text())
+    assert record["probability"] == pytest.approx(expected, abs=1e-6)
+
+
+def open_source(path):
+    from magnet_zoo.wsi import open_slide
+
+    return open_slide(path)

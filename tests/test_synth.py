@@ -8,14 +8,13 @@ import json
 from pathlib import Path
 
 import numpy as np
+import openslide
 import pytest
+import tifffile
 
 from magnet_zoo.synth import generate_dataset, generate_slide, plan_slide, read_labels, texture, tumour_mask
 from magnet_zoo.synth.cli import add_parser, main
 from magnet_zoo.synth.texture import STAIN_E, STAIN_H
-
-tifffile = pytest.importorskip("tifffile")
-openslide = pytest.importorskip("openslide")
 
 SIZE = 6144
 SEED = 5
@@ -63,6 +62,7 @@ def macro(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, Path, d
     return root / "macro.tif", tumour, root / "normal.tif", normal
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_pixels_different_seed_does_not(tmp_path: Path) -> None:
     first = generate_slide(tmp_path / "a.tif", size=3072, category="micro", seed=11)
     texture.bank_variant.cache_clear()  # the second run rebuilds its texture bank from scratch
@@ -195,6 +195,7 @@ def test_openslide_reads_every_level_consistently_with_level_0(macro: tuple[Path
             assert page.compression == tifffile.COMPRESSION.JPEG and page.jpegtables
 
 
+@pytest.mark.slow
 def test_an_itc_is_invisible_at_56_by_56(tmp_path: Path) -> None:
     size, seed = 8192, 2
     itc = generate_slide(tmp_path / "itc.tif", size=size, category="itc", seed=seed)

@@ -126,3 +126,24 @@ def test_example_thumbnail_without_objective_power_is_small_not_upsampled(wsi_di
     thumb = example.thumbnail(reader, max_side=1024)
     assert max(thumb.shape[:2]) <= 1024 and min(thumb.shape[:2]) >= 700
     assert thumb.shape[1] / thumb.shape[0] == pytest.approx(4000 / 3000, rel=0.01)
+
+
+def test_trees_option_pools_sampled_trees_like_predict_slide(model: MagNetTIAModel) -> None:
+    image = np.full((400, 480, 3), 240, dtype=np.uint8)
+    image[100:300, 120:400] = np.random.default_rng(0).integers(60, 200, size=(200, 280, 3), dtype=np.uint8)
+    sampled = MagNetTIAModel(model.magnet, trees=2, tree_seed=1)
+    out = MagNetTIAModel.infer_batch(sampled, [VirtualWSIReader(image), image], device="cpu")
+    expected = predict_slide(model.magnet, ArraySource(image), trees=2, seed=1)
+    assert out["probabilities"] == pytest.approx([expected.probability] * 2, abs=1e-6)
+    assert out["tree_probabilities"].shape == (2, 2)
+    assert out["tree_probabilities"][1] == pytest.approx(expected.tree_probabilities, abs=1e-6)
+    assert out["tree_index"] == [expected.tree_index] * 2
+    sampled_boxes = [[n["box"] for n in t] for t in out["sampled_trees"][1]]
+    assert sampled_boxes == [[list(n.box) for n in t] for t in expected.trees]
+    assert [n["box"] for n in out["trees"][1]] == [list(n.box) for n in expected.tree]
+    plain = MagNetTIAModel.infer_batch(model, [image], device="cpu")
+    assert "sampled_trees" not in plain and [n["box"] for n in plain["trees"][0]] != [n["box"] for n in out["trees"][1]]
+    assert MagNetTIAModel(model.magnet, trees=1).trees is None  # one tree: the expected crop
+    from magnet_zoo.integrations.tiatoolbox import to_annotation_store
+
+    assert len(to_annotation_store(out)) == 2 * len([n for n in expected.tree if not n.frozen])

@@ -29,6 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="predict every slide again, whatever the folder holds")
     p.add_argument("--threshold", type=float, default=0.5,
                    help="probability from which a slide gets the positive label (default 0.5)")
+    _tree_args(p)
     p.set_defaults(func=run_predict)
 
     p = sub.add_parser("explain", help="explanation PNG (ROIs on the slide + final patches) and QuPath GeoJSON")
@@ -39,7 +40,33 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--thumb-size", type=int, default=1024, help="side of the slide picture in pixels")
     p.add_argument("--threshold", type=float, default=0.5,
                    help="probability from which the slide gets the positive label (default 0.5)")
+    _tree_args(p)
     p.set_defaults(func=run_explain)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def _tree_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--trees", type=_positive_int, default=1, metavar="K",
+        help="pool K sampled zoom trees per slide (every learned crop centre drawn from the attention; the "
+             "probability is the mean of the K trees'): K times the compute and about K times the reads, "
+             "slides run one at a time; not shown to improve accuracy. Default 1: the expected crop, one tree",
+    )
+    p.add_argument("--tree-seed", type=_seed, default=0, metavar="S",
+                   help="seed of the sampled trees (with --trees K > 1; default 0): same seed, same trees")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -97,6 +124,8 @@ def run_predict(args: argparse.Namespace) -> int:
         rank=rank,
         world=world,
         progress=bar,
+        trees=args.trees,
+        tree_seed=args.tree_seed,
     )
     if world > 1:
         import torch.distributed as dist
@@ -121,7 +150,7 @@ def run_predict(args: argparse.Namespace) -> int:
 def run_explain(args: argparse.Namespace) -> int:
     from magnet_zoo.atomic import atomic_write_text
     from magnet_zoo.explain import save_explanation, write_geojson
-    from magnet_zoo.infer.predict import predict_slide
+    from magnet_zoo.infer.predict import predict_slide, tree_settings
     from magnet_zoo.infer.provenance import provenance
     from magnet_zoo.wsi.open import open_slide
 
@@ -129,8 +158,10 @@ def run_explain(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open_slide(args.slide, args.backend) as src:
-        pred = predict_slide(model, src, threshold=args.threshold)
-        pred.provenance = provenance(model, {"threshold": float(args.threshold), "backend": args.backend})
+        pred = predict_slide(model, src, threshold=args.threshold, trees=args.trees, seed=args.tree_seed)
+        settings = {"threshold": float(args.threshold), "backend": args.backend,
+                    **tree_settings(args.trees, args.tree_seed)}
+        pred.provenance = provenance(model, settings)
         stem = Path(args.slide).stem
         png = save_explanation(src, pred, out / f"{stem}.magnet.png", thumb_size=args.thumb_size)
         geo = write_geojson(pred, out / f"{stem}.magnet.geojson", slide=str(args.slide))

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from magnet_zoo.atomic import atomic_write_text
-from magnet_zoo.infer.predict import Prediction, resolution_report
+from magnet_zoo.infer.predict import Prediction, check_trees, predict_fetcher, resolution_report, tree_settings
 from magnet_zoo.infer.provenance import provenance as make_provenance
 from magnet_zoo.nn.magnet import MagNet
 from magnet_zoo.wsi.errors import SlideError
@@ -189,10 +189,15 @@ def predict_many(
     rank: int = 0,
     world: int = 1,
     progress: Callable[[Iterable], Iterable] | None = None,
+    trees: int | None = None,
+    tree_seed: int = 0,
 ) -> RunSummary:
     """Predict every slide in ``slides`` (this rank's shard of it) into ``out_dir``; see module doc.
 
     ``threshold`` turns the probability into the label (``p >= threshold`` is the positive class).
+    ``trees`` ``K > 1`` pools ``K`` sampled zoom trees per slide (``predict_slide(trees=K, seed=tree_seed)``;
+    ``K`` times the cost, and the slides then run one at a time whatever ``batch_size``, so that a slide's
+    trees depend on the seed only); both are settings of the run key.
     """
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}")
@@ -200,7 +205,9 @@ def predict_many(
         raise ValueError(f"threshold must lie in [0, 1], got {threshold}")
     out = Path(out_dir)
     (out / "slides").mkdir(parents=True, exist_ok=True)
-    prov = make_provenance(model, {"threshold": float(threshold), "backend": backend})
+    trees = check_trees(trees)
+    prov = make_provenance(model, {"threshold": float(threshold), "backend": backend,
+                                   **tree_settings(trees, tree_seed)})
     key_now = prov["run_key"]
     if rank == 0:
         atomic_write_text(out / "run.json", json.dumps(prov, indent=1) + "\n")
@@ -255,8 +262,12 @@ def predict_many(
                 else:
                     good.append((path, src))
             if good:
-                _predict_batch(model, good, out, explain, new_errors, summary, prov, threshold)
-            if new_errors or errors_path.is_file():
+                _predict_batch(model, good, out, explain, new_errors, summary, prov, threshold, trees, tree_seed)
+            if world > 1:  # a rank's file also names the slides it predicted: their old rows are stale
+                predicted = [p for batch in batches[: i + 1] for p in batch if slide_key(p) not in new_errors]
+                write_errors(errors_path, {**{slide_key(p): _cleared_row(p, key_now) for p in predicted},
+                                           **new_errors})
+            elif new_errors or errors_path.is_file():
                 write_errors(errors_path, new_errors)
     finally:
         pool.shutdown(wait=True)
@@ -283,10 +294,16 @@ def _done_state(folder: Path, key: str, key_now: str, explain: bool) -> str:
 
 
 def _all_errors(out: Path) -> dict[str, dict[str, str]]:
+    """Every slide's error row: ``errors.csv`` updated by the ranks' files of a sharded run, in which a row
+    with no error (:func:`_cleared_row`) says that the rank has since predicted that slide."""
     rows = read_errors(out / "errors.csv")
-    for extra in out.glob("errors.rank*.csv"):
+    for extra in sorted(out.glob("errors.rank*.csv")):
         rows.update(read_errors(extra))
-    return rows
+    return {k: row for k, row in rows.items() if row.get("error")}
+
+
+def _cleared_row(path: Path, run_key: str) -> dict[str, str]:
+    return {"key": slide_key(path), "path": str(path), "error": "", "message": "predicted", "run_key": run_key}
 
 
 def _record_error(errors: dict, path: Path, exc: BaseException, summary: RunSummary) -> None:
@@ -308,12 +325,22 @@ def _predict_batch(
     summary: RunSummary,
     prov: dict,
     threshold: float,
+    trees: int | None = None,
+    tree_seed: int = 0,
 ) -> None:
     labels = model.config.labels
+    if trees is not None and len(opened) > 1:  # sampled trees: one slide at a time (module doc)
+        for item in opened:
+            _predict_batch(model, [item], out, explain, errors, summary, prov, threshold, trees, tree_seed)
+        return
     start = time.perf_counter()
     try:
         with torch.inference_mode():
-            result = model([SlideFetcher(src, model.config.grey_threshold) for _, src in opened])
+            if trees is not None:
+                sampled = predict_fetcher(model, SlideFetcher(opened[0][1], model.config.grey_threshold),
+                                          threshold=threshold, trees=trees, seed=tree_seed)
+            else:
+                result = model([SlideFetcher(src, model.config.grey_threshold) for _, src in opened])
     except (SlideError, OSError, ValueError) as exc:
         if len(opened) == 1:
             path, src = opened[0]
@@ -321,25 +348,29 @@ def _predict_batch(
             src.close()
             return
         for item in opened:  # find the bad slide(s): one by one
-            _predict_batch(model, [item], out, explain, errors, summary, prov, threshold)
+            _predict_batch(model, [item], out, explain, errors, summary, prov, threshold, trees, tree_seed)
         return
     seconds = (time.perf_counter() - start) / len(opened)
     for i, (path, src) in enumerate(opened):
-        prob = float(result.probs[i])
-        pred = Prediction(
-            slide=str(path),
-            probability=prob,
-            label=labels[1] if prob >= threshold else labels[0],
-            aux_probabilities={},
-            tree=result.trees[i],
-            accounting=result.accounting[i],
-            seconds=seconds,
-            final_patches=result.final_patches[i].detach().cpu(),
-            threshold=threshold,
-            resolution=resolution_report(model, src, result.trees[i]),
-            provenance=prov,
-            labels=tuple(labels),
-        )
+        if trees is not None:
+            pred = sampled
+            pred.slide, pred.provenance, pred.seconds = str(path), prov, seconds
+        else:
+            prob = float(result.probs[i])
+            pred = Prediction(
+                slide=str(path),
+                probability=prob,
+                label=labels[1] if prob >= threshold else labels[0],
+                aux_probabilities={},
+                tree=result.trees[i],
+                accounting=result.accounting[i],
+                seconds=seconds,
+                final_patches=result.final_patches[i].detach().cpu(),
+                threshold=threshold,
+                resolution=resolution_report(model, src, result.trees[i]),
+                provenance=prov,
+                labels=tuple(labels),
+            )
         if pred.resolution["warning"] and pred.resolution["relative_difference"] is not None:
             log.warning("%s: %s", path, pred.resolution["warning"])
         key = slide_key(path)

@@ -20,6 +20,7 @@ import torch
 from magnet_zoo.config import MPP_TOLERANCE
 from magnet_zoo.nn.magnet import MagNet
 from magnet_zoo.nn.tree import RoiNode
+from magnet_zoo.nn.trees import DEFAULT_TEMPERATURE, DEFAULT_UNIFORM, pooled_forward
 from magnet_zoo.wsi.fetch import as_fetcher
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,16 @@ class Prediction:
     """Model, revision, weights hash, versions and settings (:mod:`magnet_zoo.infer.provenance`)."""
     labels: tuple[str, ...] | None = None
     """The model's ``(negative, positive)`` class names."""
+    trees: list[list[RoiNode]] | None = None
+    """With sampled trees (``predict_slide(trees=K)``, ``K > 1``): all ``K`` zoom trees, in draw order;
+    ``tree`` is ``trees[tree_index]``. ``None`` with the expected crop (one deterministic tree)."""
+    tree_probabilities: list[float] | None = None
+    """Each sampled tree's probability; ``probability`` is their mean."""
+    tree_index: int | None = None
+    """Which of ``trees`` is ``tree`` (and gave ``final_patches``): the one whose probability is closest to
+    the pooled ``probability`` (the first on a tie)."""
+    sampling: dict[str, Any] | None = None
+    """With sampled trees: ``trees`` (K), ``seed``, ``temperature``, ``uniform`` and ``pooling``."""
 
     @property
     def final_nodes(self) -> list[RoiNode]:
@@ -116,7 +127,7 @@ class Prediction:
 
     def to_dict(self) -> dict[str, Any]:
         nodes = (self.resolution or {}).get("nodes", {})
-        resolution = {k: v for k, v in (self.resolution or {}).items() if k != "nodes"}
+        resolution = {k: v for k, v in (self.resolution or {}).items() if k not in ("nodes", "tree_nodes")}
         out = {
             "slide": self.slide,
             "probability": self.probability,
@@ -129,13 +140,52 @@ class Prediction:
             "resolution": resolution or None,
             "tree": [{**n.to_dict(), **nodes.get(n.name, {})} for n in self.tree],
         }
+        if self.trees is not None:
+            per_tree = (self.resolution or {}).get("tree_nodes") or [{} for _ in self.trees]
+            out["sampling"] = {
+                **(self.sampling or {}),
+                "tree_index": self.tree_index,
+                "tree_probabilities": self.tree_probabilities,
+            }
+            out["trees"] = [
+                [{**n.to_dict(), **res.get(n.name, {})} for n in tree]
+                for tree, res in zip(self.trees, per_tree, strict=True)
+            ]
         if self.provenance is not None:
             out["provenance"] = self.provenance
         return out
 
 
+def tree_settings(trees: int | None, seed: int = 0) -> dict[str, Any]:
+    """The prediction settings sampled trees add to the provenance (and so to the run key): nothing for
+    the expected crop (``trees`` ``None`` or 1), so those run keys are unchanged."""
+    k = check_trees(trees)
+    if k is None:
+        return {}
+    return {"trees": k, "tree_seed": int(seed), "tree_temperature": DEFAULT_TEMPERATURE,
+            "tree_uniform": DEFAULT_UNIFORM}
+
+
+def check_trees(trees: int | None) -> int | None:
+    """``trees`` as given to :func:`predict_slide`: ``None`` (or 1) for the expected crop, else ``K >= 2``."""
+    if trees is None:
+        return None
+    if isinstance(trees, bool) or int(trees) != trees or trees < 1:
+        raise ValueError(f"trees must be None or an integer >= 1, got {trees!r}")
+    return None if int(trees) == 1 else int(trees)
+
+
 @torch.inference_mode()
-def predict_slide(model: MagNet, source: object, *, threshold: float = 0.5) -> Prediction:
+def predict_slide(
+    model: MagNet,
+    source: object,
+    *,
+    threshold: float = 0.5,
+    trees: int | None = None,
+    seed: int = 0,
+    temperature: float = DEFAULT_TEMPERATURE,
+    uniform: float = DEFAULT_UNIFORM,
+) -> Prediction:
     """Classify one slide.
 
     ``source`` is a slide source (``magnet_zoo.ArraySource``, or a slide opened by
@@ -143,31 +193,76 @@ def predict_slide(model: MagNet, source: object, *, threshold: float = 0.5) -> P
     on its own device; its training mode is restored afterwards. The prediction's ``resolution`` says
     the µm per pixel of the slide and of every node, and warns (also through ``logging``) when the
     slide's resolution is far from the training slides'.
+
+    ``trees`` (``K``): ``None`` or 1, the default, is the MagNet as trained: every crop the attention
+    map's expectation, one deterministic tree. ``K > 1`` runs ``K`` sampled trees
+    (:mod:`magnet_zoo.nn.trees`: every learned crop centre drawn from ``(1 - uniform) softmax(logits /
+    temperature) + uniform * U``, tree ``k`` from a generator seeded by ``(seed, k)``) and pools them: the
+    probability is the mean of the trees' probabilities, ``Prediction.trees`` holds all ``K`` trees and
+    ``Prediction.tree`` the one closest to the pooled probability. It costs ``K`` times the compute and
+    about ``K`` times the reads; ``accounting`` sums them over the trees and records ``trees``.
     """
-    fetcher = as_fetcher(source, model.config.grey_threshold)
     was_training = model.training
     model.eval()
-    start = time.perf_counter()
     try:
-        out = model([fetcher])
+        pred = predict_fetcher(model, as_fetcher(source, model.config.grey_threshold), threshold=threshold,
+                               trees=trees, seed=seed, temperature=temperature, uniform=uniform)
     finally:
         model.train(was_training)
+    if pred.resolution["warning"] and pred.resolution["relative_difference"] is not None:  # no-mpp: the reader said so
+        log.warning("%s: %s", pred.slide, pred.resolution["warning"])
+    return pred
+
+
+def predict_fetcher(
+    model: MagNet,
+    fetcher: Any,
+    *,
+    threshold: float = 0.5,
+    trees: int | None = None,
+    seed: int = 0,
+    temperature: float = DEFAULT_TEMPERATURE,
+    uniform: float = DEFAULT_UNIFORM,
+) -> Prediction:
+    """:func:`predict_slide` on a ``SlideFetcher``, in the model's current mode and gradient context,
+    without logging the resolution warning (:func:`predict_slide` and the cohort runner log it)."""
+    k = check_trees(trees)
+    start = time.perf_counter()
+    if k is None:
+        out = model([fetcher])
+        tree, final, chosen = out.trees[0], out.final_patches[0], None
+        prob = float(out.probs[0])
+        aux = {str(key): float(v[0]) for key, v in out.aux_probs.items()}
+        accounting = out.accounting[0]
+    else:
+        pooled = pooled_forward(model, [fetcher], trees=k, seed=seed, temperature=temperature, uniform=uniform)
+        chosen = pooled.representative()[0]
+        tree, final = pooled.outputs[chosen].trees[0], pooled.outputs[chosen].final_patches[0]
+        prob = float(pooled.probs[0])
+        keys = pooled.outputs[0].aux_probs.keys()
+        aux = {str(key): sum(float(o.aux_probs[key][0]) for o in pooled.outputs) / k for key in keys}
+        accounting = pooled.accounting()[0]
     seconds = time.perf_counter() - start
-    prob = float(out.probs[0])
     labels = model.config.labels
-    resolution = resolution_report(model, fetcher.source, out.trees[0])
-    if resolution["warning"] and resolution["relative_difference"] is not None:  # no-mpp: the reader said so
-        log.warning("%s: %s", getattr(fetcher.source, "name", "slide"), resolution["warning"])
-    return Prediction(
+    resolution = resolution_report(model, fetcher.source, tree)
+    pred = Prediction(
         slide=getattr(fetcher.source, "name", "slide"),
         probability=prob,
         label=labels[1] if prob >= threshold else labels[0],
-        aux_probabilities={str(k): float(v[0]) for k, v in out.aux_probs.items()},
-        tree=out.trees[0],
-        accounting=out.accounting[0],
+        aux_probabilities=aux,
+        tree=tree,
+        accounting=accounting,
         seconds=seconds,
-        final_patches=out.final_patches[0].detach().cpu(),
+        final_patches=final.detach().cpu(),
         threshold=threshold,
         resolution=resolution,
         labels=tuple(labels),
     )
+    if k is not None:
+        pred.trees = [o.trees[0] for o in pooled.outputs]
+        pred.tree_probabilities = [float(p) for p in pooled.tree_probs[:, 0]]
+        pred.tree_index = chosen
+        pred.sampling = {"trees": k, "seed": int(seed), "temperature": float(temperature), "uniform": float(uniform),
+                         "pooling": "mean of the trees' probabilities"}
+        resolution["tree_nodes"] = [resolution_report(model, fetcher.source, t)["nodes"] for t in pred.trees]
+    return pred

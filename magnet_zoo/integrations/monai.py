@@ -7,9 +7,11 @@ A MagNet reads its slide while it runs, so a MONAI batch carries *slide sources*
   so it works with DataLoader workers); :class:`RandSlideOrientd` is D4 augmentation of the whole slide.
 * :func:`collate_slides` keeps the sources as a list and stacks the labels (MONAI's default collate
   only knows tensors).
-* :class:`MagNetPrepareBatch` (``prepare_batch=``) gives the network one region fetcher per slide;
+* :class:`MagNetPrepareBatch` (``prepare_batch=``) gives the network one region fetcher per slide, with
+  the model's grey filter (pass the model, its config or the threshold);
   :class:`MagNetLoss` wraps the paper's loss for ``loss_function=``; :class:`MagNetInferer` makes the
-  evaluator's prediction a ``(B,)`` probability tensor that MONAI's metrics (``ROCAUC``) understand.
+  evaluator's prediction a ``(B,)`` probability tensor that MONAI's metrics (``ROCAUC``) understand
+  (``trees=K``: pooled over ``K`` sampled zoom trees, :mod:`magnet_zoo.nn.trees`).
 * :class:`SavePretrained` (an ignite handler) writes hub checkpoints atomically, the best one by the
   evaluator's key metric; :class:`PredictionWriter` writes per-slide predictions to a CSV.
 
@@ -29,7 +31,7 @@ Example::
         device=torch.device("cpu"), max_epochs=5,
         train_data_loader=DataLoader(data, batch_size=4, shuffle=True, collate_fn=collate_slides),
         network=model, optimizer=torch.optim.Adam(model.parameters(), 3e-5),
-        loss_function=MagNetLoss(model), prepare_batch=MagNetPrepareBatch(), decollate=False)
+        loss_function=MagNetLoss(model), prepare_batch=MagNetPrepareBatch(model=model), decollate=False)
     trainer.run()
 """
 
@@ -54,6 +56,7 @@ from magnet_zoo.atomic import atomic_write_text
 from magnet_zoo.config import MagNetConfig
 from magnet_zoo.nn.losses import loss_settings, output_loss
 from magnet_zoo.nn.magnet import MagNet, MagNetOutput
+from magnet_zoo.nn.trees import DEFAULT_TEMPERATURE, DEFAULT_UNIFORM, PooledOutput, pooled_forward
 from magnet_zoo.train.checkpointing import atomic_directory
 from magnet_zoo.train.data import SlideRef, read_slide_csv
 from magnet_zoo.wsi.fetch import as_fetcher
@@ -187,13 +190,23 @@ def collate_slides(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 class MagNetPrepareBatch(PrepareBatch):
     """``prepare_batch`` for MONAI engines: ``batch[image_key]`` sources -> region fetchers, labels -> device.
 
+    The fetchers apply the grey filter the model was trained with: pass ``model`` (a MagNet or its
+    config) to take its ``grey_threshold``, or ``grey_threshold`` itself; one of them is required (a
+    silent default could differ from the model's). Both given must agree.
     Returns ``(fetchers, labels)``; labels are ``None`` when the batch has none (inference).
     """
 
-    def __init__(self, image_key: str = "image", label_key: str = "label", grey_threshold: int = 15) -> None:
+    def __init__(
+        self,
+        image_key: str = "image",
+        label_key: str = "label",
+        grey_threshold: int | None = None,
+        *,
+        model: MagNet | MagNetConfig | None = None,
+    ) -> None:
         self.image_key = image_key
         self.label_key = label_key
-        self.grey_threshold = grey_threshold
+        self.grey_threshold = _grey_threshold(model, grey_threshold)
 
     def __call__(
         self,
@@ -215,11 +228,32 @@ class MagNetPrepareBatch(PrepareBatch):
         return fetchers, labels
 
 
+def _grey_threshold(model: MagNet | MagNetConfig | None, grey_threshold: int | None) -> int:
+    config = getattr(model, "config", model)
+    if config is not None and not isinstance(config, MagNetConfig):
+        raise TypeError(f"model must be a MagNet or a MagNetConfig, got {type(model).__name__}")
+    if config is None and grey_threshold is None:
+        raise TypeError(
+            "MagNetPrepareBatch needs the model (model=network, or its config) or grey_threshold=: the grey "
+            "filter must be the one the model was trained with"
+        )
+    if config is not None and grey_threshold is not None and int(grey_threshold) != config.grey_threshold:
+        raise ValueError(f"grey_threshold={grey_threshold} but the model's config says {config.grey_threshold}")
+    return int(config.grey_threshold if config is not None else grey_threshold)
+
+
 def prepare_magnet_batch(
-    batchdata: Mapping[str, Any], device: str | torch.device | None = None, non_blocking: bool = False, **kwargs: Any
+    batchdata: Mapping[str, Any],
+    device: str | torch.device | None = None,
+    non_blocking: bool = False,
+    *,
+    grey_threshold: int | None = None,
+    model: MagNet | MagNetConfig | None = None,
+    **kwargs: Any,
 ) -> tuple[list[Any], torch.Tensor | None]:
-    """Function form of :class:`MagNetPrepareBatch` with its defaults."""
-    return MagNetPrepareBatch()(batchdata, device, non_blocking, **kwargs)
+    """Function form of :class:`MagNetPrepareBatch` (``model`` or ``grey_threshold`` required; for an
+    engine's ``prepare_batch=``, bind one with ``functools.partial``)."""
+    return MagNetPrepareBatch(grey_threshold=grey_threshold, model=model)(batchdata, device, non_blocking, **kwargs)
 
 
 class MagNetLoss(nn.Module):
@@ -245,15 +279,41 @@ class MagNetInferer(Inferer):
     """Run a MagNet and return ``(B,)`` probabilities (``output="probs"``), logits or the full output.
 
     For ``SupervisedEvaluator``: its metrics (``ROCAUC``, ``Accuracy``) want tensors, not a MagNetOutput.
+
+    ``trees`` ``K > 1`` pools ``K`` sampled zoom trees per batch (:func:`magnet_zoo.nn.trees.pooled_forward`
+    with ``seed``, ``temperature``, ``uniform``): the probabilities are the mean of the trees', the logits
+    the logit of that mean, and ``output="full"`` returns the :class:`~magnet_zoo.nn.trees.PooledOutput`.
+    ``K`` times the cost; the draws of a batch depend on the whole batch. ``None`` or 1 (the default): the
+    expected crop, one tree, as trained.
     """
 
-    def __init__(self, output: str = "probs") -> None:
+    def __init__(
+        self,
+        output: str = "probs",
+        trees: int | None = None,
+        seed: int = 0,
+        temperature: float = DEFAULT_TEMPERATURE,
+        uniform: float = DEFAULT_UNIFORM,
+    ) -> None:
         if output not in ("probs", "logits", "full"):
             raise ValueError(f"output must be 'probs', 'logits' or 'full', got {output!r}")
+        if trees is not None and (isinstance(trees, bool) or int(trees) != trees or trees < 1):
+            raise ValueError(f"trees must be None or an integer >= 1, got {trees!r}")
         self.output = output
+        self.trees = None if trees is None or int(trees) == 1 else int(trees)
+        self.seed = int(seed)
+        self.temperature = float(temperature)
+        self.uniform = float(uniform)
 
     def __call__(self, inputs: Any, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        out = network(inputs, *args, **kwargs)
+        out: MagNetOutput | PooledOutput
+        if self.trees is None:
+            out = network(inputs, *args, **kwargs)
+        else:
+            if args:
+                raise TypeError("MagNetInferer(trees=K) passes keyword arguments only to the network")
+            out = pooled_forward(network, inputs, trees=self.trees, seed=self.seed,
+                                 temperature=self.temperature, uniform=self.uniform, **kwargs)
         if self.output == "full":
             return out
         return out.probs.float() if self.output == "probs" else out.logits.float()

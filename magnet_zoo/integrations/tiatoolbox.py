@@ -75,16 +75,26 @@ class MagNetTIAModel(ModelABC):
     returns NumPy arrays (``probabilities``, ``logits``) and the zoom trees (``trees``, lists of node
     dictionaries) for engines; :meth:`postproc` turns probabilities into class indices (0 normal,
     1 tumour; ``class_dict`` names them), and ``postproc_func`` does so at this model's ``threshold``.
+
+    ``trees`` ``K > 1`` makes :meth:`infer_batch` pool ``K`` sampled zoom trees per slide, exactly as
+    ``magnet_zoo.predict_slide(trees=K, seed=tree_seed)`` (slides one at a time, ``K`` times the cost):
+    ``probabilities`` are the mean of the trees', ``trees`` the representative tree of each slide
+    (``Prediction.tree``), and the output adds ``sampled_trees`` (every tree), ``tree_probabilities``
+    ``(B, K)`` and ``tree_index``. ``forward`` always runs the expected crop. ``None`` or 1: one tree.
     """
 
-    def __init__(self, magnet: MagNet, threshold: float = 0.5) -> None:
+    def __init__(self, magnet: MagNet, threshold: float = 0.5, trees: int | None = None, tree_seed: int = 0) -> None:
         super().__init__()
+        from magnet_zoo.infer.predict import check_trees
+
         if not isinstance(magnet, MagNet):
             raise TypeError(f"MagNetTIAModel wraps a magnet_zoo MagNet, got {type(magnet).__name__}")
         if not 0.0 <= float(threshold) <= 1.0:
             raise ValueError(f"threshold must lie in [0, 1], got {threshold}")
         self.magnet = magnet
         self.threshold = float(threshold)
+        self.trees = check_trees(trees)
+        self.tree_seed = int(tree_seed)
         self.class_dict = dict(enumerate(magnet.config.labels))
         self._postproc = self._postproc_at_threshold
 
@@ -126,9 +136,12 @@ class MagNetTIAModel(ModelABC):
         load_state_dict_strict(self.magnet, read_weights(file), str(file))
         return self
 
-    def forward(self, slides: Sequence[Any]) -> MagNetOutput:  # type: ignore[override]
+    def _fetchers(self, slides: Sequence[Any]) -> list[Any]:
         grey = self.magnet.config.grey_threshold
-        return self.magnet([as_fetcher(self.preproc_func(s), grey) for s in slides])
+        return [as_fetcher(self.preproc_func(s), grey) for s in slides]
+
+    def forward(self, slides: Sequence[Any]) -> MagNetOutput:  # type: ignore[override]
+        return self.magnet(self._fetchers(slides))
 
     @staticmethod
     def preproc(image: Any) -> RegionSource:  # type: ignore[override]
@@ -142,7 +155,8 @@ class MagNetTIAModel(ModelABC):
 
     @staticmethod
     def infer_batch(model: torch.nn.Module, batch_data: Sequence[Any], *, device: str = "cpu") -> dict[str, Any]:
-        """Predict a batch of slides: ``{"probabilities", "logits": (B,) arrays, "trees": [[node dict]]}``."""
+        """Predict a batch of slides: ``{"probabilities", "logits": (B,) arrays, "trees": [[node dict]]}``
+        (with the model's ``trees`` ``K > 1`` also ``sampled_trees``, ``tree_probabilities``, ``tree_index``)."""
         inner = getattr(model, "module", model)  # unwrap DataParallel
         if not isinstance(inner, MagNetTIAModel):
             raise TypeError(f"infer_batch expects a MagNetTIAModel, got {type(inner).__name__}")
@@ -153,6 +167,8 @@ class MagNetTIAModel(ModelABC):
         inner.eval()
         try:
             with torch.inference_mode():
+                if inner.trees is not None:
+                    return inner._sampled_batch(list(batch_data))
                 out = inner(list(batch_data))
         finally:
             inner.train(was_training)
@@ -160,6 +176,23 @@ class MagNetTIAModel(ModelABC):
             "probabilities": out.probs.float().cpu().numpy(),
             "logits": out.logits.float().cpu().numpy(),
             "trees": [[node.to_dict() for node in tree] for tree in out.trees],
+        }
+
+
+    def _sampled_batch(self, slides: list[Any]) -> dict[str, Any]:
+        """:meth:`infer_batch` with ``K > 1`` sampled trees per slide, one slide at a time."""
+        from magnet_zoo.infer.predict import predict_fetcher
+
+        preds = [predict_fetcher(self.magnet, f, threshold=self.threshold, trees=self.trees, seed=self.tree_seed)
+                 for f in self._fetchers(slides)]
+        probs = torch.tensor([p.probability for p in preds], dtype=torch.float64)
+        return {
+            "probabilities": probs.float().numpy(),
+            "logits": torch.logit(probs, eps=1e-12).float().numpy(),
+            "trees": [[node.to_dict() for node in p.tree] for p in preds],
+            "sampled_trees": [[[node.to_dict() for node in tree] for tree in p.trees] for p in preds],
+            "tree_probabilities": np.asarray([p.tree_probabilities for p in preds], dtype=np.float32),
+            "tree_index": [p.tree_index for p in preds],
         }
 
 

@@ -88,6 +88,10 @@ def attention_to_affine(
     log-probability, differentiable in the logits) carries a score-function gradient instead
     (:mod:`magnet_zoo.train.exploration`). The policy is dense, unlike entmax: a position outside the
     map's support can be drawn, and its logit moves. The scale is the map's, as without sampling.
+    ``sample["generator"]`` (optional) is a ``torch.Generator`` for the draws, which then happen on the
+    generator's device (a CPU generator gives the same draws whatever device the model is on) instead of
+    from the global RNG; ``sample["eval"]`` is read by :class:`~magnet_zoo.nn.magnify.MagnifyingLayer`
+    (sample in eval mode too, :mod:`magnet_zoo.nn.trees`) and ignored here.
     """
     *lead, h, w = logits.shape
     flat = logits.reshape(*lead, h * w).float() / temperature
@@ -112,7 +116,8 @@ def attention_to_affine(
         raise ValueError(f"translation must be 'tanh' or 'clamp', got {translation!r}")
     log_prob = None
     if sample is not None:
-        tx, ty, log_prob = _sample_centres(logits.reshape(*lead, h * w).float(), mask, h, w, **sample)
+        policy = {k: v for k, v in sample.items() if k != "eval"}
+        tx, ty, log_prob = _sample_centres(logits.reshape(*lead, h * w).float(), mask, h, w, **policy)
     elif jitter > 0:
         tx = (tx + jitter * torch.randn_like(tx)).clamp(-1, 1)
         ty = (ty + jitter * torch.randn_like(ty)).clamp(-1, 1)
@@ -143,20 +148,29 @@ def _soft_limit(t: torch.Tensor, limit: torch.Tensor, knee: float = 0.8) -> torc
 
 
 def _sample_centres(
-    flat: torch.Tensor, mask: torch.Tensor | None, h: int, w: int, temperature: float = 1.0, uniform: float = 0.05
+    flat: torch.Tensor,
+    mask: torch.Tensor | None,
+    h: int,
+    w: int,
+    temperature: float = 1.0,
+    uniform: float = 0.05,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Draw one centre per map from ``(1 - uniform) * softmax(flat / temperature) + uniform * U``:
-    ``(tx, ty, log_prob)``, the centres without gradient, ``log_prob`` with it (see attention_to_affine)."""
+    ``(tx, ty, log_prob)``, the centres without gradient, ``log_prob`` with it (see attention_to_affine).
+    With ``generator`` the draws come from it, on its device; otherwise from the global RNG."""
     lead = flat.shape[:-1]
     allowed = torch.ones_like(flat, dtype=torch.bool) if mask is None else mask.reshape(flat.shape).to(torch.bool)
     allowed = allowed | ~allowed.any(-1, keepdim=True)  # a map with nothing allowed: anywhere
     policy = torch.softmax((flat / temperature).masked_fill(~allowed, float("-inf")), -1)
     even = allowed.float() / allowed.float().sum(-1, keepdim=True)
     policy = (1 - uniform) * policy + uniform * even
-    index = torch.multinomial(policy.detach().reshape(-1, h * w), 1).view(*lead, 1)
+    draw_on = flat.device if generator is None else generator.device
+    index = torch.multinomial(policy.detach().reshape(-1, h * w).to(draw_on), 1, generator=generator)
+    index = index.to(flat.device).view(*lead, 1)
     log_prob = torch.log(policy.gather(-1, index).squeeze(-1).clamp_min(1e-30))
     index = index.squeeze(-1)
-    offset = torch.rand((2, *lead), device=flat.device)
+    offset = torch.rand((2, *lead), device=draw_on, generator=generator).to(flat.device)
     tx = ((index % w).float() + offset[0]) * 2 / w - 1
     ty = (torch.div(index, w, rounding_mode="floor").float() + offset[1]) * 2 / h - 1
     return tx, ty, log_prob

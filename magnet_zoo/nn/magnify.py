@@ -37,8 +37,9 @@ class MagnifyingLayer(nn.Module):
         self.jitter = 0.0
         """Training-time noise on the crop centre (set by trainers; never used in eval mode)."""
         self.sample_policy: dict | None = None
-        """Training-time exploration: draw crop centres from the attention (``attention_to_affine``'s
-        ``sample``; set by the training loop, never used in eval mode)."""
+        """Draw crop centres from the attention (``attention_to_affine``'s ``sample``): training-time
+        exploration (set by the training loop; used in training mode only) or, when the policy has
+        ``"eval": True``, sampled zoom trees at inference too (:mod:`magnet_zoo.nn.trees`)."""
         positions = [
             (n, p)
             for n in range(self.num_nodes)
@@ -116,7 +117,7 @@ class MagnifyingLayer(nn.Module):
                 jitter=self.jitter if self.training else 0.0,
                 mask=self.tissue_mask(images) if self.tissue_only else None,
                 bounds=self.bounds,
-                sample=self.sample_policy if self.training else None,
+                sample=self.sample_policy if self.training or (self.sample_policy or {}).get("eval") else None,
             )
         if self.stacks is not None:
             where = (self.slot >= 0).nonzero().squeeze(1)

@@ -10,7 +10,8 @@ scale's pathwise gradient, a score-function (REINFORCE) gradient: each tree's su
 its drawn centres, weighted by how much worse its loss is than the mean of the slide's *other* trees
 (a leave-one-out baseline, which keeps the estimator unbiased and its variance low; RAM, ATS). A tree
 that found the evidence (lower loss) becomes more likely, wherever its crops landed: no overlap with
-the evidence is needed for a gradient. At inference nothing changes: the expected crop, one tree.
+the evidence is needed for a gradient. At inference nothing changes by default: the expected crop, one
+tree (:mod:`magnet_zoo.nn.trees` pools ``K`` sampled trees on request, ``predict_slide(trees=K)``).
 
 Cost: ``K`` forward and backward passes per slide while exploring.
 """
@@ -23,13 +24,13 @@ import torch
 import torch.nn.functional as F
 
 from magnet_zoo.nn.magnet import MagNet
+from magnet_zoo.nn.trees import sampling_policy, set_sampling
 
 
 def set_exploration(model: MagNet, temperature: float | None, uniform: float = 0.05) -> None:
-    """Switch sampled crop centres on (``temperature``: the policy's softmax temperature) or off (``None``)."""
-    policy = None if temperature is None else {"temperature": float(temperature), "uniform": float(uniform)}
-    for layer in model.layers:
-        layer.sample_policy = policy
+    """Switch sampled crop centres on (``temperature``: the policy's softmax temperature) or off (``None``),
+    in training mode only (:func:`magnet_zoo.nn.trees.sampled_trees` samples at inference too)."""
+    set_sampling(model, None if temperature is None else sampling_policy(temperature, uniform))
 
 
 def per_slide_loss(out: Any, labels: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable
@@ -56,6 +57,14 @@ class TileCache:
 
 
 _SHARED = TileCache()
+_TOKENS = itertools.count()
+
+
+def handle_token() -> int:
+    """A number no other handle of this process ever gets: the part of a tile's key that names the open
+    file. (Not ``id(handle)``: CPython reuses the ids of freed objects, so a file reopened after it was
+    rewritten could be served the old file's tiles.)"""
+    return next(_TOKENS)
 
 
 def shared_tile_cache() -> TileCache:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from magnet_zoo.wsi.array_source import as_rgb_uint8
-from magnet_zoo.wsi.cache import shared_tile_cache
+from magnet_zoo.wsi.cache import handle_token, shared_tile_cache
 from magnet_zoo.wsi.errors import (
     NO_MPP_WARNING,
     BackendUnavailableError,
@@ -90,7 +90,7 @@ class TiffFileSource(BaseSource):
         self._io_lock = threading.Lock()
         self._whole: dict[int, np.ndarray] = {}
         self._cache = shared_tile_cache()
-        self._key = (self._path, id(self))
+        self._key = (self._path, handle_token())
         self._check_claims()
 
     def _check_claims(self) -> None:

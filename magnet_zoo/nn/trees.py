@@ -1,0 +1,189 @@
+"""Sampled zoom trees: several trees per slide, each learned crop centre drawn from the attention.
+
+A MagNet's crop is normally its attention map's expectation, so a slide has one deterministic zoom tree.
+The paper's "more exhaustive exploration" runs the network ``K`` times instead, each learned crop centre
+drawn from a dense policy over the attention logits, ``(1 - e) softmax(logits / T) + e uniform``
+(:func:`magnet_zoo.nn.attention.attention_to_affine`'s ``sample``; the crop's scale stays the map's),
+and pools the ``K`` results. Training uses the same policy to explore
+(:func:`magnet_zoo.train.exploration.set_exploration`); here it is switched on at inference too.
+
+Pooling: the slide's probability is the mean of the ``K`` trees' probabilities (a Monte-Carlo estimate
+of the expected probability under the sampling policy), not the sigmoid of the mean logit: a tree that
+lands on the evidence and is confident moves the mean by at most ``1 / K``, which keeps the result in
+the units every tree reports. ``PooledOutput.logits`` is the logit of that mean.
+
+Reproducibility: tree ``k`` draws from its own CPU ``torch.Generator`` seeded from ``(seed, k)``, never
+from the global RNG, so the same seed gives the same trees on any device, and the first trees of a
+``K = 4`` run are those of a ``K = 2`` run. The draws of one forward pass cover the whole batch, so a
+slide's trees depend on the slides batched with it; predict one slide at a time for per-slide
+reproducibility (``magnet_zoo.predict_slide`` does).
+
+Cost: ``K`` forward passes, ``K`` times the values fed to the networks and about ``K`` times the pixels
+read (the slide's overview is read again by every tree).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+DEFAULT_TEMPERATURE = 1.0
+"""The sampling policy's softmax temperature by default (the exploring recipes' ``explore_temperature``)."""
+DEFAULT_UNIFORM = 0.05
+"""The policy's uniform share by default (the exploring recipes' ``explore_uniform``)."""
+
+
+def sampling_policy(
+    temperature: float = DEFAULT_TEMPERATURE,
+    uniform: float = DEFAULT_UNIFORM,
+    *,
+    generator: torch.Generator | None = None,
+    in_eval: bool = False,
+) -> dict[str, Any]:
+    """The ``sample`` dictionary of :func:`~magnet_zoo.nn.attention.attention_to_affine` (a layer's
+    ``sample_policy``): ``temperature`` ``> 0``, ``uniform`` in ``[0, 1]``; ``generator`` for the draws
+    (the global RNG without); ``in_eval`` also samples in eval mode (otherwise only in training mode)."""
+    if not float(temperature) > 0:
+        raise ValueError(f"the sampling temperature must be > 0, got {temperature}")
+    if not 0.0 <= float(uniform) <= 1.0:
+        raise ValueError(f"the sampling policy's uniform share must lie in [0, 1], got {uniform}")
+    policy: dict[str, Any] = {"temperature": float(temperature), "uniform": float(uniform)}
+    if generator is not None:
+        policy["generator"] = generator
+    if in_eval:
+        policy["eval"] = True
+    return policy
+
+
+def _layers(model: torch.nn.Module) -> Sequence[torch.nn.Module]:
+    return getattr(model, "module", model).layers  # DataParallel / DDP wrap the MagNet
+
+
+def set_sampling(model: torch.nn.Module, policy: dict[str, Any] | None) -> None:
+    """Give every magnifying layer of ``model`` the sampling ``policy`` (``None``: expected crops)."""
+    for layer in _layers(model):
+        layer.sample_policy = policy
+
+
+@contextmanager
+def sampled_trees(
+    model: torch.nn.Module,
+    temperature: float = DEFAULT_TEMPERATURE,
+    uniform: float = DEFAULT_UNIFORM,
+    *,
+    generator: torch.Generator | None = None,
+) -> Iterator[None]:
+    """Within the block, every forward pass of ``model`` draws its learned crop centres from the
+    attention, in eval mode as in training mode; the layers' previous policies come back on exit."""
+    layers = _layers(model)
+    before = [layer.sample_policy for layer in layers]
+    set_sampling(model, sampling_policy(temperature, uniform, generator=generator, in_eval=True))
+    try:
+        yield
+    finally:
+        for layer, policy in zip(layers, before, strict=True):
+            layer.sample_policy = policy
+
+
+def tree_generator(seed: int, tree: int) -> torch.Generator:
+    """The CPU generator of tree ``tree`` under ``seed`` (both ``>= 0``): independent streams per pair."""
+    if int(seed) < 0 or int(tree) < 0:
+        raise ValueError(f"seed and tree index must be >= 0, got {seed} and {tree}")
+    state = np.random.SeedSequence([int(seed), int(tree)]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & ((1 << 63) - 1))
+
+
+@dataclass
+class PooledOutput:
+    """``K`` sampled zoom trees over the same ``B`` slides and their pooled probability."""
+
+    outputs: list[Any]
+    """The ``K`` trees' :class:`~magnet_zoo.nn.magnet.MagNetOutput`, in tree order."""
+    tree_probs: torch.Tensor
+    """``(K, B)``: each tree's probability for each slide."""
+    probs: torch.Tensor
+    """``(B,)``: the pooled probability, the mean of ``tree_probs`` over the trees."""
+    seed: int
+    temperature: float
+    uniform: float
+
+    @property
+    def num_trees(self) -> int:
+        return len(self.outputs)
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """``(B,)``: the logit of the pooled probability."""
+        return torch.logit(self.probs.double(), eps=1e-12).to(self.probs.dtype)
+
+    def representative(self) -> list[int]:
+        """Per slide, the tree whose probability is closest to the pooled one (the first on a tie): the
+        tree a prediction shows, since no single sampled tree is *the* tree of a pooled result."""
+        gap = (self.tree_probs - self.probs.unsqueeze(0)).abs()
+        return [int(i) for i in gap.argmin(0).tolist()]
+
+    def accounting(self) -> list[dict[str, Any]]:
+        """Per slide, the trees' accounting summed (images and values fed, pixels read) plus ``trees``
+        (``K``) and ``pixels_read_per_tree``."""
+        out = []
+        for i in range(len(self.probs)):
+            parts = [o.accounting[i] for o in self.outputs]
+            total = _sum_counts(parts)
+            total["trees"] = self.num_trees
+            total["pixels_read_per_tree"] = [int(p.get("pixels_read", 0)) for p in parts]
+            out.append(total)
+        return out
+
+
+def _sum_counts(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Key-wise sum of accounting dictionaries (numbers added, nested dictionaries summed alike)."""
+    total: dict[str, Any] = {}
+    for key, first in parts[0].items():
+        values = [p[key] for p in parts]
+        if isinstance(first, dict):
+            total[key] = _sum_counts(values)
+        elif isinstance(first, int | float) and not isinstance(first, bool):
+            total[key] = sum(values)
+        else:
+            total[key] = first
+    return total
+
+
+def pooled_forward(
+    model: torch.nn.Module,
+    fetchers: Sequence[Any],
+    *,
+    trees: int,
+    seed: int = 0,
+    temperature: float = DEFAULT_TEMPERATURE,
+    uniform: float = DEFAULT_UNIFORM,
+    **forward_kwargs: Any,
+) -> PooledOutput:
+    """Run ``model`` ``trees`` times over ``fetchers``, each pass a sampled zoom tree (see the module
+    doc), and pool: the returned ``probs`` are the mean of the trees' probabilities.
+
+    The model runs in whatever mode it is in (call ``model.eval()`` first for inference; gradients as
+    the caller's context allows); ``forward_kwargs`` go to every pass. ``trees`` must be ``>= 1``;
+    ``trees = 1`` is *one sampled tree*, not the expected crop.
+    """
+    if isinstance(trees, bool) or int(trees) != trees or trees < 1:
+        raise ValueError(f"trees must be an integer >= 1, got {trees!r}")
+    sampling_policy(temperature, uniform)  # validate before the first pass
+    outputs = []
+    for k in range(int(trees)):
+        with sampled_trees(model, temperature, uniform, generator=tree_generator(seed, k)):
+            outputs.append(model(fetchers, **forward_kwargs))
+    tree_probs = torch.stack([o.probs.detach().float() for o in outputs])
+    return PooledOutput(
+        outputs=outputs,
+        tree_probs=tree_probs,
+        probs=tree_probs.mean(0),
+        seed=int(seed),
+        temperature=float(temperature),
+        uniform=float(uniform),
+    )

@@ -1,0 +1,224 @@
+"""Inference with K sampled zoom trees pooled (``predict_slide(trees=K)``, ``--trees K``, the toolkits)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import micro_magnet, tissue_image
+
+import magnet_zoo
+from magnet_zoo.nn.tree import root_square
+from magnet_zoo.nn.trees import PooledOutput, pooled_forward, sampled_trees
+from magnet_zoo.train.exploration import set_exploration
+from magnet_zoo.wsi import SlideFetcher
+
+DEVICE = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return micro_magnet(attention_init="random").to(DEVICE).eval()
+
+
+@pytest.fixture(scope="module")
+def image() -> np.ndarray:
+    return tissue_image(600, 450, seed=1)
+
+
+def _source(image: np.ndarray):
+    return magnet_zoo.ArraySource(image, name="tissue")
+
+
+def _boxes(tree) -> list[tuple[float, ...]]:
+    return [tuple(n.box) for n in tree]
+
+
+def _fetchers(model, image: np.ndarray, n: int = 1) -> list[SlideFetcher]:
+    return [SlideFetcher(_source(image), model.config.grey_threshold) for _ in range(n)]
+
+
+def test_default_and_one_tree_are_the_expected_crop_exactly(model, image):
+    with torch.inference_mode():
+        reference = model(_fetchers(model, image))
+    default = magnet_zoo.predict_slide(model, _source(image))
+    one = magnet_zoo.predict_slide(model, _source(image), trees=1, seed=7)
+    for pred in (default, one):
+        assert pred.probability == float(reference.probs[0])
+        assert _boxes(pred.tree) == _boxes(reference.trees[0])
+        assert pred.accounting == reference.accounting[0]
+        assert pred.trees is None and pred.sampling is None
+        d = pred.to_dict()
+        assert "trees" not in d and "sampling" not in d and "trees" not in d["accounting"]
+    assert default.to_dict()["tree"] == one.to_dict()["tree"]
+
+
+def test_sampled_trees_are_reproducible_by_seed_and_leave_the_global_rng_alone(model, image):
+    rng = torch.get_rng_state()
+    a = magnet_zoo.predict_slide(model, _source(image), trees=3, seed=0)
+    assert torch.equal(torch.get_rng_state(), rng)  # the draws come from the trees' own generators
+    b = magnet_zoo.predict_slide(model, _source(image), trees=3, seed=0)
+    c = magnet_zoo.predict_slide(model, _source(image), trees=3, seed=1)
+    two = magnet_zoo.predict_slide(model, _source(image), trees=2, seed=0)
+    expected = magnet_zoo.predict_slide(model, _source(image))
+    assert len(a.trees) == 3
+    assert [_boxes(t) for t in a.trees] == [_boxes(t) for t in b.trees]
+    assert a.tree_probabilities == b.tree_probabilities and a.probability == b.probability
+    assert all(_boxes(x) != _boxes(y) for x in a.trees for y in c.trees)  # another seed, other trees
+    assert len({tuple(_boxes(t)) for t in a.trees}) == 3  # the trees of one seed differ from each other
+    assert all(_boxes(t) != _boxes(expected.tree) for t in a.trees)  # sampled in eval mode, not expected
+    assert [_boxes(t) for t in two.trees] == [_boxes(t) for t in a.trees[:2]]  # tree k depends on (seed, k)
+    assert all(layer.sample_policy is None for layer in model.layers)  # switched off again
+
+
+def test_pooled_probability_is_the_mean_of_the_trees(model, image):
+    with torch.inference_mode():
+        pooled = pooled_forward(model, _fetchers(model, image, 2), trees=4, seed=5, uniform=0.5)
+    assert isinstance(pooled, PooledOutput) and pooled.num_trees == 4
+    for k, out in enumerate(pooled.outputs):
+        torch.testing.assert_close(pooled.tree_probs[k], out.probs.float(), rtol=0, atol=0)
+    torch.testing.assert_close(pooled.probs, pooled.tree_probs.mean(0), rtol=0, atol=1e-7)
+    torch.testing.assert_close(torch.sigmoid(pooled.logits), pooled.probs, rtol=0, atol=1e-6)
+
+    pred = magnet_zoo.predict_slide(model, _source(image), trees=4, seed=5, uniform=0.5)
+    probs = pred.tree_probabilities
+    assert len(set(probs)) > 1  # otherwise any pooling would pass
+    assert pred.probability == pytest.approx(sum(probs) / len(probs), abs=1e-7)
+    assert pred.probability != pytest.approx(max(probs), abs=1e-9)
+    gaps = [abs(p - pred.probability) for p in probs]
+    assert pred.tree_index == gaps.index(min(gaps))
+    assert pred.tree is pred.trees[pred.tree_index]
+    assert pred.label == model.config.labels[int(pred.probability >= 0.5)]
+    d = json.loads(json.dumps(pred.to_dict()))
+    assert d["sampling"]["tree_probabilities"] == probs and d["sampling"]["tree_index"] == pred.tree_index
+    assert d["sampling"]["trees"] == 4 and d["sampling"]["seed"] == 5 and d["sampling"]["uniform"] == 0.5
+    assert [[tuple(n["box"]) for n in t] for t in d["trees"]] == [_boxes(t) for t in pred.trees]
+    assert d["tree"] == d["trees"][pred.tree_index]  # the shown tree, with the same per-node mpp
+
+
+def test_accounting_sums_the_cost_of_every_tree(model, image):
+    one = magnet_zoo.predict_slide(model, _source(image))
+    pred = magnet_zoo.predict_slide(model, _source(image), trees=3, seed=2)
+    acc = pred.accounting
+    assert acc["trees"] == 3
+    assert acc["values_fed"] == 3 * one.accounting["values_fed"] == 3 * model.counts()["values_fed"]
+    assert acc["images"] == {k: 3 * v for k, v in one.accounting["images"].items()}
+    assert len(acc["pixels_read_per_tree"]) == 3 and min(acc["pixels_read_per_tree"]) > 0
+    assert acc["pixels_read"] == sum(acc["pixels_read_per_tree"])
+
+
+def test_sampled_centres_stay_inside_the_view(model, image):
+    fetchers = _fetchers(model, image, 2)
+    with torch.inference_mode():
+        pooled = pooled_forward(model, fetchers, trees=6, seed=3, uniform=1.0)  # the uniform share: anywhere
+    centres = []
+    for out in pooled.outputs:
+        for affine in out.affines:
+            assert affine.log_prob is not None  # sampled, in eval mode
+            assert float(affine.tx.abs().max()) <= 1 and float(affine.ty.abs().max()) <= 1
+            centres.append(affine.tx.flatten())
+        for tree, fetcher in zip(out.trees, fetchers, strict=True):
+            view = root_square(*fetcher.slide_size)  # the root's view: the slide's square canvas
+            boxes = {n.name: n.box for n in tree} | {tree[0].name: (view.x, view.y, view.side, view.side)}
+            for node in tree[1:]:
+                px, py, pw, ph = boxes[node.parent]
+                x, y, w, h = node.box
+                assert px - 1e-6 <= x + w / 2 <= px + pw + 1e-6 and py - 1e-6 <= y + h / 2 <= py + ph + 1e-6
+    spread = torch.cat(centres)
+    assert float(spread.min()) < -0.3 and float(spread.max()) > 0.3  # really spread over the view
+
+
+def test_sampling_context_restores_the_training_policy(model, image):
+    set_exploration(model, 2.0, 0.1)
+    try:
+        before = [layer.sample_policy for layer in model.layers]
+        with sampled_trees(model, 1.0, 0.05, generator=torch.Generator().manual_seed(0)):
+            assert all(layer.sample_policy["eval"] for layer in model.layers)
+        assert [layer.sample_policy for layer in model.layers] == before
+        assert before[0] == {"temperature": 2.0, "uniform": 0.1}  # set_exploration's policy, as before
+        with torch.inference_mode():
+            assert model.layers[0](torch.rand(1, 1, 3, 56, 56)).log_prob is None  # eval: still expected crops
+    finally:
+        set_exploration(model, None)
+    with pytest.raises(ValueError, match="trees"):
+        magnet_zoo.predict_slide(model, _source(image), trees=0)
+    with pytest.raises(ValueError, match="temperature"):
+        magnet_zoo.predict_slide(model, _source(image), trees=2, temperature=0.0)
+
+
+def _checkpoint(model, folder):
+    from magnet_zoo.hub import save_pretrained
+
+    return save_pretrained(model, folder / "micro")
+
+
+def test_cli_trees_writes_every_tree_and_its_settings(model, image, tmp_path, capsys):
+    from PIL import Image
+
+    from magnet_zoo.cli import build_parser, main
+
+    ckpt = _checkpoint(model, tmp_path)
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.fromarray(image).save(slides / name)
+    out = tmp_path / "out"
+    argv = ["predict", str(slides), "--model", str(ckpt), "--out", str(out), "--device", "cpu"]
+    assert main([*argv, "--trees", "2", "--tree-seed", "3", "--batch-size", "2"]) == 0
+    docs = [json.loads(p.read_text()) for p in sorted((out / "slides").glob("*.json"))]
+    assert len(docs) == 2
+    d = docs[0]
+    assert len(d["trees"]) == 2 and d["sampling"]["trees"] == 2 and d["sampling"]["seed"] == 3
+    assert d["accounting"]["trees"] == 2 and d["accounting"]["values_fed"] == 2 * model.counts()["values_fed"]
+    settings = d["provenance"]["settings"]
+    assert settings["trees"] == 2 and settings["tree_seed"] == 3
+    assert docs[1]["trees"] == d["trees"]  # a batch of two runs them one at a time: same slide, same trees
+    reference = magnet_zoo.predict_slide(magnet_zoo.load_pretrained(str(ckpt)), magnet_zoo.open_slide(slides / "a.png"),
+                                         trees=2, seed=3)
+    assert d["probability"] == pytest.approx(reference.probability, abs=1e-6)
+    assert d["sampling"]["tree_probabilities"] == pytest.approx(reference.tree_probabilities, abs=1e-6)
+    rows = (out / "predictions.csv").read_text().splitlines()
+    assert str(2 * model.counts()["values_fed"]) in rows[1]
+    key = d["provenance"]["run_key"]
+
+    capsys.readouterr()
+    assert main([*argv, "--trees", "2", "--tree-seed", "3"]) == 0
+    assert "0 predicted, 2 already done" in capsys.readouterr().err
+    assert main([*argv, "--trees", "2", "--tree-seed", "4"]) == 0  # another seed is other work
+    assert "2 predicted" in capsys.readouterr().err
+    assert main(argv) == 0  # the default: one expected tree, no sampling settings in the run key
+    plain = json.loads(sorted((out / "slides").glob("*.json"))[0].read_text())
+    assert "trees" not in plain and "trees" not in plain["provenance"]["settings"]
+    assert plain["provenance"]["run_key"] != key
+    figures = tmp_path / "figures"
+    assert main(["explain", str(slides / "a.png"), "--model", str(ckpt), "--out", str(figures), "--trees", "2",
+                 "--tree-seed", "3", "--thumb-size", "256"]) == 0
+    explained = json.loads((figures / "a.magnet.json").read_text())
+    assert explained["trees"] == d["trees"] and explained["provenance"]["settings"]["trees"] == 2
+    assert (figures / "a.magnet.png").is_file() and (figures / "a.magnet.geojson").is_file()
+    assert build_parser().parse_args(["predict", "x", "--model", "m", "--out", "o"]).trees == 1
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["predict", "x", "--model", "m", "--out", "o", "--trees", "0"])
+
+
+def test_monai_inferer_passes_trees_through(model, image):
+    pytest.importorskip("monai")
+    from magnet_zoo.integrations.monai import MagNetInferer
+
+    fetchers = _fetchers(model, image, 2)
+    with torch.no_grad():
+        plain = MagNetInferer()(fetchers, model)
+        one = MagNetInferer(trees=1)(fetchers, model)
+        pooled = MagNetInferer(trees=3, seed=4, uniform=0.5)(fetchers, model)
+        logits = MagNetInferer("logits", trees=3, seed=4, uniform=0.5)(fetchers, model)
+        full = MagNetInferer("full", trees=3, seed=4, uniform=0.5)(fetchers, model)
+        reference = pooled_forward(model, fetchers, trees=3, seed=4, uniform=0.5)
+    torch.testing.assert_close(one, plain, rtol=0, atol=0)
+    torch.testing.assert_close(pooled, reference.probs, rtol=0, atol=0)
+    assert not torch.equal(pooled, plain)
+    torch.testing.assert_close(torch.sigmoid(logits), reference.probs, rtol=0, atol=1e-6)
+    assert isinstance(full, PooledOutput) and full.num_trees == 3
+    with pytest.raises(ValueError, match="trees"):
+        MagNetInferer(trees=0)
