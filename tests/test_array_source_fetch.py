@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ import torch
 from magnet_zoo.nn.fetcher import Square
 from magnet_zoo.nn.tree import root_square
 from magnet_zoo.wsi import ArraySource, InvalidImageError, SlideFetcher, grey_filter, read_square
+from magnet_zoo.wsi.orient import orient_array
 
 
 def ramp(h: int, w: int) -> np.ndarray:
@@ -125,3 +128,90 @@ def test_fetch_chooses_finer_levels_for_smaller_rois_and_counts_pixels():
     assert got.pixels_read == 256 * 256 + 128 * 128 + 200 * 200
     serial = SlideFetcher(src, serial=True).fetch([Square(0, 0, 2048), Square(0, 0, 1024)], 112)
     assert torch.equal(serial.images, got.images[:2])
+
+
+# --------------------------------------------------------------------------- D4 orientation on real pyramids
+REAL_SLIDES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wsi"
+
+
+@pytest.fixture(scope="module")
+def pyramids(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """A generated non-square pyramidal TIFF (always), plus the real slides beside the project when present."""
+    from magnet_zoo.synth import generate_slide
+
+    path = tmp_path_factory.mktemp("pyramid") / "wide.tif"
+    generate_slide(path, size=(1536, 1024), category="macro", seed=3)
+    found = sorted(p for p in REAL_SLIDES.glob("*") if p.suffix in (".svs", ".tif", ".tiff"))
+    return [path, *found]
+
+
+def _regions(w: int, h: int) -> list[tuple[int, int, int, int]]:
+    """(x, y, width, height) in level pixels: the whole level, an interior block, one off the far corner."""
+    return [(0, 0, w, h), (w // 5, h // 3, max(w // 3, 1), max(h // 4, 1)), (w - 7, h - 5, 20, 11), (-4, -6, 13, 9)]
+
+
+def _source_block(index: np.ndarray, k: int, x: int, y: int, w: int, h: int) -> tuple[int, int, int, int] | None:
+    """The block of the original level (col, row, width, height) that region ``(x, y, w, h)`` of orientation
+    ``k`` shows, found by orienting an array of pixel numbers (not by the library's own inverse mapping);
+    ``None`` when the region lies wholly outside."""
+    oriented = orient_array(index, k)
+    oh, ow = oriented.shape
+    x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, ow), min(y + h, oh)
+    if x1 <= x0 or y1 <= y0:
+        return None
+    rows, cols = np.divmod(oriented[y0:y1, x0:x1], index.shape[1])
+    return int(cols.min()), int(rows.min()), int(cols.max() - cols.min() + 1), int(rows.max() - rows.min() + 1)
+
+
+def test_every_orientation_of_a_pyramid_reads_the_numpy_transformed_region(pyramids):
+    """For each of the 8 orientations and each level small enough to hold in memory, a region read through
+    :class:`OrientedSource` is the corresponding region of the original, read and transformed with
+    ``orient_array`` (black outside the slide). Where the backend's reads of a level are exact crops of the
+    whole level (always on the generated TIFF, whose downsamples are powers of two), the oriented read is
+    also checked against ``orient_array`` of the whole level."""
+    from magnet_zoo.wsi import OrientedSource, open_slide
+
+    checked, exact_levels = 0, 0
+    for path in pyramids:
+        base = open_slide(path)
+        try:
+            assert base.level_count >= 2, f"{path.name} is not a pyramid"
+            for level, (lw, lh) in enumerate(base.level_dimensions):
+                if lw * lh > 1600 * 1600:
+                    continue
+                ds0 = base.level_downsamples[level]
+                whole = base.read_region((0, 0), level, (lw, lh))
+                index = np.arange(lw * lh).reshape(lh, lw)
+                # OpenSlide resamples reads whose level-0 origin falls between a level's pixels (levels whose
+                # downsample is not a whole number): then only the read-and-transform comparison is exact
+                exact = all(
+                    np.array_equal(base.read_region((int(round(x * ds0)), int(round(y * ds0))), level, (w, h)),
+                                   whole[y:y + h, x:x + w])
+                    for x, y, w, h in _regions(lw, lh)[:2]
+                )
+                exact_levels += exact
+                for k in range(8):
+                    expected_level = orient_array(whole, k)
+                    oriented = OrientedSource(base, k)
+                    ow, oh = oriented.level_dimensions[level]
+                    assert (oh, ow) == expected_level.shape[:2], (path.name, level, k)
+                    ds = oriented.level_downsamples[level]
+                    padded = np.zeros((oh + 40, ow + 40, 3), np.uint8)  # black outside the slide
+                    padded[20:20 + oh, 20:20 + ow] = expected_level
+                    for x, y, w, h in _regions(ow, oh):
+                        where = (path.name, level, k, (x, y, w, h))
+                        got = oriented.read_region((int(round(x * ds)), int(round(y * ds))), level, (w, h))
+                        assert got.shape == (h, w, 3), where
+                        block = _source_block(index, k, x, y, w, h)
+                        inside = got[max(-y, 0):min(oh - y, h), max(-x, 0):min(ow - x, w)]
+                        c, r, bw, bh = block
+                        read = base.read_region((int(round(c * ds0)), int(round(r * ds0))), level, (bw, bh))
+                        assert np.array_equal(inside, orient_array(read, k)), where
+                        assert int(got.sum()) - int(inside.sum()) == 0, where  # black outside the slide
+                        if exact:
+                            assert np.array_equal(got, padded[20 + y:20 + y + h, 20 + x:20 + x + w]), where
+                        checked += 1
+        finally:
+            base.close()
+    assert checked >= len(pyramids) * 2 * 8 * 4
+    assert exact_levels >= 2  # at least the generated TIFF's levels were checked against whole-level reads

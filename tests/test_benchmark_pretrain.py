@@ -37,15 +37,31 @@ def test_pretrain_heads_trains_the_last_head_and_copies_it(tmp_path):
     slides = _slides(tmp_path)
     torch.manual_seed(0)
     model = create_model("magnet2_micro", aux_pooling="max", final_patch_size=32)
-    before = {k: v.clone() for k, v in model.aux_heads["2"].state_dict().items()}
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
     paths, labels = [s.path for s in slides], [s.label for s in slides]
     kwargs = {"steps": 3, "side": (0.025, 0.1), "lr": 1e-3, "seed": 0}
     record = pretrain_heads(model, paths, labels, windows=4, **kwargs)
     assert record["steps"] == 3 and record["windows_per_slide"] == 4 and record["classifier_backbone_copied"]
-    after = model.aux_heads["2"].state_dict()
-    assert any(not torch.equal(before[k], after[k]) for k in before)  # it trained
+    # Parameters only: BatchNorm's running statistics (buffers) change on any training-mode forward, even
+    # without an optimizer step, so they say nothing about whether the head was trained.
+    after = dict(model.named_parameters())
+    head = {k: v for k, v in after.items() if k.startswith("aux_heads.2.")}
+    moved = [k for k, v in head.items() if not torch.equal(before[k], v)]
+    # Adam moves every parameter whose gradient is nonzero; timm zero-initialises the last BatchNorm of each
+    # residual block, so the convolutions in front of it get no gradient in the first steps. Everything
+    # else of the head must have moved, its output layer and its last block's BatchNorm included.
+    frozen_by_init = [k for k in head if k not in moved]
+    assert all(".backbone." in k and "bn2" not in k for k in frozen_by_init), frozen_by_init
+    assert len(moved) >= len(head) // 2, (len(moved), len(head))
+    outputs = [k for k in head if ".backbone." not in k]
+    assert outputs and all(k in moved for k in outputs), outputs
+    # the other heads (and the classifier's backbone) are copies of it; nothing else changed
+    for k, v in model.aux_heads["1"].named_parameters():
+        assert torch.equal(v, after[f"aux_heads.2.{k}"]), k
     for k, v in model.aux_heads["1"].state_dict().items():
-        assert torch.equal(v, after[k])
+        assert torch.equal(v, model.aux_heads["2"].state_dict()[k]), k  # running statistics too
     for k, v in model.classifier.backbone.state_dict().items():
         assert torch.equal(v, model.aux_heads["2"].backbone.state_dict()[k])
+    untouched = [k for k in after if not k.startswith(("aux_heads.", "classifier.backbone."))]
+    assert untouched and all(torch.equal(before[k], after[k]) for k in untouched)
     assert pretrain_heads(model, paths, labels, windows=0, **kwargs) == {"seconds": 0.0, "steps": 0}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -83,13 +85,91 @@ def test_evaluate_reports_every_metric():
     spec = FindItSpec(image_size=256, object_frac=0.05)
     fetchers, labels, samples = make_batch(spec, range(2))
     assert len(fetchers) == 2 and labels.shape == (2,)
+    assert labels.tolist() == [float(s.label) for s in samples]
     res, kept = evaluate(model, spec, range(4), batch_size=2, keep_outputs=1)
     d = res.as_dict()
     assert res.n == 4 and len(kept) == 1
-    assert 0 <= d["hit_rate"] <= 1 and 0 <= d["random_hit_rate"] <= 1
     assert set(d["layer_hit_rate"]) == {"1", "2"} and set(d["layer_scale_mean"]) == {"1", "2"}
     # Untrained, near-uniform attention: every learned crop sits at the clamp, centred.
     assert d["layer_scale_mean"]["1"] == pytest.approx(1.0, abs=0.05)
+
+
+class _Node(SimpleNamespace):
+    pass
+
+
+class ScriptedNetwork:
+    """Stands in for a (2, 2) MagNet: for each FindIt image it returns an ROI tree whose crops are placed
+    by hand around the object's centre, and a chosen probability, so every rate :func:`evaluate` reports
+    has a known value.
+
+    Image ``j`` (side ``n``, object centre ``(cx, cy)``): layer 1 has a crop A of side 40 centred on the
+    object (a hit) and a crop B centred on the *transposed* point ``(cy, cx)`` (a miss; a hit for a test
+    that mixes up x and y). Layer 2 holds, per layer-1 crop, its frozen copy and one learned crop: inside A
+    a crop of side 10 on the object for even ``j`` and beside it for odd ``j``; inside B a miss."""
+
+    training = False
+
+    def __init__(self, samples, probs) -> None:
+        self.samples, self.probs = list(samples), list(probs)
+        self.config = SimpleNamespace(grey_threshold=15)
+        self.calls = 0
+
+    def eval(self):
+        return self
+
+    def train(self, mode=True):
+        return self
+
+    def tree(self, j, sample, n):
+        cx, cy = sample.centre
+
+        def square(x, y, side, layer, frozen=False):
+            return _Node(layer=layer, frozen=frozen, box=(x - side / 2, y - side / 2, side, side), scale=side / n)
+
+        a, b = square(cx, cy, 40, 1), square(cy, cx, 40, 1)
+        inner = square(cx, cy, 10, 2) if j % 2 == 0 else square(cx + 12, cy, 10, 2)
+        return [_Node(layer=0, frozen=False, box=(0, 0, n, n), scale=1.0), a, b,
+                _Node(layer=2, frozen=True, box=a.box, scale=a.scale), inner,
+                _Node(layer=2, frozen=True, box=b.box, scale=b.scale), square(cy + 12, cx, 10, 2)]
+
+    def __call__(self, fetchers, auxiliary=True):
+        first = self.calls
+        self.calls += len(fetchers)
+        idx = range(first, first + len(fetchers))
+        n = self.samples[0].image.shape[0]
+        return SimpleNamespace(trees=[self.tree(j, self.samples[j], n) for j in idx],
+                               probs=torch.tensor([self.probs[j] for j in idx]))
+
+
+def test_evaluate_measures_the_scripted_crops_and_probabilities():
+    spec = FindItSpec(image_size=448, object_frac=0.05)
+    # images whose object centre is far from the diagonal, so that (cx, cy) and (cy, cx) are far apart
+    seeds, samples = [], []
+    for seed in range(200):
+        sample = make_image(spec, seed)
+        if abs(sample.centre[0] - sample.centre[1]) > 60:
+            seeds.append(seed)
+            samples.append(sample)
+        if len(seeds) == 8:
+            break
+    labels = [s.label for s in samples]
+    assert 0 < sum(labels) < len(labels)
+    probs = [0.9 if y else 0.2 for y in labels]
+    wrong = labels.index(1)
+    probs[wrong] = 0.1  # one positive image scored below every negative one
+    res, _ = evaluate(ScriptedNetwork(samples, probs), spec, seeds, batch_size=3)
+    d = res.as_dict()
+    assert res.n == 8
+    assert d["layer_hit_rate"] == {"1": 0.5, "2": 0.25}  # learned crops only, never the frozen copies
+    assert d["hit_rate"] == pytest.approx((1 + 0.5 + 0 + 0) / 4)  # A's frozen copy, A's inner, B's two
+    assert d["hit_rate_any"] == 1.0
+    assert d["layer_scale_mean"] == {"1": pytest.approx(40 / 448), "2": pytest.approx(10 / 448)}
+    assert d["final_side_frac"] == pytest.approx((40 + 10) / 2 / 448)
+    expected_random = np.mean([random_hit_probability(w, 448, s.centre) for s in samples for w in (40, 10, 40, 10)])
+    assert d["random_hit_rate"] == pytest.approx(expected_random)
+    assert d["accuracy"] == pytest.approx(7 / 8)
+    assert d["auroc"] == pytest.approx(1 - 1 / sum(labels))  # one positive of sum(labels) loses to every negative
 
 
 def test_recipe_options_translation_clamp_and_per_patch_auxiliary_loss():

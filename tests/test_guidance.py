@@ -60,6 +60,7 @@ def test_window_scores_mark_glass_cells():
     assert bool(tissue[0, 0, 3:6, 1:3].all())  # inside the blob: tissue
 
 
+@pytest.mark.slow
 def test_guidance_trains_only_the_inner_attention_towards_the_scores():
     fetchers = _fetchers()
     net = _model(attention_tissue_only=True).train()

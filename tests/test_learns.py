@@ -1,19 +1,26 @@
 """The MagNet learns where to look from the label alone (issue 7 done-criterion 3, issue 2 test 5).
 
 Tiny FindIt settings trained with the learn-to-look recipe (``magnet_zoo.tasks.train.RECIPE_*``) on
-2 CPU threads. The assertions compare the final crops' hit rate (share of the classifier's crops whose
-box contains the object centre) with the same network at initialisation and with randomly placed
-crops of the same sizes; they fail if attention does not move onto the object.
+2 CPU threads, pinned to the CPU. The assertions are on the *learned* crops of each layer
+(``EvalResult.layer_hit_rate``: the share of a layer's non-frozen crops whose box contains the object
+centre), not on the final patches: half of a (2, 2) network's final patches are frozen copies of the
+layer-1 crops, so a final-patch hit rate stays high with a dead layer-2 attention. Each layer's rate is
+compared with the same network before training, with crops of the same sizes placed at random
+(``layer_random_hit_rate``), and, for layer 2, with the trained network whose layer-2 attention map is
+made flat (its crop then sits centred in its parent, as a dead attention's does).
 
-Measured with the recipe (random attention init, scale clamped to [0.1, 0.35] with the upper bound
-annealed from 1.0, clamp translation, per-patch auxiliary loss; docs/learn_to_look.md), 2 CPU
-threads on a shared machine: tiny setting, 150 steps, 81 s: hit rate 0.34 vs 0.11 before training and
-0.04 for random crops, accuracy 0.98; 1.8 % object, 200 steps, 240 s: hit rate 0.42 vs 0.10 and 0.006,
-accuracy 1.00.
+Measured on the shared 2-CPU machine (seed 0), tiny setting, 150 steps (912 s under heavy load; 81 s
+on an idle machine): layer 1 hit 0.73 (0.19 before training, 0.011 for random crops of its size);
+layer 2 hit 0.36 (0.04 before, 0.0006 random), 0.03 with its attention made flat. The final-patch
+hit rate that the previous version of this test asserted on was 0.55 trained and 0.38 with the flat
+layer-2 attention: its assertions passed with layer 2 dead. The learned layer-2 crop is known to be
+dead in some seeds of the current method; with this seed it is not, and the tests assert what they
+measure (the small-object setting's layer-2 crop is alive but no better than a centred one: see there).
 """
 
 from __future__ import annotations
 
+import copy
 import time
 
 import pytest
@@ -24,22 +31,48 @@ from magnet_zoo.tasks.findit import FindItSpec, evaluate
 from magnet_zoo.tasks.train import RECIPE_CONFIG, eval_seeds, train
 
 
-def _train_and_measure(spec: FindItSpec, steps: int, n_eval: int = 48, **config: object) -> dict[str, float]:
+def _flat_attention(model, layer: int):
+    """A copy of ``model`` whose layer ``layer`` (1-based) attention map is constant: a dead attention."""
+    dead = copy.deepcopy(model)
+    head = dead.layers[layer - 1].stacks.head
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+    return dead
+
+
+def _train_and_measure(spec: FindItSpec, steps: int, n_eval: int = 48, **config: object) -> dict[str, object]:
     torch.manual_seed(0)
     model = create_model("magnet2_tiny", **{**RECIPE_CONFIG, **config})
     before, _ = evaluate(model, spec, eval_seeds(n_eval))
     started = time.perf_counter()
-    train(model, spec, steps=steps, seed=0, threads=2, log_every=0)
+    train(model, spec, steps=steps, seed=0, threads=2, log_every=0, device="cpu")
     seconds = time.perf_counter() - started
     after, _ = evaluate(model, spec, eval_seeds(n_eval))
+    flat2, _ = evaluate(_flat_attention(model, 2), spec, eval_seeds(n_eval))
     return {
-        "hit_before": before.hit_rate,
-        "hit_after": after.hit_rate,
-        "random": after.random_hit_rate,
-        "any_after": after.hit_rate_any,
+        "before": before.layer_hit_rate,
+        "after": after.layer_hit_rate,
+        "random": after.layer_random_hit_rate,
+        "flat2": flat2.layer_hit_rate[2],
+        "final_after": after.hit_rate,
+        "final_flat2": flat2.hit_rate,
         "accuracy": after.accuracy,
         "seconds": seconds,
     }
+
+
+def _assert_both_layers_learned(r: dict[str, object], beats_flat_layer2: bool) -> None:
+    before, after, random = r["before"], r["after"], r["random"]
+    # layer 1: its learned crops find the object far more often than at initialisation or at random
+    assert after[1] > before[1] + 0.2, r
+    assert after[1] > 3 * random[1] + 0.2, r
+    # layer 2: its learned crop (inside a layer-1 crop) finds the object far more often than at
+    # initialisation or at random
+    assert after[2] > before[2] + 0.15, r
+    assert after[2] > 10 * random[2] + 0.15, r
+    if beats_flat_layer2:  # and better than a flat layer-2 attention, which keeps the crop centred in its parent
+        assert after[2] > r["flat2"] + 0.15, r
 
 
 @pytest.mark.slow
@@ -47,16 +80,20 @@ def test_attention_learns_to_look_tiny_setting():
     """448 px images, object 5% of the side (22 px: a 3 px blob in the 56 px overview)."""
     spec = FindItSpec(image_size=448, object_frac=0.05)
     r = _train_and_measure(spec, steps=150, final_patch_size=32)
-    # Clear margins: several times random placement and well above the untrained network.
-    assert r["hit_after"] > 3 * r["random"] + 0.05, r
-    assert r["hit_after"] > r["hit_before"] + 0.15, r
-    assert r["any_after"] > 0.5, r
+    _assert_both_layers_learned(r, beats_flat_layer2=True)
+    assert r["accuracy"] > 0.9, r
 
 
 @pytest.mark.slow
 def test_attention_learns_small_object_under_two_percent():
-    """Issue 2 test 5: 896 px images, object 1.8% of the side at a random place, a few hundred steps."""
+    """Issue 2 test 5: 896 px images, object 1.8% of the side at a random place, a few hundred steps.
+
+    Measured (seed 0; 1073 s on the loaded shared machine): layer 1 hit 0.96 (0.19 before, 0.011 random),
+    layer 2 hit 0.53 (0.02 before, 0.0003 random). Here the layer-1 crop is already tight on the object,
+    and a flat layer-2 attention (crop centred in its parent) hits it *more* often, 0.68: the learned
+    layer-2 crop is alive but does not localise better than centring, so that comparison is not asserted
+    in this setting."""
     spec = FindItSpec(image_size=896, object_frac=0.018)
     r = _train_and_measure(spec, steps=200)
-    assert r["hit_after"] > 3 * r["random"] + 0.05, r
-    assert r["hit_after"] > r["hit_before"] + 0.15, r
+    _assert_both_layers_learned(r, beats_flat_layer2=False)
+    assert r["accuracy"] > 0.9, r

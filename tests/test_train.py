@@ -190,7 +190,10 @@ def test_sampler_resumes_mid_epoch_and_shards_ranks() -> None:
     other = ResumableSampler(10, seed=3)
     other.set_epoch(1)
     assert list(other) != full  # a new order and new orientations each epoch
-    assert {k for _, k in full} - set(range(8)) == set()
+    # D4 augmentation: over an epoch of 64 slides every one of the 8 orientations is drawn (all 0 without it)
+    orientations = [k for _, k in ResumableSampler(64, seed=3)]
+    assert set(orientations) == set(range(8))
+    assert max(orientations.count(k) for k in range(8)) < 20  # roughly uniform, not one orientation mostly
     ranks = [list(ResumableSampler(7, seed=3, rank=r, world_size=2)) for r in range(2)]
     assert len(ranks[0]) == len(ranks[1]) == 4  # padded to equal shards
     assert {i for i, _ in ranks[0] + ranks[1]} == set(range(7))
@@ -261,10 +264,14 @@ def test_dataset_prefetch_equals_direct_reads_in_every_orientation(slides: Path)
 
     records = read_slide_csv(slides / "split.csv")[:2]
     ds = SlideDataset(records, sizes=(56, 112))
-    loader = make_loader(ds, ResumableSampler(2, seed=0), 2, num_workers=1)
+    keys = [(k % 2, k) for k in range(8)]  # all 8 orientations, over both slides
+    loader = make_loader(ds, keys, 8, num_workers=1)
     batch = next(iter(loader))  # read by a worker process
-    for sample in batch.samples:
-        direct = SlideFetcher(OrientedSource(open_slide(sample.source.path), sample.source.orientation))
+    assert [s.source.orientation for s in batch.samples] == list(range(8))
+    roots = {}
+    for (index, k), sample in zip(keys, batch.samples, strict=True):
+        assert sample.source.path == records[index].path
+        direct = SlideFetcher(OrientedSource(open_slide(sample.source.path), k))
         root = root_square(*direct.slide_size)
         assert sample.slide_size == direct.slide_size
         for size in (56, 112):
@@ -273,6 +280,33 @@ def test_dataset_prefetch_equals_direct_reads_in_every_orientation(slides: Path)
         assert isinstance(fetcher, PrefetchedFetcher)
         child = [root.__class__(root.x + 10, root.y + 20, root.side / 3)]
         assert torch.equal(fetcher.fetch(child, 56).images, direct.fetch(child, 56).images)
+        roots[k] = sample.views[56].images
+    # the orientations really differ: no two reads of the same slide agree
+    for a, b in itertools.combinations(range(8), 2):
+        if a % 2 == b % 2:
+            assert not torch.equal(roots[a], roots[b]), (a, b)
+
+
+def test_the_loop_draws_slide_orientations_only_when_the_recipe_augments(slides: Path) -> None:
+    from conftest import micro_magnet
+
+    from magnet_zoo.train import SlideData, get_recipe
+    from magnet_zoo.train.loop import TrainLoop
+
+    records = read_slide_csv(slides / "split.csv")
+    config = TrainConfig(device="cpu", amp="off", threads=2, progress=False, baseline_eval=False, save_every=0,
+                         log_every=0, tensorboard=False)
+    seen = {}
+    for augment in (True, False):
+        recipe = get_recipe("paper", batch_size=4, steps=3, augment=augment)
+        data = SlideData(records, num_workers=0)
+        TrainLoop(config, recipe, data, model=micro_magnet())  # sets the data up as a run does
+        seen[augment] = [[s.source.orientation for s in b.samples] for epoch in range(2)
+                         for b in data.batches(epoch, 0)]
+    assert sum(len(b) for b in seen[True]) == 2 * len(records)
+    assert {k for b in seen[False] for k in b} == {0}
+    assert len({k for b in seen[True] for k in b}) >= 5  # 24 draws from 8 orientations
+    assert seen[True][:3] != seen[True][3:]  # each epoch draws anew
 
 
 def test_read_views_serves_root_requests_from_memory(slides: Path) -> None:
@@ -319,6 +353,7 @@ def test_train_val_loss_falls_and_writes_checkpoints_and_metrics(slides: Path, t
         save_every=0,
         threads=2,
         progress=False,
+        device="cpu",
     )
     result = train(cfg, model=model)
     history = result.history
@@ -351,7 +386,7 @@ def test_train_val_loss_falls_and_writes_checkpoints_and_metrics(slides: Path, t
 
     report = tmp_path / "eval.json"
     assert main(["evaluate", "--model", str(out / "checkpoints" / "best"), "--data", str(slides / "split.csv"),
-                 "--split", "val", "--workers", "0", "--out", str(report), "--no-progress"]) == 0
+                 "--split", "val", "--workers", "0", "--out", str(report), "--no-progress", "--device", "cpu"]) == 0
     evaluated = json.loads(report.read_text())
     assert evaluated["metrics"]["n"] == 4
     assert set(evaluated["metrics"]["per_category"]) == {"macro", "normal"}
@@ -361,18 +396,67 @@ def test_gradient_accumulation_and_a_second_run_into_the_same_folder(slides: Pat
     cfg = TrainConfig(
         data=str(slides / "small.csv"), out=str(tmp_path), model="magnet2_tiny", model_overrides=TINY,
         recipe_overrides={"lr": 1e-3, "batch_size": 6}, epochs=1, micro_batch=2, num_workers=0,
-        baseline_eval=False, progress=False,
+        baseline_eval=False, progress=False, device="cpu",
     )
     result = train(cfg)
     record = json.loads((tmp_path / "train_config.json").read_text())
     assert (record["micro_batch"], record["accumulation"], record["steps_per_epoch"]) == (2, 3, 1)
-    assert result.global_step == 1 and result.history[-1]["train_loss"] > 0
+    assert result.global_step == 1
+    row = result.history[-1]  # the training loss is the sum of its three enabled terms, each one positive
+    terms = [row["train_paradoxical"], row["train_auxiliary"], row["train_classifier"]]
+    assert row["train_loss"] == pytest.approx(sum(terms)) and min(terms[1:]) > 0
     with pytest.raises(ResumeError, match="pass --resume"):
         train(cfg)
     with pytest.raises(ResumeError, match="lr"):
         train(TrainConfig(**{**cfg.to_dict(), "recipe_overrides": {"lr": 2e-3, "batch_size": 6}, "resume": True}))
     done = train(TrainConfig(**{**cfg.to_dict(), "resume": True, "num_workers": 1}))  # finished: nothing to do
     assert done.global_step == 1
+
+
+def _first_step_gradients(records, micro: int) -> dict[str, torch.Tensor]:
+    """The gradient the first optimizer step of a batch of 6 slides uses, in micro-batches of ``micro``.
+
+    The network normalises every sample on its own (LayerNorm backbones, GroupNorm attention) and samples
+    crops bilinearly (the linearized sampler draws a new jitter pattern at every forward pass, so its
+    attention gradient depends on how the batch is split): the split into micro-batches is the only
+    difference."""
+    from conftest import micro_magnet
+
+    from magnet_zoo.train import SlideData, get_recipe
+    from magnet_zoo.train.loop import TrainLoop
+
+    class Recording(TrainLoop):
+        grads: dict[str, torch.Tensor] = {}
+
+        def _optimizer_step(self) -> None:
+            self.grads = {n: p.grad.detach().clone() for n, p in self.model.named_parameters() if p.grad is not None}
+            super()._optimizer_step()
+
+    model = micro_magnet(classifier_backbone=BACKBONE, aux_backbone=BACKBONE, attention_norm="group",
+                         sampler="bilinear")
+    recipe = get_recipe("paper", batch_size=6, steps=1, lr=1e-3)
+    config = TrainConfig(device="cpu", amp="off", micro_batch=micro, threads=2, progress=False, baseline_eval=False,
+                         save_every=0, log_every=0, tensorboard=False)
+    loop = Recording(config, recipe, SlideData(records, num_workers=0), model=model)
+    assert loop.accum == 6 // micro
+    loop.run()
+    return loop.grads
+
+
+def test_accumulating_micro_batches_gives_the_gradient_of_the_whole_batch(slides: Path) -> None:
+    records = [r for r in read_slide_csv(slides / "small.csv") if r.split == "train"]
+    assert len(records) == 6
+    whole = _first_step_gradients(records, 6)
+    accumulated = _first_step_gradients(records, 2)  # 3 micro-batches of 2
+    assert sorted(whole) == sorted(accumulated) and len(whole) > 10
+    assert any(n.startswith("layers.") for n in whole) and any(n.startswith("classifier.") for n in whole)
+    # float32 sums in another order: agreement to 1e-4 of each tensor's largest entry, plus 1e-6 of the largest
+    # gradient (the attention map's bias does not move its normalised map: its gradient cancels to noise)
+    largest = max(float(g.abs().max()) for g in whole.values())
+    assert largest > 1e-2
+    for name in whole:
+        tolerance = 1e-4 * float(whole[name].abs().max()) + 1e-6 * largest
+        torch.testing.assert_close(accumulated[name], whole[name], rtol=0, atol=tolerance, msg=name)
 
 
 # --------------------------------------------------------------------------- subprocess runs
@@ -387,7 +471,7 @@ def _train_args(csv_path: Path, out: Path, *extra: str) -> list[str]:
     args = [
         "train", "--data", str(csv_path), "--out", str(out), "--model", "magnet2_tiny",
         "--model-override", f"classifier_backbone={BACKBONE}", "--model-override", f"aux_backbone={BACKBONE}",
-        "--lr", "1e-3", "--no-progress", "--no-baseline-eval", "--log-every", "1",
+        "--lr", "1e-3", "--no-progress", "--no-baseline-eval", "--log-every", "1", "--device", "cpu",
     ]
     return args + list(extra)
 
@@ -515,7 +599,7 @@ def test_torchrun_two_processes_train_with_gloo_and_only_rank0_writes(slides: Pa
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(guard),
         *_train_args(slides / "small.csv", out, "--epochs", "1", "--batch-size", "4", "--workers", "0",
-                     "--threads", "1", "--device", "cpu"),
+                     "--threads", "1"),
     ]
     proc = subprocess.run(cmd, env=_env(), timeout=300, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -527,6 +611,75 @@ def test_torchrun_two_processes_train_with_gloo_and_only_rank0_writes(slides: Pa
     assert (out / "checkpoints" / "last" / "model.safetensors").is_file()
 
 
+DDP_SCRIPT = '''
+import copy, os, sys
+import numpy as np
+import torch
+import torch.distributed as dist
+sys.path.insert(0, sys.argv[2])
+from conftest import micro_magnet
+from magnet_zoo.train import SourceData, TrainConfig, get_recipe
+from magnet_zoo.train.loop import TrainLoop
+from magnet_zoo.wsi import ArraySource, SlideFetcher
+
+rank = int(os.environ["RANK"])
+rng = np.random.default_rng(100 + rank)  # every rank trains on slides of its own
+sources = [ArraySource(rng.integers(0, 255, (192, 192, 3), dtype=np.uint8)) for _ in range(2)]
+labels = [float(rank), float(1 - rank)]
+torch.set_num_threads(1)  # the loop's threads: float sums in the same order
+model = micro_magnet(sampler="bilinear")  # no random jitter pattern in the attention's gradient
+
+# this rank's gradient alone: the first micro-batch (both of its slides) through a copy of the network
+alone = copy.deepcopy(model).train()
+out = alone([SlideFetcher(s, alone.config.grey_threshold) for s in sources])
+alone.loss(out, torch.tensor(labels)).total.backward()
+local = {n: p.grad.detach().clone() for n, p in alone.named_parameters() if p.grad is not None}
+
+
+class Recording(TrainLoop):
+    synced = None
+
+    def _optimizer_step(self):
+        if self.synced is None:
+            self.synced = {n: p.grad.detach().clone() for n, p in self.model.named_parameters() if p.grad is not None}
+        super()._optimizer_step()
+
+
+recipe = get_recipe("paper", batch_size=4, steps=2, augment=False, lr=1e-3)
+config = TrainConfig(device="cpu", amp="off", threads=1, progress=False, baseline_eval=False, save_every=0,
+                     log_every=1, tensorboard=False)
+loop = Recording(config, recipe, SourceData(sources, labels), model=model)
+loop.run()
+final = {n: p.detach().clone() for n, p in loop.model.named_parameters()}
+torch.save({"local": local, "synced": loop.synced, "final": final}, os.path.join(sys.argv[1], f"rank{rank}.pt"))
+dist.barrier()
+'''
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_average_their_gradients_and_stay_identical(tmp_path: Path) -> None:
+    """Two gloo ranks, each on slides of its own: the gradient each rank steps with is the average of the
+    two ranks' own gradients, and after the steps both ranks hold the same weights (ranks that trained
+    alone would step with their own gradient and drift apart)."""
+    script = tmp_path / "ddp_grads.py"
+    script.write_text(DDP_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(tmp_path), str(REPO / "tests")]
+    proc = subprocess.run(cmd, env=_env(), timeout=300, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    names = sorted(r0["local"])
+    assert names and sorted(r1["local"]) == names and sorted(r0["synced"]) == names
+    # the ranks' data differ: so do their own gradients
+    assert any(not torch.allclose(r0["local"][n], r1["local"][n]) for n in names)
+    for n in names:
+        mean = (r0["local"][n] + r1["local"][n]) / 2
+        torch.testing.assert_close(r0["synced"][n], mean, rtol=1e-4, atol=1e-7, msg=n)
+        torch.testing.assert_close(r1["synced"][n], mean, rtol=1e-4, atol=1e-7, msg=n)
+    different = [n for n in r0["final"] if not torch.equal(r0["final"][n], r1["final"][n])]
+    assert not different, different[:5]
+
+
 def test_cli_trains_with_the_paper_recipe_and_the_default_one(slides: Path, tmp_path: Path) -> None:
     """The README's two training commands on a `magnet-zoo synth` CSV: --recipe paper, and no --recipe."""
     from magnet_zoo.cli import main
@@ -535,7 +688,7 @@ def test_cli_trains_with_the_paper_recipe_and_the_default_one(slides: Path, tmp_
         out = tmp_path / (recipe or "default")
         extra = ["--recipe", recipe] if recipe else []
         args = _train_args(slides / "small.csv", out, *extra, "--steps", "2", "--batch-size", "2", "--workers", "0",
-                           "--threads", "2", "--device", "cpu")
+                           "--threads", "2")
         assert main(args) == 0
         record = json.loads((out / "train_config.json").read_text())
         assert record["recipe"]["name"] == (recipe or "learn_to_look")
