@@ -129,6 +129,9 @@ def grid(name: str) -> list[dict[str, Any]]:
         return [
             r("recipe + geometry=frame", cfg={"geometry": "frame"}),
             r("recipe + geometry=frame, view_gradient=off", cfg={"geometry": "frame", "view_gradient": False}),
+            r("recipe + all fixes + geometry=frame",
+              cfg={"paradoxical_reference": "constant", "scale_bounds": "soft", "attention_padding": "replicate",
+                   "geometry": "frame"}, st={"clip_per_group": True}),
         ]
     if name == "explore":
         # Issue 14 item 3: sampled trees with a score-function gradient, on top of the recipe.
