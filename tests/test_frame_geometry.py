@@ -93,11 +93,12 @@ def test_frame_gradient_matches_finite_differences_of_the_real_forward():
     assert np.all(grad_reread == 0) and np.abs(fd_reread).max() > 1e-3
 
 
-def test_frame_forward_equals_the_reread_forward():
+@pytest.mark.parametrize("crop_source", ["iprime", "reread"])
+def test_frame_forward_equals_the_reread_forward(crop_source):
     slide = as_fetcher(ArraySource(smooth_slide(1500, 3)))
     outs = {}
     for geometry in ("reread", "frame"):
-        model = micro_magnet(geometry=geometry).eval()
+        model = micro_magnet(geometry=geometry, crop_source=crop_source).eval()
         with torch.no_grad():
             outs[geometry] = model([slide])
     a, b = outs["reread"], outs["frame"]
@@ -106,6 +107,8 @@ def test_frame_forward_equals_the_reread_forward():
         assert np.allclose(na.box, nb.box)
     diff = (a.final_patches - b.final_patches).abs()
     assert diff.mean() < 2e-3 and diff.max() < 0.03  # the margin's resampling only
+    if crop_source == "reread":  # the inner views come from each frame's core, not its margin
+        assert torch.allclose(a.crops[1], b.crops[1], atol=1e-6)
     assert torch.allclose(a.logits, b.logits, atol=1e-3)
     # The frames cost their margin in pixels read, and nothing else.
     assert b.accounting[0]["pixels_read"] > a.accounting[0]["pixels_read"]
