@@ -163,6 +163,7 @@ def _source_block(index: np.ndarray, k: int, x: int, y: int, w: int, h: int) -> 
     return int(cols.min()), int(rows.min()), int(cols.max() - cols.min() + 1), int(rows.max() - rows.min() + 1)
 
 
+@pytest.mark.slow
 def test_every_orientation_of_a_pyramid_reads_the_numpy_transformed_region(pyramids):
     """For each of the 8 orientations and each level small enough to hold in memory, a region read through
     :class:`OrientedSource` is the corresponding region of the original, read and transformed with

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from magnet_zoo.factory import create_model
@@ -25,6 +26,7 @@ def _slides(tmp_path):
     return out
 
 
+@pytest.mark.slow
 def test_random_crops_sit_on_tissue_at_the_requested_size(tmp_path):
     slides = _slides(tmp_path)
     crops = random_crops(slides, 5, (0.05, 0.1), 32, seed=0)

@@ -361,6 +361,7 @@ def test_offline_cache_hit_with_server_stopped(hub, model, old_model, tmp_path, 
         load_pretrained(REPO, revision="v9")
 
 
+@pytest.mark.slow
 def test_pinning_to_a_tag_a_branch_and_a_short_sha(hub, model, old_model, tmp_path, monkeypatch, no_unpickling):
     hub.set_ref(REPO, "v1.0", hub.old_sha)  # a release tag on the older weights
     hub.set_ref(REPO, "dev", hub.old_sha)  # a branch, for now at the same commit

@@ -115,6 +115,7 @@ def test_early_stopping_on_the_monitored_metric_and_the_best_weights_in_memory()
     assert not all(torch.equal(result.best_state[k], snapshots[10][k]) for k in result.best_state)
 
 
+@pytest.mark.slow
 def test_best_is_only_chosen_once_the_anneal_is_over():
     sources, labels = _sources()
     recipe = get_recipe("learn_to_look", batch_size=2, steps=8, max_scale_start=1.0, anneal_frac=0.5)

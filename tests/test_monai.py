@@ -78,6 +78,7 @@ def _needs_ignite() -> None:
     pytest.importorskip("ignite", reason="MONAI engines need pytorch-ignite (pip install pytorch-ignite)")
 
 
+@pytest.mark.slow
 def test_supervised_trainer_and_evaluator_drive_a_magnet(data_csv: Path, tmp_path: Path) -> None:
     _needs_ignite()
     torch.manual_seed(0)

@@ -132,6 +132,7 @@ def _record_step_norms(loop: TrainLoop) -> list[list[float]]:
     return seen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("per_group", [False, True])
 def test_the_loop_steps_with_clipped_gradients(per_group):
     clip = 1e-3  # far below the micro MagNet's gradient norms

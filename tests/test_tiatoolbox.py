@@ -51,6 +51,7 @@ def test_virtual_reader_over_an_array_matches_array_source(model: MagNetTIAModel
     assert out["probabilities"] == pytest.approx([expected, expected], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_model_contract_and_safe_weight_loading(model: MagNetTIAModel, tmp_path: Path) -> None:
     from magnet_zoo.hub import save_pretrained
 

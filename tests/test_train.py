@@ -392,6 +392,7 @@ def test_train_val_loss_falls_and_writes_checkpoints_and_metrics(slides: Path, t
     assert set(evaluated["metrics"]["per_category"]) == {"macro", "normal"}
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_and_a_second_run_into_the_same_folder(slides: Path, tmp_path: Path) -> None:
     cfg = TrainConfig(
         data=str(slides / "small.csv"), out=str(tmp_path), model="magnet2_tiny", model_overrides=TINY,
@@ -443,6 +444,7 @@ def _first_step_gradients(records, micro: int) -> dict[str, torch.Tensor]:
     return loop.grads
 
 
+@pytest.mark.slow
 def test_accumulating_micro_batches_gives_the_gradient_of_the_whole_batch(slides: Path) -> None:
     records = [r for r in read_slide_csv(slides / "small.csv") if r.split == "train"]
     assert len(records) == 6
@@ -680,6 +682,7 @@ def test_torchrun_ranks_average_their_gradients_and_stay_identical(tmp_path: Pat
     assert not different, different[:5]
 
 
+@pytest.mark.slow
 def test_cli_trains_with_the_paper_recipe_and_the_default_one(slides: Path, tmp_path: Path) -> None:
     """The README's two training commands on a `magnet-zoo synth` CSV: --recipe paper, and no --recipe."""
     from magnet_zoo.cli import main
