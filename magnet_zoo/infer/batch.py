@@ -249,6 +249,7 @@ def predict_many(
         if i < len(batches):
             ahead.append([pool.submit(_open, p, backend) for p in batches[i]])
 
+    cleared: dict[str, dict[str, str]] = {}  # sharded runs: the slides this rank has predicted so far
     try:
         for i in range(PREFETCH_BATCHES):  # open the next slides while the current batch runs
             submit(i)
@@ -264,9 +265,9 @@ def predict_many(
             if good:
                 _predict_batch(model, good, out, explain, new_errors, summary, prov, threshold, trees, tree_seed)
             if world > 1:  # a rank's file also names the slides it predicted: their old rows are stale
-                predicted = [p for batch in batches[: i + 1] for p in batch if slide_key(p) not in new_errors]
-                write_errors(errors_path, {**{slide_key(p): _cleared_row(p, key_now) for p in predicted},
-                                           **new_errors})
+                cleared.update({slide_key(p): _cleared_row(p, key_now) for p in batches[i]
+                                if slide_key(p) not in new_errors})
+                write_errors(errors_path, {**cleared, **new_errors})
             elif new_errors or errors_path.is_file():
                 write_errors(errors_path, new_errors)
     finally:
