@@ -178,7 +178,6 @@ class MagNetTIAModel(ModelABC):
             "trees": [[node.to_dict() for node in tree] for tree in out.trees],
         }
 
-
     def _sampled_batch(self, slides: list[Any]) -> dict[str, Any]:
         """:meth:`infer_batch` with ``K > 1`` sampled trees per slide, one slide at a time."""
         from magnet_zoo.infer.predict import predict_fetcher
