@@ -133,6 +133,20 @@ def grid(name: str) -> list[dict[str, Any]]:
               cfg={"paradoxical_reference": "constant", "scale_bounds": "soft", "attention_padding": "replicate",
                    "geometry": "frame"}, st={"clip_per_group": True}),
         ]
+    if name == "issue14":
+        # Issue 14 item 4: exploration on top of the four switches (3 seeds), each switch alone (2 seeds),
+        # and the switches on the 1 % object.
+        fixes = {"paradoxical_reference": "constant", "scale_bounds": "soft", "attention_padding": "replicate"}
+        return [
+            r("recipe + all fixes + explore (2 trees)", cfg=fixes, st={"clip_per_group": True, "explore_trees": 2},
+              seeds=(0, 1, 2)),
+            r("+ paradoxical_reference=constant", cfg={"paradoxical_reference": "constant"}, seeds=(0, 1)),
+            r("+ scale_bounds=soft", cfg={"scale_bounds": "soft"}, seeds=(0, 1)),
+            r("+ attention_padding=replicate", cfg={"attention_padding": "replicate"}, seeds=(0, 1)),
+            r("+ clip_per_group", st={"clip_per_group": True}, seeds=(0, 1)),
+            r("recipe + all fixes, object 1%", cfg=fixes, st={"clip_per_group": True}, task={"object_frac": 0.01},
+              seeds=(0, 1)),
+        ]
     if name == "explore":
         # Issue 14 item 3: sampled trees with a score-function gradient, on top of the recipe.
         return [r("recipe + explore (2 trees, 70 %)", st={"explore_trees": 2}, seeds=(0, 1, 2))]
@@ -237,6 +251,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     res = train(model, spec, recipe, seed=job["seed"], threads=threads, device=device, **run)
     ev, kept = evaluate(model, spec, eval_seeds(job["n_eval"]), keep_outputs=4)
+    pooled = {str(k): evaluate(model, spec, eval_seeds(job["n_eval"]), trees=k, tree_seed=job["seed"])[0].as_dict()
+              for k in job.get("eval_trees") or ()}
     row = {
         "name": job["name"],
         "seed": job["seed"],
@@ -249,11 +265,14 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         "train_seconds": round(res.train_seconds, 1),
         "total_seconds": round(time.perf_counter() - t0, 1),
         "metrics": ev.as_dict(),
+        "metrics_trees": pooled,
         "interim": res.evals,
         "final_train_loss": float(res.history[-1]["total"]) if res.history else math.nan,
         "threads": threads,
         "device": device,
     }
+    if job.get("also_running"):
+        row["also_running"] = job["also_running"]
     if job.get("pictures"):
         pic = Path(job["pictures"]) / f"{_slug(job['name'])}_s{job['seed']}.png"
         pic.parent.mkdir(parents=True, exist_ok=True)
@@ -271,6 +290,11 @@ def _fmt(v: float, nd: int = 2) -> str:
     return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{nd}f}"
 
 
+def _pooled_median(rs: list[dict[str, Any]], k: str, key: str) -> str:
+    """Median over the seeds that have it of a metric evaluated with ``k`` sampled trees."""
+    return _fmt(statistics.median(r["metrics_trees"][k][key] for r in rs if k in r.get("metrics_trees", {})))
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     """Markdown: one line per setting, medians over seeds and the worst seed's values."""
     by: dict[str, list[dict[str, Any]]] = {}
@@ -278,8 +302,9 @@ def table(rows: list[dict[str, Any]]) -> str:
         by.setdefault(row["name"], []).append(row)
     head = (
         "| setting | seeds | acc median (worst) | AUROC median | final-crop hit median (worst) | random-crop hit |"
-        " hit per layer (learned crops) | scale per layer (mean ± sd) | final side / image | steps | train s |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+        " hit per layer (learned crops) | scale per layer (mean ± sd) | final side / image | steps | train s |"
+        " acc / hit with K sampled trees |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for name, rs in by.items():
@@ -298,13 +323,18 @@ def table(rows: list[dict[str, Any]]) -> str:
             for k in layers
         )
         side = statistics.median(x["final_side_frac"] for x in m)
+        ks = sorted({k for r in rs for k in r.get("metrics_trees") or {}}, key=int)
+
+        pooled = "; ".join(
+            f"K={k}: {_pooled_median(rs, k, 'accuracy')} / {_pooled_median(rs, k, 'hit_rate')}" for k in ks
+        ) or "-"
         lines.append(
             f"| {name} | {len(rs)} | {_fmt(statistics.median(acc))} ({_fmt(min(acc))}) |"
             f" {_fmt(statistics.median(au))} |"
             f" {_fmt(statistics.median(hit))} ({_fmt(min(hit))}) | {_fmt(statistics.median(rnd), 3)} |"
             f" {layer_hits} | {scales} | {side:.3f} |"
             f" {int(statistics.median(r['steps_done'] for r in rs))} |"
-            f" {int(statistics.median(r['train_seconds'] for r in rs))} |"
+            f" {int(statistics.median(r['train_seconds'] for r in rs))} | {pooled} |"
         )
     return head + "\n".join(lines) + "\n"
 
@@ -313,7 +343,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--grid", default="target",
-                    help="target | onepct | cpu | fixes | explore | search | final | ablations | patches")
+                    help="target | onepct | cpu | fixes | geometry | issue14 | explore | search | final | ablations"
+                         " | patches")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--override-seeds", action="store_true",
                     help="use --seeds for every entry, also those that fix their own seeds")
@@ -327,6 +358,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--tag", default=None, help="file stem (default learn_to_look_<grid>)")
     ap.add_argument("--no-pictures", action="store_true")
+    ap.add_argument("--eval-trees", type=int, nargs="*", default=[],
+                    help="also evaluate each run with K sampled trees pooled, for each K given")
+    ap.add_argument("--also-running", default=None,
+                    help="what else shares the machine, written into every row (the timings depend on it)")
     ap.add_argument("--tables-only", action="store_true",
                     help="train nothing: rebuild <tag>.json and <tag>.md from the runs already in <tag>.jsonl")
     args = ap.parse_args(argv)
@@ -351,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.time_limit is not None:
                 job["settings"]["time_limit_s"] = args.time_limit
             job["pictures"] = None if args.no_pictures else str(out / f"{stem}_pictures")
+            job["eval_trees"] = list(args.eval_trees)
+            job["also_running"] = args.also_running
             jobs.append(job)
     rows: list[dict[str, Any]] = []
     jsonl = out / f"{stem}.jsonl"

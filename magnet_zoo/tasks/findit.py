@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from magnet_zoo.nn.magnet import MagNet, MagNetOutput
+from magnet_zoo.nn.trees import pooled_forward
 from magnet_zoo.wsi import ArraySource, SlideFetcher
 
 BACKGROUNDS = ("grey", "he")
@@ -299,11 +300,17 @@ def evaluate(
     seeds: Sequence[int],
     batch_size: int = 16,
     keep_outputs: int = 0,
+    trees: int | None = None,
+    tree_seed: int = 0,
 ) -> tuple[EvalResult, list[tuple[FindItSample, MagNetOutput, int]]]:
     """Run ``model`` (eval mode) over images ``seeds`` and measure accuracy and where it looked.
 
+    ``trees=K`` runs ``K`` sampled zoom trees per image (:func:`magnet_zoo.nn.trees.pooled_forward`,
+    tree seeds from ``tree_seed`` and the batch's start): accuracy and AUROC are those of the pooled
+    probability, and the crop metrics count the crops of all ``K`` trees. ``None``: the expected crop.
+
     Returns the metrics and, for the first ``keep_outputs`` images, ``(sample, output, index)`` for
-    pictures.
+    pictures (with ``trees``, the first tree's output).
     """
     was_training = model.training
     model.eval()
@@ -320,25 +327,33 @@ def evaluate(
     seeds = list(seeds)
     for start in range(0, len(seeds), batch_size):
         fetchers, _, samples = make_batch(spec, seeds[start : start + batch_size], model.config.grey_threshold)
-        out = model(fetchers, auxiliary=False)
-        probs += out.probs.float().cpu().tolist()
+        if trees is None:
+            out = model(fetchers, auxiliary=False)
+            outs, batch_probs = [out], out.probs
+        else:
+            pooled = pooled_forward(model, fetchers, trees=trees, seed=tree_seed + start, auxiliary=False)
+            outs, batch_probs = pooled.outputs, pooled.probs
+        probs += batch_probs.float().cpu().tolist()
         for i, smp in enumerate(samples):
             labels.append(smp.label)
             centre = smp.centre
-            finals = final_crop_boxes(out, i)
-            hits = [_contains(b, centre) for b in finals]
-            final_hits += [float(h) for h in hits]
-            any_hits.append(float(any(hits)))
-            final_rand += [random_hit_probability(b[2], spec.image_size, centre) for b in finals]
-            final_sides += [b[2] / spec.image_size for b in finals]
-            for layer, rec in crop_records(out, i).items():
-                layer_hits.setdefault(layer, []).extend(float(_contains(b, centre)) for b in rec.boxes)
-                layer_rand.setdefault(layer, []).extend(
-                    random_hit_probability(b[2], spec.image_size, centre) for b in rec.boxes
-                )
-                layer_scales.setdefault(layer, []).extend(rec.scales)
+            image_hits = []
+            for out in outs:
+                finals = final_crop_boxes(out, i)
+                hits = [_contains(b, centre) for b in finals]
+                image_hits += hits
+                final_hits += [float(h) for h in hits]
+                final_rand += [random_hit_probability(b[2], spec.image_size, centre) for b in finals]
+                final_sides += [b[2] / spec.image_size for b in finals]
+                for layer, rec in crop_records(out, i).items():
+                    layer_hits.setdefault(layer, []).extend(float(_contains(b, centre)) for b in rec.boxes)
+                    layer_rand.setdefault(layer, []).extend(
+                        random_hit_probability(b[2], spec.image_size, centre) for b in rec.boxes
+                    )
+                    layer_scales.setdefault(layer, []).extend(rec.scales)
+            any_hits.append(float(any(image_hits)))
             if len(kept) < keep_outputs:
-                kept.append((smp, out, i))
+                kept.append((smp, outs[0], i))
     model.train(was_training)
     p = np.asarray(probs)
     y = np.asarray(labels)
