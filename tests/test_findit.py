@@ -94,6 +94,35 @@ def test_evaluate_reports_every_metric():
     assert d["layer_scale_mean"]["1"] == pytest.approx(1.0, abs=0.05)
 
 
+def test_evaluate_with_sampled_trees_pools_their_probabilities_and_counts_all_their_crops():
+    from magnet_zoo.nn.trees import pooled_forward
+    from magnet_zoo.tasks.findit import crop_records
+
+    torch.manual_seed(0)
+    model = create_model("magnet2_tiny", final_patch_size=32, attention_init="random").eval()
+    spec = FindItSpec(image_size=256, object_frac=0.05)
+    seeds = list(range(4))
+    res, kept = evaluate(model, spec, seeds, batch_size=4, trees=3, tree_seed=5, keep_outputs=1)
+    fetchers, labels, _ = make_batch(spec, seeds)
+    with torch.no_grad():
+        pooled = pooled_forward(model, fetchers, trees=3, seed=5, auxiliary=False)
+        expected = model(fetchers, auxiliary=False)
+    p, y = pooled.probs.numpy(), labels.numpy()
+    assert res.accuracy == pytest.approx(float(((p > 0.5) == (y > 0.5)).mean()))
+    assert res.auroc == pytest.approx(auroc(p.tolist(), y.tolist()))
+    # the crops of every tree are counted: the learned layer-1 centres, tree by tree, match the pooled pass
+    def layer1(out):
+        return np.array([n.box for n in out.trees[0] if n.layer == 1])
+
+    boxes = [layer1(o) for o in pooled.outputs]
+    np.testing.assert_allclose(layer1(kept[0][1]), boxes[0], rtol=1e-5)
+    assert not np.allclose(boxes[0], boxes[1])  # sampled, so the trees differ
+    assert not np.allclose(boxes[0], layer1(expected))  # and are not the expected crop
+    scales = [s for o in pooled.outputs for i in range(4) for s in crop_records(o, i)[2].scales]
+    assert res.layer_scale_mean[2] == pytest.approx(float(np.mean(scales)))
+    assert res.n == 4
+
+
 class _Node(SimpleNamespace):
     pass
 
