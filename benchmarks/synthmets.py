@@ -295,19 +295,38 @@ def merge_previous(
 
 
 # --------------------------------------------------------------------------- main
-def parse_overrides(items: list[str]) -> dict[str, Any]:
+def parse_overrides(items: list[str], option: str = "--magnet-override") -> dict[str, Any]:
     """``["patches=[3,2]", "sampler=bilinear"]`` -> ``{"patches": [3, 2], "sampler": "bilinear"}`` (JSON values
     where they parse, strings otherwise)."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise SystemExit(f"--magnet-override expects KEY=VALUE, got {item!r}")
+            raise SystemExit(f"{option} expects KEY=VALUE, got {item!r}")
         try:
             out[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
             out[key.strip()] = value.strip()
     return out
+
+
+def magnet_options(args: argparse.Namespace, budget_s: float | None) -> Any:
+    """The MagNet's :class:`baselines.magnet.MagnetOptions` from the command line."""
+    from baselines import magnet as magnet_method
+
+    overrides = {"classifier_backbone": args.classifier_backbone, "aux_backbone": args.aux_backbone,
+                 **parse_overrides(args.magnet_override)}
+    opts = magnet_method.MagnetOptions(
+        model=args.magnet_model, overrides=overrides, steps=args.magnet_steps, budget_s=budget_s,
+        recipe_overrides=parse_overrides(args.recipe_field, "--recipe-field"),
+        batch_size=args.batch_size, lr=args.lr, attention_lr=args.attention_lr, val_every=args.val_every,
+        workers=args.workers, seed=args.seed, revive_at=args.revive_at, jitter=args.jitter, device=args.device,
+        head_warmup_frac=args.head_warmup, guidance_weight=args.guidance,
+        guidance_temperature=args.guidance_temperature, head_pretrain_windows=args.head_pretrain,
+    )
+    if args.quick:
+        opts.batch_size = opts.batch_size or 4
+    return opts
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -334,6 +353,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--aux-backbone", default="test_resnet", help="timm backbone of the MagNet auxiliary heads")
     ap.add_argument("--magnet-override", action="append", default=[], metavar="KEY=VALUE",
                     help="MagNetConfig field on top of the recipe, e.g. patches=[3,2] (repeatable)")
+    ap.add_argument("--recipe-field", action="append", default=[], metavar="KEY=VALUE",
+                    help="field of the MagNet's training recipe, e.g. clip_per_group=true or explore_trees=2"
+                         " (repeatable; the options below win where they overlap)")
     ap.add_argument("--magnet-steps", type=int, default=2000, help="most MagNet optimiser steps")
     ap.add_argument("--batch-size", type=int, default=None, help="MagNet batch (default: the recipe's)")
     ap.add_argument("--lr", type=float, default=None, help="MagNet heads' learning rate (default: the recipe's)")
@@ -399,17 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     if "magnet" in args.methods:
         from baselines import magnet as magnet_method
 
-        overrides = {"classifier_backbone": args.classifier_backbone, "aux_backbone": args.aux_backbone,
-                     **parse_overrides(args.magnet_override)}
-        opts = magnet_method.MagnetOptions(
-            model=args.magnet_model, overrides=overrides, steps=args.magnet_steps, budget_s=budget_s,
-            batch_size=args.batch_size, lr=args.lr, attention_lr=args.attention_lr, val_every=args.val_every,
-            workers=args.workers, seed=args.seed, revive_at=args.revive_at, jitter=args.jitter, device=args.device,
-            head_warmup_frac=args.head_warmup, guidance_weight=args.guidance,
-            guidance_temperature=args.guidance_temperature, head_pretrain_windows=args.head_pretrain,
-        )
-        if args.quick:
-            opts.batch_size = opts.batch_size or 4
+        opts = magnet_options(args, budget_s)
         reports["magnet"], model = magnet_method.run(train, val, test, opts)
         loc = magnet_method.localisation(reports["magnet"].results, test, seed=args.seed)
         logger.info("magnet done (%.0f s)", time.perf_counter() - started)

@@ -67,3 +67,17 @@ def test_pretrain_heads_trains_the_last_head_and_copies_it(tmp_path):
     untouched = [k for k in after if not k.startswith(("aux_heads.", "classifier.backbone."))]
     assert untouched and all(torch.equal(before[k], after[k]) for k in untouched)
     assert pretrain_heads(model, paths, labels, windows=0, **kwargs) == {"seconds": 0.0, "steps": 0}
+
+
+def test_synthmets_recipe_fields_reach_the_magnet_recipe():
+    import synthmets
+
+    args = synthmets.parse_args(["--recipe-field", "clip_per_group=true", "--recipe-field", "explore_trees=2",
+                                 "--recipe-field", "lr=0.5", "--lr", "0.01",
+                                 "--magnet-override", "paradoxical_reference=constant"])
+    recipe = synthmets.magnet_options(args, budget_s=60.0).resolved_recipe()
+    assert recipe.clip_per_group is True and recipe.explore_trees == 2
+    assert recipe.lr == 0.01  # the named option wins over a --recipe-field of the same field
+    assert recipe.model_overrides["paradoxical_reference"] == "constant"
+    with pytest.raises(SystemExit, match="--recipe-field expects KEY=VALUE"):
+        synthmets.magnet_options(synthmets.parse_args(["--recipe-field", "clip_per_group"]), budget_s=None)

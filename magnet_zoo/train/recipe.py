@@ -174,7 +174,6 @@ class Recipe:
         return dataclasses.replace(self, **changes)
 
 
-
 def _check_fields(data: Mapping[str, Any], what: str) -> None:
     known = [f.name for f in dataclasses.fields(Recipe)]
     unknown = [k for k in data if k not in known]
