@@ -78,9 +78,10 @@ class MagNetConfig:
     linearized_samples: int = 8
     """Points per output pixel for linearized multi-sampling (the query point plus jittered ones)."""
 
-    attention_init: str = "uniform"
+    attention_init: str | tuple[str, ...] = "uniform"
     """Last 1x1 conv of each Branch stack: ``uniform`` (near-zero: the map starts uniform, looking at
-    the whole view) or ``random`` (PyTorch's default init, as in the paper)."""
+    the whole view) or ``random`` (PyTorch's default init, as in the paper); or one of these per
+    magnifying layer, e.g. ``("random", "uniform")``."""
     attention_temperature: float = 1.0
     translation: str = "tanh"
     """How the expected position becomes the crop centre: ``tanh`` (paper eq. 2-3; centres beyond
@@ -139,6 +140,8 @@ class MagNetConfig:
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
+        if isinstance(self.attention_init, list):  # one per layer, as JSON and command lines give it
+            object.__setattr__(self, "attention_init", tuple(self.attention_init))
         self.validate()
 
     # ---------------------------------------------------------------- derived sizes
@@ -176,6 +179,12 @@ class MagNetConfig:
     def active_aux_layers(self) -> tuple[int, ...]:
         return tuple(layer for layer in self.aux_layers if 1 <= layer <= self.num_layers)
 
+    def layer_attention_init(self, layer: int) -> str:
+        """The ``attention_init`` of magnifying layer ``layer`` (1-based)."""
+        if isinstance(self.attention_init, str):
+            return self.attention_init
+        return self.attention_init[layer - 1]
+
     def is_frozen(self, layer: int, patch: int) -> bool:
         """Whether patch ``patch`` (0-based) of layer ``layer`` (1-based) is the identity."""
         return self.frozen_patch and layer == 2 and patch == 0
@@ -198,8 +207,12 @@ class MagNetConfig:
             raise ConfigError(f"crop_source must be one of {CROP_SOURCES}, got {self.crop_source!r}")
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
-        if self.attention_init not in ATTENTION_INITS:
-            raise ConfigError(f"attention_init must be one of {ATTENTION_INITS}, got {self.attention_init!r}")
+        inits = (self.attention_init,) if isinstance(self.attention_init, str) else tuple(self.attention_init)
+        if any(init not in ATTENTION_INITS for init in inits) or len(inits) not in (1, self.num_layers):
+            raise ConfigError(
+                f"attention_init must be one of {ATTENTION_INITS} or a sequence of them with one entry per "
+                f"magnifying layer ({self.num_layers}), got {self.attention_init!r}"
+            )
         if self.translation not in TRANSLATIONS:
             raise ConfigError(f"translation must be one of {TRANSLATIONS}, got {self.translation!r}")
         for name, allowed in (("paradoxical_reference", PARADOXICAL_REFERENCES), ("aux_reduction", AUX_REDUCTIONS),
@@ -256,7 +269,8 @@ class MagNetConfig:
         kwargs = {}
         for name, value in data.items():
             default = known[name].default
-            kwargs[name] = tuple(value) if isinstance(default, tuple) and isinstance(value, list) else value
+            per_layer = isinstance(default, tuple) or name == "attention_init"
+            kwargs[name] = tuple(value) if per_layer and isinstance(value, list) else value
         return cls(**kwargs)
 
     @classmethod

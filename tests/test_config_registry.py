@@ -30,6 +30,22 @@ def test_config_rejects_unknown_fields_and_future_versions():
         MagNetConfig.from_json("{")
 
 
+def test_attention_init_per_layer_builds_each_layer_as_asked_and_survives_json():
+    cfg = MagNetConfig(patches=(2, 2), attention_init=["random", "uniform"])
+    assert cfg.attention_init == ("random", "uniform")
+    assert [cfg.layer_attention_init(k) for k in (1, 2)] == ["random", "uniform"]
+    back = MagNetConfig.from_json(cfg.to_json())
+    assert back == cfg and back.attention_init == ("random", "uniform")
+    model = magnet_zoo.create_model("magnet2_tiny", attention_init=("random", "uniform"))
+    first, second = (float(layer.stacks.head.weight.detach().abs().max()) for layer in model.layers)
+    assert second < 0.01 < first  # layer 2 near zero (a flat map), layer 1 PyTorch's default init
+    flipped = magnet_zoo.create_model("magnet2_tiny", attention_init=("uniform", "random"))
+    assert float(flipped.layers[0].stacks.head.weight.detach().abs().max()) < 0.01
+    for bad in (("random",) * 3, ("random", "flat")):
+        with pytest.raises(ConfigError, match="one entry per magnifying layer"):
+            MagNetConfig(patches=(2, 2), attention_init=bad)
+
+
 def test_config_derived_sizes_follow_the_paper():
     cfg = MagNetConfig(patches=(3, 2, 3))
     assert [cfg.output_size(k) for k in (1, 2, 3)] == [56, 56, 224]

@@ -52,7 +52,7 @@ class MagnifyingLayer(nn.Module):
             slot[n * self.num_patches + p] = g
         self.register_buffer("slot", slot, False)
         self.stacks = (
-            BranchStack(len(positions), init=config.attention_init, padding=config.attention_padding,
+            BranchStack(len(positions), init=config.layer_attention_init(layer), padding=config.attention_padding,
                         norm=config.attention_norm)
             if positions else None
         )
