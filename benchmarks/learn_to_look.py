@@ -143,6 +143,7 @@ def grid(name: str) -> list[dict[str, Any]]:
                    ("+ attention_padding=replicate", {"attention_padding": "replicate"}, {}),
                    ("+ clip_per_group", {}, {"clip_per_group": True})]
         return [
+            r("recipe", seeds=(3, 4)),  # seeds 0-2 of the recipe: learn_to_look_one_loop.*
             r("recipe + all fixes + explore (2 trees)", cfg=fixes, st={"clip_per_group": True, "explore_trees": 2},
               seeds=(0, 1, 2)),
             r("recipe + attention_init=(random, uniform)", cfg={"attention_init": ("random", "uniform")},
@@ -151,6 +152,12 @@ def grid(name: str) -> list[dict[str, Any]]:
             r("recipe + all fixes, object 1%", cfg=fixes, st={"clip_per_group": True}, task={"object_frac": 0.01},
               seeds=(0, 1)),
         ]
+    if name == "issue14-seeds":
+        # The flat-start second layer and the recipe on two more seeds, then two single switches more.
+        entries = {e["name"]: e for e in grid("issue14")}
+        flat = dict(entries["recipe + attention_init=(random, uniform)"], seeds=[3, 4])
+        return [flat, entries["recipe"], dict(entries["+ clip_per_group"], seeds=[1]),
+                dict(entries["+ paradoxical_reference=constant"], seeds=[0])]
     if name == "explore":
         # Issue 14 item 3: sampled trees with a score-function gradient, on top of the recipe.
         return [r("recipe + explore (2 trees, 70 %)", st={"explore_trees": 2}, seeds=(0, 1, 2))]
