@@ -247,7 +247,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     from magnet_zoo.tasks.train import FINDIT_RECIPE, eval_seeds, train
 
     label = job["name"].replace("%", "%%")
-    logging.basicConfig(level=logging.INFO, format=f"[{label}/s{job['seed']}] %(message)s")
+    logging.basicConfig(level=logging.INFO, format=f"[{label}/s{job['seed']}] %(message)s", force=True)
     st = dict(job["settings"])
     run = {k: st.pop(k) for k in RUN_KEYS if k in st}
     run["time_limit"] = run.pop("time_limit_s", None)
