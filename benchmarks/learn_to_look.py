@@ -262,8 +262,12 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     res = train(model, spec, recipe, seed=job["seed"], threads=threads, device=device, **run)
     ev, kept = evaluate(model, spec, eval_seeds(job["n_eval"]), keep_outputs=4)
-    pooled = {str(k): evaluate(model, spec, eval_seeds(job["n_eval"]), trees=k, tree_seed=job["seed"])[0].as_dict()
-              for k in job.get("eval_trees") or ()}
+    pooled = {}
+    for k in job.get("eval_trees") or ():
+        for temp in job.get("eval_tree_temperatures") or (1.0,):
+            key = str(k) if temp == 1.0 else f"{k}@T{temp:g}"
+            pooled[key] = evaluate(model, spec, eval_seeds(job["n_eval"]), trees=k, tree_seed=job["seed"],
+                                   tree_temperature=temp)[0].as_dict()
     row = {
         "name": job["name"],
         "seed": job["seed"],
@@ -334,10 +338,11 @@ def table(rows: list[dict[str, Any]]) -> str:
             for k in layers
         )
         side = statistics.median(x["final_side_frac"] for x in m)
-        ks = sorted({k for r in rs for k in r.get("metrics_trees") or {}}, key=int)
+        ks = sorted({k for r in rs for k in r.get("metrics_trees") or {}}, key=lambda k: (int(k.split("@")[0]), k))
 
         pooled = "; ".join(
-            f"K={k}: {_pooled_median(rs, k, 'accuracy')} / {_pooled_median(rs, k, 'hit_rate')}" for k in ks
+            f"K={k.replace('@', ', ')}: {_pooled_median(rs, k, 'accuracy')} / {_pooled_median(rs, k, 'hit_rate')}"
+            for k in ks
         ) or "-"
         lines.append(
             f"| {name} | {len(rs)} | {_fmt(statistics.median(acc))} ({_fmt(min(acc))}) |"
@@ -373,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-pictures", action="store_true")
     ap.add_argument("--eval-trees", type=int, nargs="*", default=[],
                     help="also evaluate each run with K sampled trees pooled, for each K given")
+    ap.add_argument("--eval-tree-temperatures", type=float, nargs="*", default=[1.0],
+                    help="the sampling policy's softmax temperatures for --eval-trees (default 1)")
     ap.add_argument("--also-running", default=None,
                     help="what else shares the machine, written into every row (the timings depend on it)")
     ap.add_argument("--tables-only", action="store_true",
@@ -400,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
                 job["settings"]["time_limit_s"] = args.time_limit
             job["pictures"] = None if args.no_pictures else str(out / f"{stem}_pictures")
             job["eval_trees"] = list(args.eval_trees)
+            job["eval_tree_temperatures"] = list(args.eval_tree_temperatures)
             job["also_running"] = args.also_running
             jobs.append(job)
     rows: list[dict[str, Any]] = []

@@ -121,6 +121,8 @@ def test_evaluate_with_sampled_trees_pools_their_probabilities_and_counts_all_th
     scales = [s for o in pooled.outputs for i in range(4) for s in crop_records(o, i)[2].scales]
     assert res.layer_scale_mean[2] == pytest.approx(float(np.mean(scales)))
     assert res.n == 4
+    _, cold = evaluate(model, spec, seeds, batch_size=4, trees=3, tree_seed=5, tree_temperature=0.05, keep_outputs=1)
+    assert not np.allclose(layer1(cold[0][1]), boxes[0])  # the temperature reaches the sampling policy
 
 
 class _Node(SimpleNamespace):

@@ -302,11 +302,13 @@ def evaluate(
     keep_outputs: int = 0,
     trees: int | None = None,
     tree_seed: int = 0,
+    tree_temperature: float = 1.0,
 ) -> tuple[EvalResult, list[tuple[FindItSample, MagNetOutput, int]]]:
     """Run ``model`` (eval mode) over images ``seeds`` and measure accuracy and where it looked.
 
     ``trees=K`` runs ``K`` sampled zoom trees per image (:func:`magnet_zoo.nn.trees.pooled_forward`,
-    tree seeds from ``tree_seed`` and the batch's start): accuracy and AUROC are those of the pooled
+    tree seeds from ``tree_seed`` and the batch's start, softmax temperature ``tree_temperature``):
+    accuracy and AUROC are those of the pooled
     probability, and the crop metrics count the crops of all ``K`` trees. ``None``: the expected crop.
 
     Returns the metrics and, for the first ``keep_outputs`` images, ``(sample, output, index)`` for
@@ -331,7 +333,8 @@ def evaluate(
             out = model(fetchers, auxiliary=False)
             outs, batch_probs = [out], out.probs
         else:
-            pooled = pooled_forward(model, fetchers, trees=trees, seed=tree_seed + start, auxiliary=False)
+            pooled = pooled_forward(model, fetchers, trees=trees, seed=tree_seed + start,
+                                    temperature=tree_temperature, auxiliary=False)
             outs, batch_probs = pooled.outputs, pooled.probs
         probs += batch_probs.float().cpu().tolist()
         for i, smp in enumerate(samples):
