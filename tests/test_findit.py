@@ -94,7 +94,7 @@ def test_evaluate_reports_every_metric():
     assert d["layer_scale_mean"]["1"] == pytest.approx(1.0, abs=0.05)
 
 
-def test_evaluate_with_sampled_trees_pools_their_probabilities_and_counts_all_their_crops():
+def test_evaluate_with_sampled_trees_pools_their_probabilities_and_counts_all_their_crops(monkeypatch):
     from magnet_zoo.nn.trees import pooled_forward
     from magnet_zoo.tasks.findit import crop_records
 
@@ -121,8 +121,17 @@ def test_evaluate_with_sampled_trees_pools_their_probabilities_and_counts_all_th
     scales = [s for o in pooled.outputs for i in range(4) for s in crop_records(o, i)[2].scales]
     assert res.layer_scale_mean[2] == pytest.approx(float(np.mean(scales)))
     assert res.n == 4
-    _, cold = evaluate(model, spec, seeds, batch_size=4, trees=3, tree_seed=5, tree_temperature=0.05, keep_outputs=1)
-    assert not np.allclose(layer1(cold[0][1]), boxes[0])  # the temperature reaches the sampling policy
+    import magnet_zoo.tasks.findit as findit
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["trees"], kwargs["seed"], kwargs["temperature"]))
+        return pooled_forward(*args, **kwargs)
+
+    monkeypatch.setattr(findit, "pooled_forward", spy)
+    evaluate(model, spec, seeds, batch_size=2, trees=2, tree_seed=7, tree_temperature=0.25)
+    assert seen == [(2, 7, 0.25), (2, 9, 0.25)]  # each batch its own tree seeds, the temperature passed on
 
 
 class _Node(SimpleNamespace):
