@@ -149,6 +149,8 @@ def grid(name: str) -> list[dict[str, Any]]:
             r("recipe + attention_init=(random, uniform)", cfg={"attention_init": ("random", "uniform")},
               seeds=(0, 1, 2)),
             *[r(name, cfg=cfg, st=st, seeds=(seed,)) for seed in (1, 0) for name, cfg, st in singles],
+            r("recipe + scale_bounds=soft + attention_init=(random, uniform)",
+              cfg={"scale_bounds": "soft", "attention_init": ("random", "uniform")}, seeds=(0, 2)),
             r("recipe + all fixes, object 1%", cfg=fixes, st={"clip_per_group": True}, task={"object_frac": 0.01},
               seeds=(0, 1)),
         ]
@@ -158,6 +160,11 @@ def grid(name: str) -> list[dict[str, Any]]:
         flat = dict(entries["recipe + attention_init=(random, uniform)"], seeds=[3, 4])
         return [flat, entries["recipe"], dict(entries["+ clip_per_group"], seeds=[1]),
                 dict(entries["+ paradoxical_reference=constant"], seeds=[0])]
+    if name == "issue14-last":
+        # The recipe's fifth seed, and the two changes that lifted the learned second-layer crop most.
+        entries = {e["name"]: e for e in grid("issue14")}
+        both = entries["recipe + scale_bounds=soft + attention_init=(random, uniform)"]
+        return [dict(entries["recipe"], seeds=[4]), both]
     if name == "explore":
         # Issue 14 item 3: sampled trees with a score-function gradient, on top of the recipe.
         return [r("recipe + explore (2 trees, 70 %)", st={"explore_trees": 2}, seeds=(0, 1, 2))]
