@@ -63,7 +63,8 @@ def _tree_args(p: argparse.ArgumentParser) -> None:
         "--trees", type=_positive_int, default=1, metavar="K",
         help="pool K sampled zoom trees per slide (every learned crop centre drawn from the attention; the "
              "probability is the mean of the K trees'): K times the compute and about K times the reads, "
-             "slides run one at a time; not shown to improve accuracy. Default 1: the expected crop, one tree",
+             "slides run one at a time; measured worse than the expected crop on FindIt. Default 1: the "
+             "expected crop, one tree",
     )
     p.add_argument("--tree-seed", type=_seed, default=0, metavar="S",
                    help="seed of the sampled trees (with --trees K > 1; default 0): same seed, same trees")
