@@ -137,9 +137,9 @@ def grid(name: str) -> list[dict[str, Any]]:
         # Issue 14 item 4: the recipe's seeds 3 and 4; exploration on top of the four switches (3 seeds); the
         # second layer's attention starting flat (3 seeds; 3 and 4 in issue14-seeds); each switch alone (seed 1
         # first, where the switches together matter most, then seed 0); the soft bound with the flat start;
-        # the switches on the 1 % object. Recorded in three invocations (README: issue14 without the 1 % entry,
-        # stopped after the first three single switches; issue14-seeds, stopped after its first three runs;
-        # issue14-last).
+        # the switches on the 1 % object. Recorded in three invocations (docs/learn_to_look.md): issue14 without
+        # the 1 % entry, stopped after the first three single switches; issue14-seeds, stopped after its first
+        # three runs; issue14-last.
         fixes = {"paradoxical_reference": "constant", "scale_bounds": "soft", "attention_padding": "replicate"}
         singles = [("+ paradoxical_reference=constant", {"paradoxical_reference": "constant"}, {}),
                    ("+ scale_bounds=soft", {"scale_bounds": "soft"}, {}),
