@@ -269,8 +269,7 @@ class MagNetConfig:
         kwargs = {}
         for name, value in data.items():
             default = known[name].default
-            per_layer = isinstance(default, tuple) or name == "attention_init"
-            kwargs[name] = tuple(value) if per_layer and isinstance(value, list) else value
+            kwargs[name] = tuple(value) if isinstance(default, tuple) and isinstance(value, list) else value
         return cls(**kwargs)
 
     @classmethod
