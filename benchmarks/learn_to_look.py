@@ -288,6 +288,9 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
             key = str(k) if temp == 1.0 else f"{k}@T{temp:g}"
             pooled[key] = evaluate(model, spec, eval_seeds(job["n_eval"]), trees=k, tree_seed=job["seed"],
                                    tree_temperature=temp)[0].as_dict()
+        if job.get("eval_tree_entmax"):  # centres drawn from each layer's sparse map, no uniform share
+            pooled[f"{k}@entmax"] = evaluate(model, spec, eval_seeds(job["n_eval"]), trees=k, tree_seed=job["seed"],
+                                             tree_source="entmax", tree_uniform=0.0)[0].as_dict()
     row = {
         "name": job["name"],
         "seed": job["seed"],
@@ -399,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="also evaluate each run with K sampled trees pooled, for each K given")
     ap.add_argument("--eval-tree-temperatures", type=float, nargs="*", default=[1.0],
                     help="the sampling policy's softmax temperatures for --eval-trees (default 1)")
+    ap.add_argument("--eval-tree-entmax", action="store_true",
+                    help="with --eval-trees, also draw the trees' centres from each layer's sparse entmax map"
+                         " (no uniform share) instead of the softmax")
     ap.add_argument("--also-running", default=None,
                     help="what else shares the machine, written into every row (the timings depend on it)")
     ap.add_argument("--tables-only", action="store_true",
@@ -427,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
             job["pictures"] = None if args.no_pictures else str(out / f"{stem}_pictures")
             job["eval_trees"] = list(args.eval_trees)
             job["eval_tree_temperatures"] = list(args.eval_tree_temperatures)
+            job["eval_tree_entmax"] = args.eval_tree_entmax
             job["also_running"] = args.also_running
             jobs.append(job)
     rows: list[dict[str, Any]] = []

@@ -126,12 +126,14 @@ def test_evaluate_with_sampled_trees_pools_their_probabilities_and_counts_all_th
     seen = []
 
     def spy(*args, **kwargs):
-        seen.append((kwargs["trees"], kwargs["seed"], kwargs["temperature"]))
+        seen.append((kwargs["trees"], kwargs["seed"], kwargs["temperature"], kwargs["source"]))
         return pooled_forward(*args, **kwargs)
 
     monkeypatch.setattr(findit, "pooled_forward", spy)
     evaluate(model, spec, seeds, batch_size=2, trees=2, tree_seed=7, tree_temperature=0.25)
-    assert seen == [(2, 7, 0.25), (2, 9, 0.25)]  # each batch its own tree seeds, the temperature passed on
+    evaluate(model, spec, seeds[:2], batch_size=2, trees=2, tree_seed=7, tree_source="entmax")
+    # each batch its own tree seeds, the temperature and the source passed on
+    assert seen == [(2, 7, 0.25, "softmax"), (2, 9, 0.25, "softmax"), (2, 7, 1.0, "entmax")]
 
 
 class _Node(SimpleNamespace):

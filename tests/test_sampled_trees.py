@@ -30,6 +30,26 @@ def test_sampled_centres_follow_the_policy_and_carry_a_log_probability():
     assert bool((masked.tx < 0).all())  # only where the mask allows
 
 
+def test_entmax_source_draws_inside_the_sparse_map_the_softmax_source_does_not():
+    torch.manual_seed(0)
+    logits = torch.zeros(256, 8, 8)
+    logits[:, 1, 1] = logits[:, 6, 6] = 4.0  # two modes; entmax keeps only them, the softmax spreads out
+    a = attention_to_affine(logits, translation="clamp")
+    support = a.probs[0] > 0
+    assert int(support.sum()) == 2  # the expected crop sits between the modes, on neither
+    col = lambda t: ((t + 1) * 4 - 0.5).round().long().clamp(0, 7)  # noqa: E731  (centre -> pixel index)
+    drawn = attention_to_affine(logits, translation="clamp", sample={"temperature": 1.0, "uniform": 0.0,
+                                                                      "source": "entmax"})
+    rows, cols = col(drawn.ty), col(drawn.tx)
+    assert bool(support[rows, cols].all())  # every centre inside the map's support
+    assert 0.3 < float((rows == 1).float().mean()) < 0.7  # and both modes drawn, about equally
+    assert float(drawn.log_prob.max()) == pytest.approx(torch.log(a.probs[0, 1, 1]).item(), abs=1e-5)
+    dense = attention_to_affine(logits, translation="clamp", sample={"temperature": 1.0, "uniform": 0.0})
+    assert not bool(support[col(dense.ty), col(dense.tx)].all())  # the softmax tail reaches elsewhere
+    with pytest.raises(ValueError, match="sampling source"):
+        attention_to_affine(logits, sample={"temperature": 1.0, "uniform": 0.0, "source": "gumbel"})
+
+
 def test_eval_mode_never_samples():
     model = micro_magnet(attention_init="random")
     set_exploration(model, 1.0, 0.5)

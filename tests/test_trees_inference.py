@@ -130,6 +130,26 @@ def test_sampled_centres_stay_inside_the_view(model, image):
     assert float(spread.min()) < -0.3 and float(spread.max()) > 0.3  # really spread over the view
 
 
+def test_entmax_source_draws_each_centre_inside_its_layers_sparse_map(model, image):
+    with torch.inference_mode():
+        pooled = pooled_forward(model, _fetchers(model, image, 2), trees=3, seed=1, uniform=0.0, source="entmax")
+    assert pooled.source == "entmax"
+    checked = 0
+    for out in pooled.outputs:
+        for affine in out.affines:
+            probs = affine.probs.flatten(0, -3)  # (maps, H, W); the frozen patch's map is empty
+            h, w = probs.shape[-2:]
+            cols = ((affine.tx.flatten() + 1) * w / 2 - 0.5).round().long().clamp(0, w - 1)
+            rows = ((affine.ty.flatten() + 1) * h / 2 - 0.5).round().long().clamp(0, h - 1)
+            for m in range(probs.shape[0]):
+                if float(probs[m].sum()) > 0:
+                    assert float(probs[m, rows[m], cols[m]]) > 0  # drawn from the support
+                    checked += 1
+    assert checked >= 6
+    with pytest.raises(ValueError, match="sampling source"):
+        pooled_forward(model, _fetchers(model, image), trees=2, source="mode")
+
+
 def test_sampling_context_restores_the_training_policy(model, image):
     set_exploration(model, 2.0, 0.1)
     try:

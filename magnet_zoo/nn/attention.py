@@ -22,6 +22,11 @@ from dataclasses import dataclass
 import torch
 from entmax import entmax15
 
+SAMPLE_SOURCES = ("softmax", "entmax")
+"""What a sampled crop centre is drawn from: a dense ``softmax(logits / T)`` (every position can be drawn,
+so a score-function gradient reaches every logit: exploration in training) or the layer's own sparse
+entmax map (a centre inside the support the expected crop averages: sampled trees at inference)."""
+
 
 def pixel_centres(n: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Normalised coordinates of ``n`` pixel centres across ``[-1, 1]`` (align_corners=False)."""
@@ -90,7 +95,9 @@ def attention_to_affine(
     map's support can be drawn, and its logit moves. The scale is the map's, as without sampling.
     ``sample["generator"]`` (optional) is a ``torch.Generator`` for the draws, which then happen on the
     generator's device (a CPU generator gives the same draws whatever device the model is on) instead of
-    from the global RNG; ``sample["eval"]`` is read by :class:`~magnet_zoo.nn.magnify.MagnifyingLayer`
+    from the global RNG; ``sample["source"]`` (optional, :data:`SAMPLE_SOURCES`) ``"entmax"`` draws from the
+    sparse map ``p`` itself instead of the softmax (mixed with the same uniform share); ``sample["eval"]`` is
+    read by :class:`~magnet_zoo.nn.magnify.MagnifyingLayer`
     (sample in eval mode too, :mod:`magnet_zoo.nn.trees`) and ignored here.
     """
     *lead, h, w = logits.shape
@@ -117,7 +124,8 @@ def attention_to_affine(
     log_prob = None
     if sample is not None:
         policy = {k: v for k, v in sample.items() if k != "eval"}
-        tx, ty, log_prob = _sample_centres(logits.reshape(*lead, h * w).float(), mask, h, w, **policy)
+        tx, ty, log_prob = _sample_centres(logits.reshape(*lead, h * w).float(), mask, h, w,
+                                           entmax_map=probs.reshape(*lead, h * w), **policy)
     elif jitter > 0:
         tx = (tx + jitter * torch.randn_like(tx)).clamp(-1, 1)
         ty = (ty + jitter * torch.randn_like(ty)).clamp(-1, 1)
@@ -155,14 +163,25 @@ def _sample_centres(
     temperature: float = 1.0,
     uniform: float = 0.05,
     generator: torch.Generator | None = None,
+    source: str = "softmax",
+    entmax_map: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Draw one centre per map from ``(1 - uniform) * softmax(flat / temperature) + uniform * U``:
-    ``(tx, ty, log_prob)``, the centres without gradient, ``log_prob`` with it (see attention_to_affine).
-    With ``generator`` the draws come from it, on its device; otherwise from the global RNG."""
+    """Draw one centre per map from ``(1 - uniform) * softmax(flat / temperature) + uniform * U`` (with
+    ``source="entmax"``, ``entmax_map``, the layer's own sparse map, instead of the softmax; the temperature
+    is then unused): ``(tx, ty, log_prob)``, the centres without gradient, ``log_prob`` with it (see
+    attention_to_affine). With ``generator`` the draws come from it, on its device; otherwise from the
+    global RNG."""
     lead = flat.shape[:-1]
     allowed = torch.ones_like(flat, dtype=torch.bool) if mask is None else mask.reshape(flat.shape).to(torch.bool)
     allowed = allowed | ~allowed.any(-1, keepdim=True)  # a map with nothing allowed: anywhere
-    policy = torch.softmax((flat / temperature).masked_fill(~allowed, float("-inf")), -1)
+    if source == "entmax":
+        if entmax_map is None:
+            raise ValueError("source='entmax' needs the layer's entmax map")
+        policy = entmax_map.float()
+    elif source == "softmax":
+        policy = torch.softmax((flat / temperature).masked_fill(~allowed, float("-inf")), -1)
+    else:
+        raise ValueError(f"the sampling source must be one of {SAMPLE_SOURCES}, got {source!r}")
     even = allowed.float() / allowed.float().sum(-1, keepdim=True)
     policy = (1 - uniform) * policy + uniform * even
     draw_on = flat.device if generator is None else generator.device

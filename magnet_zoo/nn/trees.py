@@ -5,7 +5,9 @@ The paper's "more exhaustive exploration" runs the network ``K`` times instead, 
 drawn from a dense policy over the attention logits, ``(1 - e) softmax(logits / T) + e uniform``
 (:func:`magnet_zoo.nn.attention.attention_to_affine`'s ``sample``; the crop's scale stays the map's),
 and pools the ``K`` results. Training uses the same policy to explore
-(:func:`magnet_zoo.train.exploration.set_exploration`); here it is switched on at inference too.
+(:func:`magnet_zoo.train.exploration.set_exploration`); here it is switched on at inference too. With
+``source="entmax"`` the centres are drawn from each layer's sparse entmax map itself, the map whose
+expectation the deterministic crop is, instead of the dense softmax (whose tail reaches every position).
 
 Pooling: the slide's probability is the mean of the ``K`` trees' probabilities (a Monte-Carlo estimate
 of the expected probability under the sampling policy), not the sigmoid of the mean logit: a tree that
@@ -32,27 +34,38 @@ from typing import Any
 import numpy as np
 import torch
 
+from magnet_zoo.nn.attention import SAMPLE_SOURCES
+
 DEFAULT_TEMPERATURE = 1.0
 """The sampling policy's softmax temperature by default (the exploring recipes' ``explore_temperature``)."""
 DEFAULT_UNIFORM = 0.05
 """The policy's uniform share by default (the exploring recipes' ``explore_uniform``)."""
+DEFAULT_SOURCE = "softmax"
+"""What the centres are drawn from by default (:data:`~magnet_zoo.nn.attention.SAMPLE_SOURCES`): the dense
+softmax the exploring recipes train with; ``"entmax"`` draws from each layer's sparse map instead."""
 
 
 def sampling_policy(
     temperature: float = DEFAULT_TEMPERATURE,
     uniform: float = DEFAULT_UNIFORM,
     *,
+    source: str = DEFAULT_SOURCE,
     generator: torch.Generator | None = None,
     in_eval: bool = False,
 ) -> dict[str, Any]:
     """The ``sample`` dictionary of :func:`~magnet_zoo.nn.attention.attention_to_affine` (a layer's
-    ``sample_policy``): ``temperature`` ``> 0``, ``uniform`` in ``[0, 1]``; ``generator`` for the draws
-    (the global RNG without); ``in_eval`` also samples in eval mode (otherwise only in training mode)."""
+    ``sample_policy``): ``temperature`` ``> 0``, ``uniform`` in ``[0, 1]``, ``source`` one of
+    :data:`~magnet_zoo.nn.attention.SAMPLE_SOURCES`; ``generator`` for the draws (the global RNG without);
+    ``in_eval`` also samples in eval mode (otherwise only in training mode)."""
     if not float(temperature) > 0:
         raise ValueError(f"the sampling temperature must be > 0, got {temperature}")
     if not 0.0 <= float(uniform) <= 1.0:
         raise ValueError(f"the sampling policy's uniform share must lie in [0, 1], got {uniform}")
+    if source not in SAMPLE_SOURCES:
+        raise ValueError(f"the sampling source must be one of {SAMPLE_SOURCES}, got {source!r}")
     policy: dict[str, Any] = {"temperature": float(temperature), "uniform": float(uniform)}
+    if source != DEFAULT_SOURCE:
+        policy["source"] = source
     if generator is not None:
         policy["generator"] = generator
     if in_eval:
@@ -76,13 +89,14 @@ def sampled_trees(
     temperature: float = DEFAULT_TEMPERATURE,
     uniform: float = DEFAULT_UNIFORM,
     *,
+    source: str = DEFAULT_SOURCE,
     generator: torch.Generator | None = None,
 ) -> Iterator[None]:
     """Within the block, every forward pass of ``model`` draws its learned crop centres from the
     attention, in eval mode as in training mode; the layers' previous policies come back on exit."""
     layers = _layers(model)
     before = [layer.sample_policy for layer in layers]
-    set_sampling(model, sampling_policy(temperature, uniform, generator=generator, in_eval=True))
+    set_sampling(model, sampling_policy(temperature, uniform, source=source, generator=generator, in_eval=True))
     try:
         yield
     finally:
@@ -111,6 +125,7 @@ class PooledOutput:
     seed: int
     temperature: float
     uniform: float
+    source: str = DEFAULT_SOURCE
 
     @property
     def num_trees(self) -> int:
@@ -162,6 +177,7 @@ def pooled_forward(
     seed: int = 0,
     temperature: float = DEFAULT_TEMPERATURE,
     uniform: float = DEFAULT_UNIFORM,
+    source: str = DEFAULT_SOURCE,
     **forward_kwargs: Any,
 ) -> PooledOutput:
     """Run ``model`` ``trees`` times over ``fetchers``, each pass a sampled zoom tree (see the module
@@ -169,14 +185,15 @@ def pooled_forward(
 
     The model runs in whatever mode it is in (call ``model.eval()`` first for inference; gradients as
     the caller's context allows); ``forward_kwargs`` go to every pass. ``trees`` must be ``>= 1``;
-    ``trees = 1`` is *one sampled tree*, not the expected crop.
+    ``trees = 1`` is *one sampled tree*, not the expected crop. ``source="entmax"`` draws every centre from
+    its layer's sparse entmax map rather than the softmax (``temperature`` is then unused).
     """
     if isinstance(trees, bool) or int(trees) != trees or trees < 1:
         raise ValueError(f"trees must be an integer >= 1, got {trees!r}")
-    sampling_policy(temperature, uniform)  # validate before the first pass
+    sampling_policy(temperature, uniform, source=source)  # validate before the first pass
     outputs = []
     for k in range(int(trees)):
-        with sampled_trees(model, temperature, uniform, generator=tree_generator(seed, k)):
+        with sampled_trees(model, temperature, uniform, source=source, generator=tree_generator(seed, k)):
             outputs.append(model(fetchers, **forward_kwargs))
     tree_probs = torch.stack([o.probs.detach().float() for o in outputs])
     return PooledOutput(
@@ -186,4 +203,5 @@ def pooled_forward(
         seed=int(seed),
         temperature=float(temperature),
         uniform=float(uniform),
+        source=source,
     )

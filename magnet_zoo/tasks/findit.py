@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from magnet_zoo.nn.magnet import MagNet, MagNetOutput
-from magnet_zoo.nn.trees import pooled_forward
+from magnet_zoo.nn.trees import DEFAULT_UNIFORM, pooled_forward
 from magnet_zoo.wsi import ArraySource, SlideFetcher
 
 BACKGROUNDS = ("grey", "he")
@@ -303,11 +303,15 @@ def evaluate(
     trees: int | None = None,
     tree_seed: int = 0,
     tree_temperature: float = 1.0,
+    tree_source: str = "softmax",
+    tree_uniform: float = DEFAULT_UNIFORM,
 ) -> tuple[EvalResult, list[tuple[FindItSample, MagNetOutput, int]]]:
     """Run ``model`` (eval mode) over images ``seeds`` and measure accuracy and where it looked.
 
     ``trees=K`` runs ``K`` sampled zoom trees per image (:func:`magnet_zoo.nn.trees.pooled_forward`,
-    tree seeds from ``tree_seed`` and the batch's start, softmax temperature ``tree_temperature``):
+    tree seeds from ``tree_seed`` and the batch's start, softmax temperature ``tree_temperature``, centres
+    from ``tree_source``, see :data:`~magnet_zoo.nn.attention.SAMPLE_SOURCES`, mixed with a uniform share
+    ``tree_uniform``):
     accuracy and AUROC are those of the pooled
     probability, and the crop metrics count the crops of all ``K`` trees. ``None``: the expected crop.
 
@@ -334,7 +338,8 @@ def evaluate(
             outs, batch_probs = [out], out.probs
         else:
             pooled = pooled_forward(model, fetchers, trees=trees, seed=tree_seed + start,
-                                    temperature=tree_temperature, auxiliary=False)
+                                    temperature=tree_temperature, source=tree_source, uniform=tree_uniform,
+                                    auxiliary=False)
             outs, batch_probs = pooled.outputs, pooled.probs
         probs += batch_probs.float().cpu().tolist()
         for i, smp in enumerate(samples):
