@@ -161,10 +161,14 @@ def grid(name: str) -> list[dict[str, Any]]:
     if name == "issue14-centre":
         # Layer 1 holds the object off-centre and layer 2 learns a constant offset (docs/learn_to_look.md):
         # jitter on the layer-1 centre moves the object around in layer 2's view, so a fixed offset no
-        # longer works and a box with the object at its edge loses it. On top of the flat start.
+        # longer works and a box with the object at its edge loses it. And a larger scale range: the
+        # learned layer-2 crop sits near max_scale (0.35 of a box of 0.1 of the image: the object's own
+        # size), so any offset leaves the object's centre out. On top of the flat start.
         flat = {"attention_init": ("random", "uniform")}
         return [
             r("recipe + attention_init=(random, uniform) + layer-1 jitter 0.05", cfg=flat, st={"jitter": (0.05, 0.0)},
+              seeds=(2, 4, 0)),
+            r("recipe + attention_init=(random, uniform) + max_scale 0.6", cfg={**flat, "max_scale": 0.6},
               seeds=(2, 4, 0)),
         ]
     if name == "issue14-seeds":
