@@ -301,7 +301,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         for temp in job.get("eval_tree_temperatures") or (1.0,):
             key = str(k) if temp == 1.0 else f"{k}@T{temp:g}"
             pooled[key] = evaluate(model, spec, eval_seeds(job["n_eval"]), trees=k, tree_seed=job["seed"],
-                                   tree_temperature=temp)[0].as_dict()
+                                   tree_temperature=temp, tree_source="softmax", tree_uniform=0.05)[0].as_dict()
         if job.get("eval_tree_entmax"):  # centres drawn from each layer's sparse map, no uniform share
             pooled[f"{k}@entmax"] = evaluate(model, spec, eval_seeds(job["n_eval"]), trees=k, tree_seed=job["seed"],
                                              tree_source="entmax", tree_uniform=0.0)[0].as_dict()

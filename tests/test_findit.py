@@ -130,9 +130,9 @@ def test_evaluate_with_sampled_trees_pools_their_probabilities_and_counts_all_th
         return pooled_forward(*args, **kwargs)
 
     monkeypatch.setattr(findit, "pooled_forward", spy)
-    evaluate(model, spec, seeds, batch_size=2, trees=2, tree_seed=7, tree_temperature=0.25)
-    evaluate(model, spec, seeds[:2], batch_size=2, trees=2, tree_seed=7, tree_source="entmax")
-    # each batch its own tree seeds, the temperature and the source passed on
+    evaluate(model, spec, seeds, batch_size=2, trees=2, tree_seed=7, tree_temperature=0.25, tree_source="softmax")
+    evaluate(model, spec, seeds[:2], batch_size=2, trees=2, tree_seed=7)
+    # each batch its own tree seeds, the temperature and the source passed on (by default the entmax map)
     assert seen == [(2, 7, 0.25, "softmax"), (2, 9, 0.25, "softmax"), (2, 7, 1.0, "entmax")]
 
 

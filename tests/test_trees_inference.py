@@ -94,6 +94,7 @@ def test_pooled_probability_is_the_mean_of_the_trees(model, image):
     d = json.loads(json.dumps(pred.to_dict()))
     assert d["sampling"]["tree_probabilities"] == probs and d["sampling"]["tree_index"] == pred.tree_index
     assert d["sampling"]["trees"] == 4 and d["sampling"]["seed"] == 5 and d["sampling"]["uniform"] == 0.5
+    assert d["sampling"]["source"] == "entmax"  # inference draws from the sparse maps by default
     assert [[tuple(n["box"]) for n in t] for t in d["trees"]] == [_boxes(t) for t in pred.trees]
     assert d["tree"] == d["trees"][pred.tree_index]  # the shown tree, with the same per-node mpp
 
@@ -130,10 +131,10 @@ def test_sampled_centres_stay_inside_the_view(model, image):
     assert float(spread.min()) < -0.3 and float(spread.max()) > 0.3  # really spread over the view
 
 
-def test_entmax_source_draws_each_centre_inside_its_layers_sparse_map(model, image):
+def test_inference_trees_draw_each_centre_inside_its_layers_sparse_map_by_default(model, image):
     with torch.inference_mode():
-        pooled = pooled_forward(model, _fetchers(model, image, 2), trees=3, seed=1, uniform=0.0, source="entmax")
-    assert pooled.source == "entmax"
+        pooled = pooled_forward(model, _fetchers(model, image, 2), trees=3, seed=1)
+    assert pooled.source == "entmax" and pooled.uniform == 0.0
     checked = 0
     for out in pooled.outputs:
         for affine in out.affines:
@@ -148,6 +149,8 @@ def test_entmax_source_draws_each_centre_inside_its_layers_sparse_map(model, ima
     assert checked >= 6
     with pytest.raises(ValueError, match="sampling source"):
         pooled_forward(model, _fetchers(model, image), trees=2, source="mode")
+    pred = magnet_zoo.predict_slide(model, _source(image), trees=2, seed=1, tree_source="softmax", uniform=0.5)
+    assert pred.sampling["source"] == "softmax" and pred.sampling["uniform"] == 0.5
 
 
 def test_sampling_context_restores_the_training_policy(model, image):
@@ -239,6 +242,11 @@ def test_monai_inferer_passes_trees_through(model, image):
     torch.testing.assert_close(pooled, reference.probs, rtol=0, atol=0)
     assert not torch.equal(pooled, plain)
     torch.testing.assert_close(torch.sigmoid(logits), reference.probs, rtol=0, atol=1e-6)
-    assert isinstance(full, PooledOutput) and full.num_trees == 3
+    assert isinstance(full, PooledOutput) and full.num_trees == 3 and full.source == "entmax"
+    with torch.no_grad():
+        dense = MagNetInferer("full", trees=3, seed=4, uniform=0.5, source="softmax")(fetchers, model)
+        dense_ref = pooled_forward(model, fetchers, trees=3, seed=4, uniform=0.5, source="softmax")
+    assert dense.source == "softmax"
+    torch.testing.assert_close(dense.probs, dense_ref.probs, rtol=0, atol=0)
     with pytest.raises(ValueError, match="trees"):
         MagNetInferer(trees=0)

@@ -61,8 +61,9 @@ def _seed(text: str) -> int:
 def _tree_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--trees", type=_positive_int, default=1, metavar="K",
-        help="pool K sampled zoom trees per slide (every learned crop centre drawn from the attention; the "
-             "probability is the mean of the K trees'): K times the compute and about K times the reads, "
+        help="pool K sampled zoom trees per slide (every learned crop centre drawn from its layer's sparse "
+             "attention map; the probability is the mean of the K trees'): K times the compute and about K "
+             "times the reads, "
              "slides run one at a time; measured worse than the expected crop on FindIt. Default 1: the "
              "expected crop, one tree",
     )

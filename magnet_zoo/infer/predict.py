@@ -20,7 +20,7 @@ import torch
 from magnet_zoo.config import MPP_TOLERANCE
 from magnet_zoo.nn.magnet import MagNet
 from magnet_zoo.nn.tree import RoiNode
-from magnet_zoo.nn.trees import DEFAULT_TEMPERATURE, DEFAULT_UNIFORM, pooled_forward
+from magnet_zoo.nn.trees import DEFAULT_TEMPERATURE, INFERENCE_SOURCE, INFERENCE_UNIFORM, pooled_forward
 from magnet_zoo.wsi.fetch import as_fetcher
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ class Prediction:
     """Which of ``trees`` is ``tree`` (and gave ``final_patches``): the one whose probability is closest to
     the pooled ``probability`` (the first on a tie)."""
     sampling: dict[str, Any] | None = None
-    """With sampled trees: ``trees`` (K), ``seed``, ``temperature``, ``uniform`` and ``pooling``."""
+    """With sampled trees: ``trees`` (K), ``seed``, ``source``, ``temperature``, ``uniform`` and ``pooling``."""
 
     @property
     def final_nodes(self) -> list[RoiNode]:
@@ -162,8 +162,8 @@ def tree_settings(trees: int | None, seed: int = 0) -> dict[str, Any]:
     k = check_trees(trees)
     if k is None:
         return {}
-    return {"trees": k, "tree_seed": int(seed), "tree_temperature": DEFAULT_TEMPERATURE,
-            "tree_uniform": DEFAULT_UNIFORM}
+    return {"trees": k, "tree_seed": int(seed), "tree_source": INFERENCE_SOURCE,
+            "tree_temperature": DEFAULT_TEMPERATURE, "tree_uniform": INFERENCE_UNIFORM}
 
 
 def check_trees(trees: int | None) -> int | None:
@@ -184,7 +184,8 @@ def predict_slide(
     trees: int | None = None,
     seed: int = 0,
     temperature: float = DEFAULT_TEMPERATURE,
-    uniform: float = DEFAULT_UNIFORM,
+    uniform: float = INFERENCE_UNIFORM,
+    tree_source: str = INFERENCE_SOURCE,
 ) -> Prediction:
     """Classify one slide.
 
@@ -196,8 +197,9 @@ def predict_slide(
 
     ``trees`` (``K``): ``None`` or 1, the default, is the MagNet as trained: every crop the attention
     map's expectation, one deterministic tree. ``K > 1`` runs ``K`` sampled trees
-    (:mod:`magnet_zoo.nn.trees`: every learned crop centre drawn from ``(1 - uniform) softmax(logits /
-    temperature) + uniform * U``, tree ``k`` from a generator seeded by ``(seed, k)``) and pools them: the
+    (:mod:`magnet_zoo.nn.trees`: every learned crop centre drawn from ``(1 - uniform) p + uniform * U``, ``p``
+    the layer's sparse entmax map, or with ``tree_source="softmax"`` ``softmax(logits / temperature)``; tree ``k``
+    from a generator seeded by ``(seed, k)``) and pools them: the
     probability is the mean of the trees' probabilities, ``Prediction.trees`` holds all ``K`` trees and
     ``Prediction.tree`` the one closest to the pooled probability. It costs ``K`` times the compute and
     about ``K`` times the reads; ``accounting`` sums them over the trees and records ``trees``.
@@ -206,7 +208,8 @@ def predict_slide(
     model.eval()
     try:
         pred = predict_fetcher(model, as_fetcher(source, model.config.grey_threshold), threshold=threshold,
-                               trees=trees, seed=seed, temperature=temperature, uniform=uniform)
+                               trees=trees, seed=seed, temperature=temperature, uniform=uniform,
+                               tree_source=tree_source)
     finally:
         model.train(was_training)
     if pred.resolution["warning"] and pred.resolution["relative_difference"] is not None:  # no-mpp: the reader said so
@@ -222,7 +225,8 @@ def predict_fetcher(
     trees: int | None = None,
     seed: int = 0,
     temperature: float = DEFAULT_TEMPERATURE,
-    uniform: float = DEFAULT_UNIFORM,
+    uniform: float = INFERENCE_UNIFORM,
+    tree_source: str = INFERENCE_SOURCE,
 ) -> Prediction:
     """:func:`predict_slide` on a ``SlideFetcher``, in the model's current mode and gradient context,
     without logging the resolution warning (:func:`predict_slide` and the cohort runner log it)."""
@@ -235,7 +239,8 @@ def predict_fetcher(
         aux = {str(key): float(v[0]) for key, v in out.aux_probs.items()}
         accounting = out.accounting[0]
     else:
-        pooled = pooled_forward(model, [fetcher], trees=k, seed=seed, temperature=temperature, uniform=uniform)
+        pooled = pooled_forward(model, [fetcher], trees=k, seed=seed, temperature=temperature, uniform=uniform,
+                                source=tree_source)
         chosen = pooled.representative()[0]
         tree, final = pooled.outputs[chosen].trees[0], pooled.outputs[chosen].final_patches[0]
         prob = float(pooled.probs[0])
@@ -262,7 +267,7 @@ def predict_fetcher(
         pred.trees = [o.trees[0] for o in pooled.outputs]
         pred.tree_probabilities = [float(p) for p in pooled.tree_probs[:, 0]]
         pred.tree_index = chosen
-        pred.sampling = {"trees": k, "seed": int(seed), "temperature": float(temperature), "uniform": float(uniform),
-                         "pooling": "mean of the trees' probabilities"}
+        pred.sampling = {"trees": k, "seed": int(seed), "source": tree_source, "temperature": float(temperature),
+                         "uniform": float(uniform), "pooling": "mean of the trees' probabilities"}
         resolution["tree_nodes"] = [resolution_report(model, fetcher.source, t)["nodes"] for t in pred.trees]
     return pred

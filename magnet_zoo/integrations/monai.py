@@ -56,7 +56,13 @@ from magnet_zoo.atomic import atomic_write_text
 from magnet_zoo.config import MagNetConfig
 from magnet_zoo.nn.losses import loss_settings, output_loss
 from magnet_zoo.nn.magnet import MagNet, MagNetOutput
-from magnet_zoo.nn.trees import DEFAULT_TEMPERATURE, DEFAULT_UNIFORM, PooledOutput, pooled_forward
+from magnet_zoo.nn.trees import (
+    DEFAULT_TEMPERATURE,
+    INFERENCE_SOURCE,
+    INFERENCE_UNIFORM,
+    PooledOutput,
+    pooled_forward,
+)
 from magnet_zoo.train.checkpointing import atomic_directory
 from magnet_zoo.train.data import SlideRef, read_slide_csv
 from magnet_zoo.wsi.fetch import as_fetcher
@@ -281,7 +287,7 @@ class MagNetInferer(Inferer):
     For ``SupervisedEvaluator``: its metrics (``ROCAUC``, ``Accuracy``) want tensors, not a MagNetOutput.
 
     ``trees`` ``K > 1`` pools ``K`` sampled zoom trees per batch (:func:`magnet_zoo.nn.trees.pooled_forward`
-    with ``seed``, ``temperature``, ``uniform``): the probabilities are the mean of the trees', the logits
+    with ``seed``, ``source``, ``temperature``, ``uniform``): the probabilities are the mean of the trees', the logits
     the logit of that mean, and ``output="full"`` returns the :class:`~magnet_zoo.nn.trees.PooledOutput`.
     ``K`` times the cost; the draws of a batch depend on the whole batch. ``None`` or 1 (the default): the
     expected crop, one tree, as trained.
@@ -293,7 +299,8 @@ class MagNetInferer(Inferer):
         trees: int | None = None,
         seed: int = 0,
         temperature: float = DEFAULT_TEMPERATURE,
-        uniform: float = DEFAULT_UNIFORM,
+        uniform: float = INFERENCE_UNIFORM,
+        source: str = INFERENCE_SOURCE,
     ) -> None:
         if output not in ("probs", "logits", "full"):
             raise ValueError(f"output must be 'probs', 'logits' or 'full', got {output!r}")
@@ -304,6 +311,7 @@ class MagNetInferer(Inferer):
         self.seed = int(seed)
         self.temperature = float(temperature)
         self.uniform = float(uniform)
+        self.source = source
 
     def __call__(self, inputs: Any, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         out: MagNetOutput | PooledOutput
@@ -313,7 +321,7 @@ class MagNetInferer(Inferer):
             if args:
                 raise TypeError("MagNetInferer(trees=K) passes keyword arguments only to the network")
             out = pooled_forward(network, inputs, trees=self.trees, seed=self.seed,
-                                 temperature=self.temperature, uniform=self.uniform, **kwargs)
+                                 temperature=self.temperature, uniform=self.uniform, source=self.source, **kwargs)
         if self.output == "full":
             return out
         return out.probs.float() if self.output == "probs" else out.logits.float()

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from magnet_zoo.nn.magnet import MagNet, MagNetOutput
-from magnet_zoo.nn.trees import DEFAULT_UNIFORM, pooled_forward
+from magnet_zoo.nn.trees import INFERENCE_SOURCE, INFERENCE_UNIFORM, pooled_forward
 from magnet_zoo.wsi import ArraySource, SlideFetcher
 
 BACKGROUNDS = ("grey", "he")
@@ -303,14 +303,14 @@ def evaluate(
     trees: int | None = None,
     tree_seed: int = 0,
     tree_temperature: float = 1.0,
-    tree_source: str = "softmax",
-    tree_uniform: float = DEFAULT_UNIFORM,
+    tree_source: str = INFERENCE_SOURCE,
+    tree_uniform: float = INFERENCE_UNIFORM,
 ) -> tuple[EvalResult, list[tuple[FindItSample, MagNetOutput, int]]]:
     """Run ``model`` (eval mode) over images ``seeds`` and measure accuracy and where it looked.
 
     ``trees=K`` runs ``K`` sampled zoom trees per image (:func:`magnet_zoo.nn.trees.pooled_forward`,
-    tree seeds from ``tree_seed`` and the batch's start, softmax temperature ``tree_temperature``, centres
-    from ``tree_source``, see :data:`~magnet_zoo.nn.attention.SAMPLE_SOURCES`, mixed with a uniform share
+    tree seeds from ``tree_seed`` and the batch's start, centres from ``tree_source`` (by default each
+    layer's entmax map; ``"softmax"`` with temperature ``tree_temperature``) mixed with a uniform share
     ``tree_uniform``):
     accuracy and AUROC are those of the pooled
     probability, and the crop metrics count the crops of all ``K`` trees. ``None``: the expected crop.
