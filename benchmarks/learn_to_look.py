@@ -174,6 +174,10 @@ def grid(name: str) -> list[dict[str, Any]]:
             # a total variation of 0.25 on the demo model): GroupNorm gives one map in both modes.
             r("recipe + attention_init=(random, uniform) + attention_norm=group",
               cfg={**flat, "attention_norm": "group"}, seeds=(2, 4, 0)),
+            # A second-layer map on background gets no gradient towards the object: last-layer revival gives a
+            # dead learned second-layer patch the better one's stack (at the recipe's revival points).
+            r("recipe + attention_init=(random, uniform) + revive_last", cfg=flat, st={"revive_last": True},
+              seeds=(2, 4, 0)),
             # The flat start on the 1 % object (the target: accuracy >= 0.9 in 3/3 seeds), and more seeds of
             # the flat start and the recipe (their entries in issue14 hold seeds 0-4).
             r("recipe + attention_init=(random, uniform), object 1%", cfg=flat, task={"object_frac": 0.01},

@@ -195,7 +195,7 @@ class TrainLoop:
         self.scaler = torch.amp.GradScaler(
             self.info.device.type, enabled=self.dtype == torch.float16 and self.info.device.type == "cuda"
         )
-        self.reviver = BranchReviver(self.model, recipe.revive_at, recipe.revive_margin)
+        self.reviver = BranchReviver(self.model, recipe.revive_at, recipe.revive_margin, last=recipe.revive_last)
         self.explore = torch.Generator().manual_seed(config.seed * 7919 + 7919)
         if resume_state is not None:
             self._restore(resume_state)

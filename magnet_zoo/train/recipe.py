@@ -92,6 +92,10 @@ class Recipe:
     """Shares of training at which a dead first-layer branch gets the best branch's attention stacks
     (:class:`~magnet_zoo.train.revival.BranchReviver`; empty: never)."""
     revive_margin: float = 0.15
+    revive_last: bool = False
+    """At the same points, also revive the *last* layer's learned patches: one whose running auxiliary BCE
+    exceeds the best learned last-layer patch's by ``revive_margin`` gets that patch's attention stack
+    (a second-layer map on background gets no gradient towards the evidence; docs/learn_to_look.md)."""
 
     # ---- helping the heads first
     head_warmup: float = 0.0
