@@ -139,7 +139,8 @@ def grid(name: str) -> list[dict[str, Any]]:
         # first, where the switches together matter most, then seed 0); the soft bound with the flat start;
         # the switches on the 1 % object. Recorded in three invocations (docs/learn_to_look.md): issue14 without
         # the 1 % entry, stopped after the first three single switches; issue14-seeds, stopped after its first
-        # three runs; issue14-last.
+        # three runs; issue14-last. Then the entries of issue14-centre (listed here so that one table holds
+        # them all), recorded by invocations of that grid with --only / --skip.
         fixes = {"paradoxical_reference": "constant", "scale_bounds": "soft", "attention_padding": "replicate"}
         singles = [("+ paradoxical_reference=constant", {"paradoxical_reference": "constant"}, {}),
                    ("+ scale_bounds=soft", {"scale_bounds": "soft"}, {}),
