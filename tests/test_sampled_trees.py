@@ -37,7 +37,10 @@ def test_entmax_source_draws_inside_the_sparse_map_the_softmax_source_does_not()
     a = attention_to_affine(logits, translation="clamp")
     support = a.probs[0] > 0
     assert int(support.sum()) == 2  # the expected crop sits between the modes, on neither
-    col = lambda t: ((t + 1) * 4 - 0.5).round().long().clamp(0, 7)  # noqa: E731  (centre -> pixel index)
+
+    def col(t: torch.Tensor) -> torch.Tensor:  # a centre in [-1, 1] -> its pixel index of 8
+        return ((t + 1) * 4 - 0.5).round().long().clamp(0, 7)
+
     drawn = attention_to_affine(logits, translation="clamp", sample={"temperature": 1.0, "uniform": 0.0,
                                                                       "source": "entmax"})
     rows, cols = col(drawn.ty), col(drawn.tx)
