@@ -11,7 +11,7 @@ from magnet_zoo.train.revival import BranchReviver
 
 
 def _out(layer1: torch.Tensor, layer2: torch.Tensor) -> SimpleNamespace:
-    return SimpleNamespace(aux_patch_logits={1: layer1, 2: layer2}, affines=[None, None])
+    return SimpleNamespace(aux_patch_logits={1: layer1, 2: layer2})
 
 
 def test_a_dead_last_layer_patch_gets_the_best_patchs_stack_and_its_optimiser_state():

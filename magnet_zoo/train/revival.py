@@ -44,6 +44,7 @@ class BranchReviver:
                 "1 in aux_layers); it is off for this model"
             )
             self.pending = []
+        self.depth = cfg.num_layers
         self.last = bool(last) and bool(self.pending) and cfg.num_layers > 1
         if self.last and cfg.num_layers not in cfg.active_aux_layers:
             logger.warning("last-layer revival needs per-patch auxiliary logits on layer %d (in aux_layers); it is "
@@ -72,9 +73,8 @@ class BranchReviver:
             return
         bce = self._bce(out.aux_patch_logits[1], labels)
         self.running = bce if self.running is None else self.momentum * self.running + (1 - self.momentum) * bce
-        depth = len(out.affines)
-        if self.last and depth in out.aux_patch_logits:
-            bce = self._bce(out.aux_patch_logits[depth], labels)[self.last_slots]
+        if self.last and self.depth in out.aux_patch_logits:
+            bce = self._bce(out.aux_patch_logits[self.depth], labels)[self.last_slots]
             self.running_last = bce if self.running_last is None else (
                 self.momentum * self.running_last + (1 - self.momentum) * bce)
 
@@ -117,7 +117,7 @@ class BranchReviver:
         """The last layer's learned patches: the dead ones get the best one's stack."""
         running = self.running_last = _mean_over_ranks(self.running_last, model, world_size)
         stacks = model.layers[-1].stacks
-        depth = len(model.layers)
+        depth = self.depth
         best = int(running.argmin())
         rows = []
         for k in range(running.numel()):
