@@ -94,19 +94,18 @@ class BranchReviver:
             self.pending.pop(0)
         running = self.running
         running = self.running = _mean_over_ranks(running, model, world_size)
-        best = int(running.argmin())
+        best, dead = _dead_against_best(running, self.margin)
         rows = []
-        for k in range(running.numel()):
-            if k != best and float(running[k] - running[best]) > self.margin:
-                model.copy_branch(best, k, opt)
-                row = {"step": step, "layer": 1, "from": best, "to": k, "loss_from": float(running[best]),
-                       "loss_to": float(running[k])}  # fmt: skip
-                rows.append(row)
-                running[k] = running[best]
-                logger.info(
-                    "step %d: revived branch %d from branch %d (aux BCE %.3f vs %.3f)",
-                    step, k, best, row["loss_to"], row["loss_from"],
-                )  # fmt: skip
+        for k in dead:
+            model.copy_branch(best, k, opt)
+            row = {"step": step, "layer": 1, "from": best, "to": k, "loss_from": float(running[best]),
+                   "loss_to": float(running[k])}  # fmt: skip
+            rows.append(row)
+            running[k] = running[best]
+            logger.info(
+                "step %d: revived branch %d from branch %d (aux BCE %.3f vs %.3f)",
+                step, k, best, row["loss_to"], row["loss_from"],
+            )  # fmt: skip
         if self.last and self.running_last is not None:
             rows += self._revive_last(step, model, opt, world_size)
         return rows
@@ -118,17 +117,16 @@ class BranchReviver:
         running = self.running_last = _mean_over_ranks(self.running_last, model, world_size)
         stacks = model.layers[-1].stacks
         depth = self.depth
-        best = int(running.argmin())
+        best, dead = _dead_against_best(running, self.margin)
         rows = []
-        for k in range(running.numel()):
-            if k != best and float(running[k] - running[best]) > self.margin:
-                stacks.copy_group(self.last_groups[best], self.last_groups[k], opt)
-                row = {"step": step, "layer": depth, "from": self.last_slots[best], "to": self.last_slots[k],
-                       "loss_from": float(running[best]), "loss_to": float(running[k])}
-                rows.append(row)
-                running[k] = running[best]
-                logger.info("step %d: revived layer-%d patch %d from patch %d (aux BCE %.3f vs %.3f)",
-                            step, depth, row["to"], row["from"], row["loss_to"], row["loss_from"])
+        for k in dead:
+            stacks.copy_group(self.last_groups[best], self.last_groups[k], opt)
+            row = {"step": step, "layer": depth, "from": self.last_slots[best], "to": self.last_slots[k],
+                   "loss_from": float(running[best]), "loss_to": float(running[k])}
+            rows.append(row)
+            running[k] = running[best]
+            logger.info("step %d: revived layer-%d patch %d from patch %d (aux BCE %.3f vs %.3f)",
+                        step, depth, row["to"], row["from"], row["loss_to"], row["loss_from"])
         return rows
 
     # ------------------------------------------------------------------ resume
@@ -143,6 +141,12 @@ class BranchReviver:
         running, last = state.get("running"), state.get("running_last")  # no running_last: an older checkpoint
         self.running = running.clone().float() if isinstance(running, torch.Tensor) else None
         self.running_last = last.clone().float() if isinstance(last, torch.Tensor) else None
+
+
+def _dead_against_best(running: torch.Tensor, margin: float) -> tuple[int, list[int]]:
+    """The patch with the lowest running loss, and those whose loss exceeds it by more than ``margin``."""
+    best = int(running.argmin())
+    return best, [k for k in range(running.numel()) if k != best and float(running[k] - running[best]) > margin]
 
 
 def _mean_over_ranks(running: torch.Tensor, model: MagNet, world_size: int) -> torch.Tensor:
