@@ -158,6 +158,7 @@ def grid(name: str) -> list[dict[str, Any]]:
             r("recipe + all fixes, object 1%", cfg=fixes, st={"clip_per_group": True}, task={"object_frac": 0.01},
               seeds=(0, 1)),
             *grid("issue14-centre"),
+            *grid("issue14-look"),
         ]
     if name == "issue14-centre":
         # Layer 1 holds the object off-centre and layer 2 learns a constant offset (docs/learn_to_look.md):
@@ -185,6 +186,15 @@ def grid(name: str) -> list[dict[str, Any]]:
               seeds=(0, 1, 2)),
             r("recipe + attention_init=(random, uniform)", cfg=flat, seeds=(5, 6)),
             r("recipe", seeds=(5,)),
+        ]
+    if name == "issue14-look":
+        # The flat start's misses share a learned second-layer map whose support lies on background, where
+        # entmax gives no gradient towards the object: exploration (2 trees sampled from the softmax, with a
+        # score-function gradient for every position) on top of the flat start.
+        flat = {"attention_init": ("random", "uniform")}
+        return [
+            r("recipe + attention_init=(random, uniform) + explore (2 trees)", cfg=flat, st={"explore_trees": 2},
+              seeds=(0, 2, 4)),
         ]
     if name == "issue14-seeds":
         # The flat-start second layer and the recipe on seeds 3 and 4, then two more single switches.
@@ -401,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--grid", default="target",
                     help="target | onepct | cpu | fixes | geometry | issue14 | issue14-seeds | issue14-last"
-                         " | issue14-centre | explore | search | final | ablations | patches")
+                         " | issue14-centre | issue14-look | explore | search | final | ablations | patches")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--override-seeds", action="store_true",
                     help="use --seeds for every entry, also those that fix their own seeds")
