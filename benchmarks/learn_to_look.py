@@ -195,6 +195,11 @@ def grid(name: str) -> list[dict[str, Any]]:
         return [
             r("recipe + attention_init=(random, uniform) + explore (2 trees)", cfg=flat, st={"explore_trees": 2},
               seeds=(0, 2, 4)),
+            # Nothing asks layer 1 to centre the object (the failing seeds hold it at a box edge): recentring
+            # pulls each first-layer centre towards its learned second-layer crop, weighted by that crop's
+            # auxiliary confidence (magnet_zoo.train.recentre).
+            r("recipe + attention_init=(random, uniform) + recentre 1.0", cfg=flat, st={"recentre_weight": 1.0},
+              seeds=(0, 2, 4)),
         ]
     if name == "issue14-seeds":
         # The flat-start second layer and the recipe on seeds 3 and 4, then two more single switches.

@@ -75,7 +75,7 @@ from magnet_zoo.train.sources import TrainData, Validator
 
 logger = logging.getLogger(__name__)
 
-EXTRA_TERMS = ("guidance", "window_mil", "scale_prior", "explore")
+EXTRA_TERMS = ("guidance", "window_mil", "scale_prior", "explore", "recentre")
 
 
 @dataclass
@@ -196,6 +196,14 @@ class TrainLoop:
             self.info.device.type, enabled=self.dtype == torch.float16 and self.info.device.type == "cuda"
         )
         self.reviver = BranchReviver(self.model, recipe.revive_at, recipe.revive_margin, last=recipe.revive_last)
+        if recipe.recentre_weight and (self.mconfig.aux_pooling not in ("per_patch", "max")
+                                       or not any(k >= 2 for k in self.mconfig.active_aux_layers)
+                                       or not self.mconfig.loss_auxiliary):
+            raise ConfigError(
+                "recentre_weight needs per-patch auxiliary logits on a layer >= 2 (aux_pooling 'per_patch' or "
+                f"'max', loss_auxiliary on); this MagNet has aux_layers={self.mconfig.active_aux_layers}, "
+                f"aux_pooling={self.mconfig.aux_pooling!r}, loss_auxiliary={self.mconfig.loss_auxiliary}"
+            )
         self.explore = torch.Generator().manual_seed(config.seed * 7919 + 7919)
         if resume_state is not None:
             self._restore(resume_state)
@@ -468,6 +476,12 @@ class TrainLoop:
                     prior = scale_prior(model, out.affines, recipe.scale_target)
                     extra["scale_prior"] = float(prior.detach())
                     loss = loss + recipe.scale_weight * prior
+                if recipe.recentre_weight:
+                    from magnet_zoo.train.recentre import recentre_loss
+
+                    pull = recentre_loss(model, out, labels)
+                    extra["recentre"] = float(pull.detach())
+                    loss = loss + recipe.recentre_weight * pull
         return loss, {**terms.as_floats(), **extra}, (out, labels)
 
     def _guidance(self, out: Any, fetchers: Any, labels: torch.Tensor, extra: dict[str, float]) -> torch.Tensor:

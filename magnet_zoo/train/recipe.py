@@ -88,6 +88,10 @@ class Recipe:
     scale_weight: float = 0.0
     """Weight of the scale prior ``mean(relu(s - scale_target_l)^2)`` (0: off)."""
     scale_target: tuple[float, ...] = (0.3,)
+    recentre_weight: float = 0.0
+    """Weight of the recentring term (:mod:`magnet_zoo.train.recentre`): each layer's centre is pulled
+    towards where its learned children's crops lie, weighted by their auxiliary heads' confidence (0: off;
+    left out while exploring)."""
     revive_at: tuple[float, ...] = ()
     """Shares of training at which a dead first-layer branch gets the best branch's attention stacks
     (:class:`~magnet_zoo.train.revival.BranchReviver`; empty: never)."""
@@ -149,6 +153,8 @@ class Recipe:
                 raise ConfigError(f"recipe {self.name!r}: {name} must be in [0, 1), got {value}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ConfigError(f"recipe {self.name!r}: grad_clip must be > 0 or None, got {self.grad_clip}")
+        if self.recentre_weight < 0:
+            raise ConfigError(f"recipe {self.name!r}: recentre_weight must be >= 0, got {self.recentre_weight}")
         if self.head_warmup_trees < 1:
             raise ConfigError(f"recipe {self.name!r}: head_warmup_trees must be >= 1")
         if self.explore_trees == 1 or self.explore_trees < 0:

@@ -1,0 +1,54 @@
+"""Recentring: ask each layer to centre what its children find (recipe field ``recentre_weight``).
+
+Nothing in the paper's losses asks a first-layer box to hold the evidence at its centre: any box that
+contains the object classifies as well, and on FindIt the boxes of the failing seeds hold it at one edge,
+the same offset for every image (docs/learn_to_look.md). A learned child crop that has found the object
+says where it lies in its parent's box. This term pulls the parent's centre towards that place::
+
+    L = mean over slides b, learned children c of parent j of  w_bc * ((t_j - stopgrad(t_j + s_j t_c)) / s_j)^2
+
+with ``t`` a crop centre in its parent's normalised view, ``s`` its scale, and ``w_bc`` the child's own
+auxiliary-head probability of the slide's label (detached: a child that does not yet classify its slide
+pulls nothing). The target and ``s_j`` are constants, so the gradient reaches only the parent's centre
+(through its attention map), never the child; in units of the parent's box the term is the child's
+offset squared, ``w * t_c^2``. Once the parent moves, the child's view moves with it and the child's own
+losses bring it back onto the object, nearer its box's centre: the pair settles with the evidence centred.
+
+It needs per-patch auxiliary logits (``aux_pooling`` ``"per_patch"`` or ``"max"``) for the children's layer,
+and pathwise centres (not exploration's sampled ones: the loop leaves the term out while exploring).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from magnet_zoo.nn.magnet import MagNet
+
+
+def recentre_loss(model: MagNet, out: Any, labels: torch.Tensor) -> torch.Tensor:
+    """The recentring term over every parent layer whose children's layer has per-patch auxiliary logits
+    (zero, with a gradient graph, if none has)."""
+    labels = labels.float().view(-1, 1)
+    terms = []
+    for child_idx in range(2, len(model.layers) + 1):
+        patch_logits = out.aux_patch_logits.get(child_idx)
+        if patch_logits is None:
+            continue
+        parent, child = out.affines[child_idx - 2], out.affines[child_idx - 1]
+        b, n, p = child.scale.shape
+        p_label = torch.sigmoid(patch_logits.detach().float())
+        weight = (labels * p_label + (1 - labels) * (1 - p_label)).view(b, n, p)
+        learned = (model.layers[child_idx - 1].slot >= 0).view(1, n, p).expand(b, n, p)
+        # Parent centres and scales per child's node: (B, N_child) = flattened (B, N_parent, P_parent).
+        ptx, pty = parent.tx.reshape(b, n, 1), parent.ty.reshape(b, n, 1)
+        ps = parent.scale.detach().reshape(b, n, 1).clamp_min(1e-6)
+        target_x = (ptx + ps * child.tx).detach()
+        target_y = (pty + ps * child.ty).detach()
+        sq = ((ptx - target_x) / ps) ** 2 + ((pty - target_y) / ps) ** 2
+        terms.append((weight * sq).masked_select(learned))
+    flat = torch.cat(terms) if terms else None
+    if flat is None or flat.numel() == 0:
+        return out.logits.sum() * 0.0
+    return flat.mean()

@@ -1,0 +1,74 @@
+"""Recentring (recipe field ``recentre_weight``): a parent's centre is pulled towards its learned children."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import micro_magnet
+
+from magnet_zoo.config import ConfigError
+from magnet_zoo.nn.attention import Affine
+from magnet_zoo.train import SourceData, TrainConfig, fit, get_recipe
+from magnet_zoo.train.recentre import recentre_loss
+from magnet_zoo.wsi import ArraySource
+
+
+def _affine(scale, tx, ty, grad=False) -> Affine:
+    t = [torch.tensor(v, dtype=torch.float32, requires_grad=grad) for v in (scale, tx, ty)]
+    return Affine(scale=t[0], tx=t[1], ty=t[2], probs=torch.zeros(1))
+
+
+def _case():
+    """One slide (label 1); layer 1: two patches; layer 2: per node a frozen patch (slot -1) and a learned one."""
+    parent = _affine([[[0.1, 0.2]]], [[[0.3, -0.4]]], [[[0.0, 0.1]]], grad=True)
+    child = _affine([[[1.0, 0.3], [1.0, 0.3]]], [[[0.9, 0.5], [0.7, -0.25]]], [[[0.9, 0.0], [0.0, 0.5]]], grad=True)
+    # The frozen patches' logits say "right" too: if they were counted, the value would change.
+    patch = torch.tensor([[8.0, 8.0, 8.0, -8.0]])
+    out = SimpleNamespace(affines=[parent, child], aux_patch_logits={2: patch}, logits=torch.zeros(1))
+    return out, parent, child
+
+
+def test_the_term_is_each_learned_childs_offset_squared_weighted_by_its_confidence():
+    net = micro_magnet(aux_pooling="per_patch")
+    assert net.layers[1].slot.tolist() == [-1, 0, -1, 1]
+    out, parent, child = _case()
+    loss = recentre_loss(net, out, torch.tensor([1.0]))
+    conf = torch.sigmoid(torch.tensor([8.0, -8.0]))
+    expected = (conf[0] * (0.5**2 + 0.0**2) + conf[1] * (0.25**2 + 0.5**2)) / 2
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert child.tx.grad is None or float(child.tx.grad.abs().sum()) == 0  # the child is never moved
+    # d/dt_j of the mean of w (t_j - target)^2 / s^2 over the 2 learned children: -w t_c / s
+    want = torch.stack([-conf[0] * 0.5 / 0.1, conf[1] * 0.25 / 0.2]).view(1, 1, 2)
+    torch.testing.assert_close(parent.tx.grad, want)
+    assert float(parent.tx.grad[0, 0, 0]) < 0  # descending moves parent 0 right, towards its child at +0.5
+    assert float(parent.ty.grad[0, 0, 1]) < 0  # and parent 1 down, towards its child at +0.5
+    assert parent.scale.grad is None or float(parent.scale.grad.abs().sum()) == 0
+
+
+def test_a_child_that_does_not_classify_its_slide_pulls_nothing():
+    net = micro_magnet(aux_pooling="per_patch")
+    out, parent, _ = _case()
+    out.aux_patch_logits[2] = torch.tensor([[8.0, -30.0, 8.0, -30.0]])  # learned children sure of the wrong label
+    loss = recentre_loss(net, out, torch.tensor([1.0]))
+    assert float(loss.detach()) < 1e-12
+    flipped = recentre_loss(net, out, torch.tensor([0.0]))  # the same logits, now right
+    assert float(flipped.detach()) > 0.05
+
+
+def test_training_logs_the_term_and_refuses_a_model_without_per_patch_logits():
+    rng = np.random.default_rng(0)
+    sources = [ArraySource(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)) for _ in range(4)]
+    data = SourceData(sources, [0, 1, 0, 1])
+    config = TrainConfig(device="cpu", amp="off", threads=2, progress=False, baseline_eval=False, save_every=0,
+                         log_every=1, tensorboard=False)
+    recipe = get_recipe("learn_to_look", batch_size=2, steps=2, recentre_weight=1.0)
+    result = fit(micro_magnet(aux_pooling="per_patch"), data, config, recipe)
+    assert all(row["recentre"] > 0 for row in result.log)
+    with pytest.raises(ConfigError, match="recentre_weight needs per-patch"):
+        fit(micro_magnet(aux_pooling="mean"), data, config, recipe)
+    with pytest.raises(ConfigError, match="recentre_weight must be >= 0"):
+        get_recipe("learn_to_look", recentre_weight=-1.0)
