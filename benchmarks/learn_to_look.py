@@ -199,7 +199,7 @@ def grid(name: str) -> list[dict[str, Any]]:
             # pulls each first-layer centre towards its learned second-layer crop, weighted by that crop's
             # auxiliary confidence (magnet_zoo.train.recentre).
             r("recipe + attention_init=(random, uniform) + recentre 1.0", cfg=flat, st={"recentre_weight": 1.0},
-              seeds=(0, 2, 4)),
+              seeds=(0, 2, 4, 6)),
         ]
     if name == "issue14-seeds":
         # The flat-start second layer and the recipe on seeds 3 and 4, then two more single switches.
