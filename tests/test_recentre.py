@@ -72,3 +72,30 @@ def test_training_logs_the_term_and_refuses_a_model_without_per_patch_logits():
         fit(micro_magnet(aux_pooling="mean"), data, config, recipe)
     with pytest.raises(ConfigError, match="recentre_weight must be >= 0"):
         get_recipe("learn_to_look", recentre_weight=-1.0)
+
+
+def test_a_step_on_the_term_moves_real_first_layer_centres_towards_their_childrens_crops():
+    from magnet_zoo.tasks.findit import FindItSpec, make_batch
+
+    net = micro_magnet(aux_pooling="per_patch").train()
+    fetchers, labels, _ = make_batch(FindItSpec(image_size=256), range(4))
+    out = net(fetchers)
+    loss = recentre_loss(net, out, labels)
+    parent, child = out.affines
+    b = child.scale.shape[0]
+    target = torch.stack([parent.tx.reshape(b, -1) + parent.scale.reshape(b, -1) * child.tx[..., 1],
+                          parent.ty.reshape(b, -1) + parent.scale.reshape(b, -1) * child.ty[..., 1]], -1).detach()
+    before = (torch.stack([parent.tx.reshape(b, -1), parent.ty.reshape(b, -1)], -1).detach() - target).norm(dim=-1)
+    assert float(before.mean()) > 1e-3
+    first = [p for p in net.layers[0].parameters() if p.requires_grad]
+    net.zero_grad()
+    loss.backward()
+    others = [p for name, p in net.named_parameters() if not name.startswith("layers.0.")]
+    assert all(p.grad is None or float(p.grad.abs().sum()) == 0 for p in others)  # only layer 1 is pulled
+    with torch.no_grad():
+        for p in first:
+            if p.grad is not None:
+                p -= 0.05 * p.grad / (p.grad.norm() + 1e-12)
+        again = net(fetchers).affines[0]
+    after = (torch.stack([again.tx.reshape(b, -1), again.ty.reshape(b, -1)], -1) - target).norm(dim=-1)
+    assert float(after.mean()) < float(before.mean())
