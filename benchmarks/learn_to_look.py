@@ -197,9 +197,17 @@ def grid(name: str) -> list[dict[str, Any]]:
               seeds=(0, 2, 4)),
             # Nothing asks layer 1 to centre the object (the failing seeds hold it at a box edge): recentring
             # pulls each first-layer centre towards its learned second-layer crop, weighted by that crop's
-            # auxiliary confidence (magnet_zoo.train.recentre).
+            # auxiliary confidence (magnet_zoo.train.recentre). This entry was recorded with the term's first
+            # weight, q itself (commit 391016a); the code now weights by max(0, 2 q - 1).
             r("recipe + attention_init=(random, uniform) + recentre 1.0", cfg=flat, st={"recentre_weight": 1.0},
               seeds=(0, 2, 4, 6)),
+            # Its seed 2 (and the jitter run's seed 0) lost the second-layer crop to its box's border at the
+            # smallest scale: replicate padding instead of zeros, alone and with recentring (the margin weight:
+            # a crop on background, at chance, pulls nothing).
+            r("recipe + attention_init=(random, uniform) + replicate padding",
+              cfg={**flat, "attention_padding": "replicate"}, seeds=(0, 2, 4)),
+            r("recipe + attention_init=(random, uniform) + replicate padding + recentre 1.0 (margin weight)",
+              cfg={**flat, "attention_padding": "replicate"}, st={"recentre_weight": 1.0}, seeds=(0, 2, 4)),
         ]
     if name == "issue14-seeds":
         # The flat-start second layer and the recipe on seeds 3 and 4, then two more single switches.

@@ -26,7 +26,7 @@ def _case():
     parent = _affine([[[0.1, 0.2]]], [[[0.3, -0.4]]], [[[0.0, 0.1]]], grad=True)
     child = _affine([[[1.0, 0.3], [1.0, 0.3]]], [[[0.9, 0.5], [0.7, -0.25]]], [[[0.9, 0.0], [0.0, 0.5]]], grad=True)
     # The frozen patches' logits say "right" too: if they were counted, the value would change.
-    patch = torch.tensor([[8.0, 8.0, 8.0, -8.0]])
+    patch = torch.tensor([[8.0, 8.0, 8.0, 1.0]])
     out = SimpleNamespace(affines=[parent, child], aux_patch_logits={2: patch}, logits=torch.zeros(1))
     return out, parent, child
 
@@ -36,7 +36,7 @@ def test_the_term_is_each_learned_childs_offset_squared_weighted_by_its_confiden
     assert net.layers[1].slot.tolist() == [-1, 0, -1, 1]
     out, parent, child = _case()
     loss = recentre_loss(net, out, torch.tensor([1.0]))
-    conf = torch.sigmoid(torch.tensor([8.0, -8.0]))
+    conf = 2 * torch.sigmoid(torch.tensor([8.0, 1.0])) - 1
     expected = (conf[0] * (0.5**2 + 0.0**2) + conf[1] * (0.25**2 + 0.5**2)) / 2
     torch.testing.assert_close(loss, expected)
     loss.backward()
@@ -57,6 +57,8 @@ def test_a_child_that_does_not_classify_its_slide_pulls_nothing():
     assert float(loss.detach()) < 1e-12
     flipped = recentre_loss(net, out, torch.tensor([0.0]))  # the same logits, now right
     assert float(flipped.detach()) > 0.05
+    out.aux_patch_logits[2] = torch.tensor([[8.0, 0.0, 8.0, -0.1]])  # at chance (on background): no pull either
+    assert float(recentre_loss(net, out, torch.tensor([1.0])).detach()) == 0
 
 
 def test_training_logs_the_term_and_refuses_a_model_without_per_patch_logits():

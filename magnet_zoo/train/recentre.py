@@ -7,10 +7,12 @@ says where it lies in its parent's box. This term pulls the parent's centre towa
 
     L = mean over slides b, learned children c of parent j of  w_bc * ((t_j - stopgrad(t_j + s_j t_c)) / s_j)^2
 
-with ``t`` a crop centre in its parent's normalised view, ``s`` its scale, and ``w_bc`` the child's own
-auxiliary-head probability of the slide's label (detached: a child that does not yet classify its slide
-pulls nothing). The target and ``s_j`` are constants, so the gradient reaches only the parent's centre
-(through its attention map), never the child; in units of the parent's box the term is the child's
+with ``t`` a crop centre in its parent's normalised view, ``s`` its scale, and ``w_bc = max(0, 2 q - 1)``
+for ``q`` the child's own auxiliary-head probability of the slide's label (detached: a child that
+classifies its slide no better than chance, such as one on background, pulls nothing; a first version
+weighted by ``q`` itself, so a child on background still pulled with weight 0.5). The target and
+``s_j`` are constants, so the gradient reaches only the parent's centre (through its attention map),
+never the child; in units of the parent's box the term is the child's
 offset squared, ``w * t_c^2``. Once the parent moves, the child's view moves with it and the child's own
 losses bring it back onto the object, nearer its box's centre: the pair settles with the evidence centred.
 
@@ -39,7 +41,8 @@ def recentre_loss(model: MagNet, out: Any, labels: torch.Tensor) -> torch.Tensor
         parent, child = out.affines[child_idx - 2], out.affines[child_idx - 1]
         b, n, p = child.scale.shape
         p_label = torch.sigmoid(patch_logits.detach().float())
-        weight = (labels * p_label + (1 - labels) * (1 - p_label)).view(b, n, p)
+        right = labels * p_label + (1 - labels) * (1 - p_label)
+        weight = (2 * right - 1).clamp_min(0).view(b, n, p)
         learned = (model.layers[child_idx - 1].slot >= 0).view(1, n, p).expand(b, n, p)
         # Parent centres and scales per child's node: (B, N_child) = flattened (B, N_parent, P_parent).
         ptx, pty = parent.tx.reshape(b, n, 1), parent.ty.reshape(b, n, 1)
