@@ -12,12 +12,14 @@ for ``q`` the child's own auxiliary-head probability of the slide's label (detac
 classifies its slide no better than chance, such as one on background, pulls nothing; a first version
 weighted by ``q`` itself, so a child on background still pulled with weight 0.5). The target and
 ``s_j`` are constants, so the gradient reaches only the parent's centre (through its attention map),
-never the child; in units of the parent's box the term is the child's
-offset squared, ``w * t_c^2``. Once the parent moves, the child's view moves with it and the child's own
-losses bring it back onto the object, nearer its box's centre: the pair settles with the evidence centred.
+never the child; in units of the parent's box the term is the child's offset squared, ``w * t_c^2``.
+Once the parent moves, the child's view moves with it and the child's own losses bring it back onto the
+object, nearer its box's centre: the pair settles with the evidence centred. A child that sits on
+background gets no help from it (its offset pulls nothing): on FindIt that is how the term fails.
 
 It needs per-patch auxiliary logits (``aux_pooling`` ``"per_patch"`` or ``"max"``) for the children's layer,
-and pathwise centres (not exploration's sampled ones: the loop leaves the term out while exploring).
+and pathwise centres: the loop leaves the term out during head warm-up (random trees) and exploration
+(sampled centres).
 """
 
 from __future__ import annotations

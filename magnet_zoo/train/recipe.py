@@ -90,8 +90,8 @@ class Recipe:
     scale_target: tuple[float, ...] = (0.3,)
     recentre_weight: float = 0.0
     """Weight of the recentring term (:mod:`magnet_zoo.train.recentre`): each layer's centre is pulled
-    towards where its learned children's crops lie, weighted by their auxiliary heads' confidence (0: off;
-    left out while exploring)."""
+    towards where its learned children's crops lie, weighted by their auxiliary heads' margin over chance
+    (0: off; left out during head warm-up and exploration)."""
     revive_at: tuple[float, ...] = ()
     """Shares of training at which a dead first-layer branch gets the best branch's attention stacks
     (:class:`~magnet_zoo.train.revival.BranchReviver`; empty: never)."""
