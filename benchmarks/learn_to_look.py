@@ -206,8 +206,10 @@ def grid(name: str) -> list[dict[str, Any]]:
             # a crop on background, at chance, pulls nothing).
             r("recipe + attention_init=(random, uniform) + replicate padding",
               cfg={**flat, "attention_padding": "replicate"}, seeds=(0, 2, 4)),
+            # Seeds 0, 2 and 4 chose it (the flat start's failing seeds); 1, 3 and 5 confirm it (run with
+            # --seeds 1 3 5 --override-seeds).
             r("recipe + attention_init=(random, uniform) + replicate padding + recentre 1.0 (margin weight)",
-              cfg={**flat, "attention_padding": "replicate"}, st={"recentre_weight": 1.0}, seeds=(0, 2, 4)),
+              cfg={**flat, "attention_padding": "replicate"}, st={"recentre_weight": 1.0}, seeds=(0, 2, 4, 1, 3, 5)),
         ]
     if name == "issue14-seeds":
         # The flat-start second layer and the recipe on seeds 3 and 4, then two more single switches.
