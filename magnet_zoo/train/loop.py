@@ -196,14 +196,10 @@ class TrainLoop:
             self.info.device.type, enabled=self.dtype == torch.float16 and self.info.device.type == "cuda"
         )
         self.reviver = BranchReviver(self.model, recipe.revive_at, recipe.revive_margin, last=recipe.revive_last)
-        if recipe.recentre_weight and (self.mconfig.aux_pooling not in ("per_patch", "max")
-                                       or not any(k >= 2 for k in self.mconfig.active_aux_layers)
-                                       or not self.mconfig.loss_auxiliary):
-            raise ConfigError(
-                "recentre_weight needs per-patch auxiliary logits on a layer >= 2 (aux_pooling 'per_patch' or "
-                f"'max', loss_auxiliary on); this MagNet has aux_layers={self.mconfig.active_aux_layers}, "
-                f"aux_pooling={self.mconfig.aux_pooling!r}, loss_auxiliary={self.mconfig.loss_auxiliary}"
-            )
+        if recipe.recentre_weight:
+            from magnet_zoo.train.recentre import check_recentre_model
+
+            check_recentre_model(self.mconfig)
         self.explore = torch.Generator().manual_seed(config.seed * 7919 + 7919)
         if resume_state is not None:
             self._restore(resume_state)

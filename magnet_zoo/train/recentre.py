@@ -32,7 +32,19 @@ from typing import Any
 
 import torch
 
+from magnet_zoo.config import ConfigError, MagNetConfig
 from magnet_zoo.nn.magnet import MagNet
+
+
+def check_recentre_model(config: MagNetConfig) -> None:
+    """Raise a :class:`ConfigError` unless ``config`` gives some layer >= 2 per-patch auxiliary logits."""
+    if (config.aux_pooling not in ("per_patch", "max") or not any(k >= 2 for k in config.active_aux_layers)
+            or not config.loss_auxiliary):
+        raise ConfigError(
+            "recentre_weight needs per-patch auxiliary logits on a layer >= 2 (aux_pooling 'per_patch' or "
+            f"'max', loss_auxiliary on); this MagNet has aux_layers={config.active_aux_layers}, "
+            f"aux_pooling={config.aux_pooling!r}, loss_auxiliary={config.loss_auxiliary}"
+        )
 
 
 def recentre_loss(model: MagNet, out: Any, labels: torch.Tensor) -> torch.Tensor:
@@ -57,7 +69,5 @@ def recentre_loss(model: MagNet, out: Any, labels: torch.Tensor) -> torch.Tensor
         target_y = (pty + ps * child.ty).detach()
         sq = ((ptx - target_x) / ps) ** 2 + ((pty - target_y) / ps) ** 2
         terms.append((weight * sq).masked_select(learned))
-    flat = torch.cat(terms) if terms else None
-    if flat is None or flat.numel() == 0:
-        return out.logits.sum() * 0.0
-    return flat.mean()
+    flat = torch.cat(terms) if terms else out.logits.new_zeros(0)
+    return flat.mean() if flat.numel() else out.logits.sum() * 0.0
