@@ -159,6 +159,7 @@ def grid(name: str) -> list[dict[str, Any]]:
               seeds=(0, 1)),
             *grid("issue14-centre"),
             *grid("issue14-look"),
+            *grid("issue14-combine"),
         ]
     if name == "issue14-centre":
         # Layer 1 holds the object off-centre and layer 2 learns a constant offset (docs/learn_to_look.md):
@@ -210,6 +211,19 @@ def grid(name: str) -> list[dict[str, Any]]:
             # --seeds 1 3 5 --override-seeds); two of them miss the targets (docs/learn_to_look.md).
             r("recipe + attention_init=(random, uniform) + replicate padding + recentre 1.0 (margin weight)",
               cfg={**flat, "attention_padding": "replicate"}, st={"recentre_weight": 1.0}, seeds=(0, 2, 4, 1, 3, 5)),
+        ]
+    if name == "issue14-combine":
+        # Replicate padding + recentring misses in seeds 1 and 5 (docs/learn_to_look.md): a learned second-layer
+        # crop at a fixed offset beside the object (a piece of it classifies), or on background, where it pulls
+        # nothing. Two additions, chosen on those seeds: a larger scale range (at max_scale 0.35 of a box of 0.1
+        # of the image the learned crop is about the object's own size, so any offset cuts the object), and
+        # last-layer revival (a dead learned crop gets the better one's stack).
+        base = {"attention_init": ("random", "uniform"), "attention_padding": "replicate"}
+        return [
+            r("recipe + attention_init=(random, uniform) + replicate padding + recentre 1.0 + max_scale 0.6",
+              cfg={**base, "max_scale": 0.6}, st={"recentre_weight": 1.0}, seeds=(1, 5)),
+            r("recipe + attention_init=(random, uniform) + replicate padding + recentre 1.0 + revive_last",
+              cfg=base, st={"recentre_weight": 1.0, "revive_last": True}, seeds=(1, 5)),
         ]
     if name == "issue14-seeds":
         # The flat-start second layer and the recipe on seeds 3 and 4, then two more single switches.
@@ -426,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--grid", default="target",
                     help="target | onepct | cpu | fixes | geometry | issue14 | issue14-seeds | issue14-last"
-                         " | issue14-centre | issue14-look | explore | search | final | ablations | patches")
+                         " | issue14-centre | issue14-look"
+                         " | issue14-combine | explore | search | final | ablations | patches")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--override-seeds", action="store_true",
                     help="use --seeds for every entry, also those that fix their own seeds")
