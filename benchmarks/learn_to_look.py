@@ -218,10 +218,12 @@ def grid(name: str) -> list[dict[str, Any]]:
         # nothing. Two additions, chosen on those seeds: a larger scale range (at max_scale 0.35 of a box of 0.1
         # of the image the learned crop is about the object's own size, so any offset cuts the object), and
         # last-layer revival (a dead learned crop gets the better one's stack).
+        # The larger scale range met the targets in seed 5 and nearly in seed 1 (final-crop hit 0.74); seeds 6, 7
+        # and 8, then 0, 2, 3 and 4, were run afterwards to confirm it (--seeds ... --override-seeds).
         base = {"attention_init": ("random", "uniform"), "attention_padding": "replicate"}
         return [
             r("recipe + attention_init=(random, uniform) + replicate padding + recentre 1.0 + max_scale 0.6",
-              cfg={**base, "max_scale": 0.6}, st={"recentre_weight": 1.0}, seeds=(1, 5)),
+              cfg={**base, "max_scale": 0.6}, st={"recentre_weight": 1.0}, seeds=(1, 5, 6, 7, 8, 0, 2, 3, 4)),
             r("recipe + attention_init=(random, uniform) + replicate padding + recentre 1.0 + revive_last",
               cfg=base, st={"recentre_weight": 1.0, "revive_last": True}, seeds=(1, 5)),
             # A piece of the object classifies as well as all of it, so nothing moves a learned crop from a fixed
