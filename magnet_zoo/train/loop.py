@@ -61,6 +61,7 @@ from magnet_zoo.train.checkpointing import (
 )
 from magnet_zoo.train.distributed import DistInfo, all_gather_objects, barrier, setup_distributed
 from magnet_zoo.train.evaluate import LOSS_TERMS, amp_dtype, autocast
+from magnet_zoo.train.recentre import check_recentre_model, recentre_loss
 from magnet_zoo.train.recipe import Recipe
 from magnet_zoo.train.revival import BranchReviver
 from magnet_zoo.train.schedules import anneals_done, apply_final, apply_progress, lr_factor, scale_prior
@@ -197,8 +198,6 @@ class TrainLoop:
         )
         self.reviver = BranchReviver(self.model, recipe.revive_at, recipe.revive_margin, last=recipe.revive_last)
         if recipe.recentre_weight:
-            from magnet_zoo.train.recentre import check_recentre_model
-
             check_recentre_model(self.mconfig)
         self.explore = torch.Generator().manual_seed(config.seed * 7919 + 7919)
         if resume_state is not None:
@@ -473,8 +472,6 @@ class TrainLoop:
                     extra["scale_prior"] = float(prior.detach())
                     loss = loss + recipe.scale_weight * prior
                 if recipe.recentre_weight:
-                    from magnet_zoo.train.recentre import recentre_loss
-
                     pull = recentre_loss(model, out, labels)
                     extra["recentre"] = float(pull.detach())
                     loss = loss + recipe.recentre_weight * pull
