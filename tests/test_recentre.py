@@ -101,3 +101,27 @@ def test_a_step_on_the_term_moves_real_first_layer_centres_towards_their_childre
         again = net(fetchers).affines[0]
     after = (torch.stack([again.tx.reshape(b, -1), again.ty.reshape(b, -1)], -1) - target).norm(dim=-1)
     assert float(after.mean()) < float(before.mean())
+
+
+def test_positives_only_counts_label_one_slides_alone():
+    net = micro_magnet(aux_pooling="per_patch")
+    one, _, _ = _case()
+    # Two slides with the same geometry: slide 0 positive (its learned children right), slide 1 negative with
+    # learned children just as sure of "normal", which on SynthMets they would be anywhere.
+    parent = _affine([[[0.1, 0.2]]] * 2, [[[0.3, -0.4]]] * 2, [[[0.0, 0.1]]] * 2, grad=True)
+    child = _affine(*[torch.cat([t.detach()] * 2).tolist() for t in (one.affines[1].scale, one.affines[1].tx,
+                                                                       one.affines[1].ty)], grad=True)
+    logits = torch.tensor([[8.0, 8.0, 8.0, 1.0], [-8.0, -8.0, -8.0, -8.0]])
+    out = SimpleNamespace(affines=[parent, child], aux_patch_logits={2: logits}, logits=torch.zeros(2))
+    labels = torch.tensor([1.0, 0.0])
+    both = recentre_loss(net, out, labels)
+    only = recentre_loss(net, out, labels, positives_only=True)
+    alone = recentre_loss(net, one, torch.tensor([1.0]))
+    torch.testing.assert_close(only, alone)  # the mean runs over the positive slide's children only
+    assert float(both.detach()) > float(only.detach()) + 1e-3  # the negative's confident children pull in "all" mode
+    only.backward()
+    assert float(parent.tx.grad[1].abs().sum()) == 0 and float(parent.tx.grad[0].abs().sum()) > 0
+    none = recentre_loss(net, out, torch.tensor([0.0, 0.0]), positives_only=True)  # no positive slide at all
+    assert float(none.detach()) == 0
+    with pytest.raises(ConfigError, match="recentre_on must be one of"):
+        get_recipe("learn_to_look", recentre_on="negative")

@@ -472,7 +472,7 @@ class TrainLoop:
                     extra["scale_prior"] = float(prior.detach())
                     loss = loss + recipe.scale_weight * prior
                 if recipe.recentre_weight:
-                    pull = recentre_loss(model, out, labels)
+                    pull = recentre_loss(model, out, labels, positives_only=recipe.recentre_on == "positive")
                     extra["recentre"] = float(pull.detach())
                     loss = loss + recipe.recentre_weight * pull
         return loss, {**terms.as_floats(), **extra}, (out, labels)

@@ -18,8 +18,9 @@ object, nearer its box's centre: the pair settles with the evidence centred. A c
 background gets no help from it (its offset pulls nothing): on FindIt that is how the term fails.
 
 Measured on FindIt only, where both classes carry an object to centre. On a multiple-instance task such
-as SynthMets a negative slide's crops classify it confidently wherever they look, so there the term also
-pulls towards background; that is not measured yet, which is why no recipe turns it on by default.
+as SynthMets a negative slide's crops classify it confidently wherever they look, so there the term would
+also pull towards background; ``recentre_on="positive"`` (``positives_only``) counts only label-1 slides'
+children. That variant is not measured yet, which is why no recipe turns the term on by default.
 
 It needs per-patch auxiliary logits (``aux_pooling`` ``"per_patch"`` or ``"max"``) for the children's layer,
 and pathwise centres: the loop leaves the term out during head warm-up (random trees) and exploration
@@ -47,9 +48,10 @@ def check_recentre_model(config: MagNetConfig) -> None:
         )
 
 
-def recentre_loss(model: MagNet, out: Any, labels: torch.Tensor) -> torch.Tensor:
+def recentre_loss(model: MagNet, out: Any, labels: torch.Tensor, positives_only: bool = False) -> torch.Tensor:
     """The recentring term over every parent layer whose children's layer has per-patch auxiliary logits
-    (zero, with a gradient graph, if none has)."""
+    (zero, with a gradient graph, if none has). With ``positives_only`` only label-1 slides' children count
+    (the mean is over them alone)."""
     labels = labels.float().view(-1, 1)
     terms = []
     for child_idx in range(2, len(model.layers) + 1):
@@ -62,6 +64,8 @@ def recentre_loss(model: MagNet, out: Any, labels: torch.Tensor) -> torch.Tensor
         right = labels * p_label + (1 - labels) * (1 - p_label)
         weight = (2 * right - 1).clamp_min(0).view(b, n, p)
         learned = (model.layers[child_idx - 1].slot >= 0).view(1, n, p).expand(b, n, p)
+        if positives_only:
+            learned = learned & (labels.view(b, 1, 1) > 0.5)
         # Parent centres and scales per child's node: (B, N_child) = flattened (B, N_parent, P_parent).
         ptx, pty = parent.tx.reshape(b, n, 1), parent.ty.reshape(b, n, 1)
         ps = parent.scale.detach().reshape(b, n, 1).clamp_min(1e-6)

@@ -28,6 +28,7 @@ from typing import Any
 from magnet_zoo.config import ConfigError, MagNetConfig
 
 SCHEDULES = ("cosine", "constant")
+RECENTRE_ON = ("all", "positive")
 
 
 class UnknownRecipeError(ConfigError):
@@ -92,6 +93,10 @@ class Recipe:
     """Weight of the recentring term (:mod:`magnet_zoo.train.recentre`): each layer's centre is pulled
     towards where its learned children's crops lie, weighted by their auxiliary heads' margin over chance
     (0: off; left out during head warm-up and exploration)."""
+    recentre_on: str = "all"
+    """Which slides' children pull: ``"all"`` (FindIt: both classes carry an object to centre) or
+    ``"positive"`` (multiple-instance tasks such as SynthMets: only label-1 slides hold evidence to centre;
+    a negative slide's crops classify it wherever they look)."""
     revive_at: tuple[float, ...] = ()
     """Shares of training at which a dead first-layer branch gets the best branch's attention stacks
     (:class:`~magnet_zoo.train.revival.BranchReviver`; empty: never)."""
@@ -155,6 +160,10 @@ class Recipe:
             raise ConfigError(f"recipe {self.name!r}: grad_clip must be > 0 or None, got {self.grad_clip}")
         if self.recentre_weight < 0:
             raise ConfigError(f"recipe {self.name!r}: recentre_weight must be >= 0, got {self.recentre_weight}")
+        if self.recentre_on not in RECENTRE_ON:
+            raise ConfigError(
+                f"recipe {self.name!r}: recentre_on must be one of {RECENTRE_ON}, got {self.recentre_on!r}"
+            )
         if self.head_warmup_trees < 1:
             raise ConfigError(f"recipe {self.name!r}: head_warmup_trees must be >= 1")
         if self.explore_trees == 1 or self.explore_trees < 0:
