@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -97,3 +98,24 @@ def test_every_registered_model_uses_clamp_translation_and_the_paper_recipe_tanh
         assert resolve(name)[2].config.translation == "clamp", name
     assert MagNetConfig().translation == "tanh"  # the paper's equation stays the config's own default
     assert TrainConfig(recipe="paper", model="magnet3_inception_v3").model_settings()["translation"] == "tanh"
+
+
+def test_learn_to_look_centred_is_what_the_recorded_findit_runs_trained_with():
+    """The registered recipe claims the FindIt results of grid issue14-combine's jitter entry: its fields must be
+    those rows' recipe (at their 200 steps) and its network settings those rows' config."""
+    rows = [json.loads(line) for line in
+            (Path(__file__).resolve().parents[1] / "benchmarks/results/learn_to_look_issue14.jsonl").read_text()
+            .splitlines()]
+    rows = [r for r in rows if r["name"] == "recipe + attention_init=(random, uniform) + replicate padding + "
+            "recentre 1.0 + layer-2 jitter 0.2" and r["task"]["object_frac"] == 0.03]
+    assert len(rows) >= 3
+    centred = get_recipe("learn_to_look_centred", steps=200)
+    mine = json.loads(json.dumps(centred.to_dict()))
+    for row in rows:
+        ran = row["recipe"]
+        for key in set(mine) - {"name", "summary", "model_overrides", "recentre_on"}:
+            assert mine[key] == ran[key], key
+        assert ran.get("recentre_on", "all") == mine["recentre_on"] == "all"
+        for key, value in mine["model_overrides"].items():
+            assert row["config"][key] == value, key
+    assert centred.model_overrides["attention_init"] == ("random", "uniform")  # per layer: a flat second layer
