@@ -159,3 +159,17 @@ def test_gpu_script_dry_run(tmp_path):
     assert infer["slides_per_second"] == pytest.approx(1.0 / infer["seconds_per_slide_median"])
     assert 0 < infer["read_seconds_median"] <= infer["seconds_per_slide_median"]  # reads are part of the time
     assert result["synthmets"]["steps"] >= 1 and "--device cpu" in result["synthmets"]["command"]
+
+
+def test_findit_visibility_counts_the_object_pixels_the_first_view_keeps(tmp_path):
+    out = tmp_path / "vis.json"
+    run_script("findit_visibility.py", "--n", "3", "--views", "56", "168", "--out", str(out))
+    result = read_json(out)
+    check_machine(result)
+    rows = {(r["object_frac"], r["view"]): r for r in result["rows"]}
+    assert set(rows) == {(0.03, 56), (0.03, 168), (0.01, 56), (0.01, 168)}
+    # the 3 % object leaves a few pixels in the 56 px view; the 1 % object none (averaged into the grey
+    # background, then grey-filtered), until the view is three times larger
+    assert rows[(0.03, 56)]["visible_min"] > 0 and rows[(0.01, 56)]["images_with_none"] == 3
+    assert rows[(0.01, 168)]["visible_min"] > 0
+    assert rows[(0.03, 168)]["visible_median"] > rows[(0.03, 56)]["visible_median"]

@@ -1,0 +1,91 @@
+"""Can the first attention map see the FindIt object at all? Object pixels left in the whole-image view.
+
+A MagNet's first attention map sees the whole image as one ``input_size`` x ``input_size`` view, read
+from the pyramid (area-averaged) and then grey-filtered (the paper's filter: a pixel whose channel
+spread is under 15 turns black). An object much smaller than one view pixel is averaged into the grey
+background, and the filter then blacks its pixel out: the view is black everywhere and the attention
+has nothing to go on. This script counts, per object size and view size, the view pixels that survive
+the filter (on FindIt's grey background everything else is black), over ``--n`` generated images.
+
+    python benchmarks/findit_visibility.py                         # 3 % and 1 %, views of 56, 112, 168 px
+    python benchmarks/findit_visibility.py --n 4 --out /tmp/vis.json   # a quick run
+
+Prints a table and writes ``benchmarks/results/findit_visibility.json`` (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import machine_info  # noqa: E402
+
+from magnet_zoo.nn.fetcher import Square  # noqa: E402
+from magnet_zoo.tasks.findit import FindItSpec, make_fetcher, make_image  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def visible_pixels(spec: FindItSpec, seed: int, view: int, grey_threshold: int = 15) -> int:
+    """Non-black pixels of image ``seed``'s whole-image view of ``view`` px after the grey filter."""
+    sample = make_image(spec, seed)
+    side = spec.image_size
+    images = make_fetcher(sample, grey_threshold).fetch([Square(0, 0, side)], view).images
+    return int((images[0].sum(0) > 0).sum())
+
+
+def measure(fracs: list[float], views: list[int], n: int, image_size: int) -> list[dict[str, Any]]:
+    rows = []
+    for frac in fracs:
+        spec = FindItSpec(image_size=image_size, object_frac=frac)
+        for view in views:
+            counts = [visible_pixels(spec, seed, view) for seed in range(n)]
+            rows.append({
+                "object_frac": frac, "object_px": spec.object_px, "view": view,
+                "object_view_px": spec.object_px * view / image_size,
+                "visible_min": min(counts), "visible_median": statistics.median(counts),
+                "visible_max": max(counts), "images_with_none": sum(c == 0 for c in counts), "n": n,
+            })
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| object (share of side) | object px | view px | object in view px | visible view pixels "
+             "min / median / max | images with none |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['object_frac']:.0%} | {r['object_px']:.0f} | {r['view']} | {r['object_view_px']:.2f} | "
+                     f"{r['visible_min']} / {r['visible_median']:g} / {r['visible_max']} | "
+                     f"{r['images_with_none']} of {r['n']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--fracs", type=float, nargs="+", default=[0.03, 0.01], help="object side / image side")
+    ap.add_argument("--views", type=int, nargs="+", default=[56, 112, 168], help="view sizes (input_size)")
+    ap.add_argument("--n", type=int, default=20, help="images per setting (FindIt seeds 0..n-1)")
+    ap.add_argument("--image-size", type=int, default=896)
+    ap.add_argument("--out", type=Path, default=RESULTS / "findit_visibility.json")
+    args = ap.parse_args(argv)
+    if args.n < 1 or any(v < 1 for v in args.views) or any(not 0 < f < 0.5 for f in args.fracs):
+        ap.error("need --n >= 1, views >= 1 and fractions in (0, 0.5)")
+    t0 = time.perf_counter()
+    rows = measure(args.fracs, args.views, args.n, args.image_size)
+    text = table(rows)
+    print(text)
+    result = {"benchmark": "findit_visibility", "image_size": args.image_size, "grey_threshold": 15,
+              "rows": rows, "seconds": time.perf_counter() - t0, "machine": machine_info()}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
