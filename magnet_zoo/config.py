@@ -81,7 +81,8 @@ class MagNetConfig:
     attention_init: str | tuple[str, ...] = "uniform"
     """Last 1x1 conv of each Branch stack: ``uniform`` (near-zero: the map starts uniform, looking at
     the whole view) or ``random`` (PyTorch's default init, as in the paper); or one of these per
-    magnifying layer, e.g. ``("random", "uniform")``."""
+    magnifying layer, e.g. ``("random", "uniform")``, the last entry repeating for deeper layers (so a
+    recipe's ``("random", "uniform")`` gives any deeper network flat maps after the first layer)."""
     attention_temperature: float = 1.0
     translation: str = "tanh"
     """How the expected position becomes the crop centre: ``tanh`` (paper eq. 2-3; centres beyond
@@ -183,7 +184,7 @@ class MagNetConfig:
         """The ``attention_init`` of magnifying layer ``layer`` (1-based)."""
         if isinstance(self.attention_init, str):
             return self.attention_init
-        return self.attention_init[layer - 1]
+        return self.attention_init[min(layer, len(self.attention_init)) - 1]
 
     def is_frozen(self, layer: int, patch: int) -> bool:
         """Whether patch ``patch`` (0-based) of layer ``layer`` (1-based) is the identity."""
@@ -208,10 +209,11 @@ class MagNetConfig:
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         inits = (self.attention_init,) if isinstance(self.attention_init, str) else tuple(self.attention_init)
-        if any(init not in ATTENTION_INITS for init in inits) or len(inits) not in (1, self.num_layers):
+        if any(init not in ATTENTION_INITS for init in inits) or not 1 <= len(inits) <= self.num_layers:
             raise ConfigError(
                 f"attention_init must be one of {ATTENTION_INITS} or a sequence of them with one entry per "
-                f"magnifying layer ({self.num_layers}), got {self.attention_init!r}"
+                f"magnifying layer ({self.num_layers}; the last entry repeats for deeper layers), got "
+                f"{self.attention_init!r}"
             )
         if self.translation not in TRANSLATIONS:
             raise ConfigError(f"translation must be one of {TRANSLATIONS}, got {self.translation!r}")

@@ -41,9 +41,15 @@ def test_attention_init_per_layer_builds_each_layer_as_asked_and_survives_json()
     assert second < 0.01 < first  # layer 2 near zero (a flat map), layer 1 PyTorch's default init
     flipped = magnet_zoo.create_model("magnet2_tiny", attention_init=("uniform", "random"))
     assert float(flipped.layers[0].stacks.head.weight.detach().abs().max()) < 0.01
-    for bad in (("random",) * 3, ("random", "flat")):
+    for bad in (("random",) * 3, ("random", "flat"), ()):
         with pytest.raises(ConfigError, match="one entry per magnifying layer"):
             MagNetConfig(patches=(2, 2), attention_init=bad)
+    # shorter than the network: the last entry repeats (a 2-layer recipe's setting on a 3-layer MagNet)
+    deep = MagNetConfig(patches=(3, 2, 3), attention_init=("random", "uniform"))
+    assert [deep.layer_attention_init(k) for k in (1, 2, 3)] == ["random", "uniform", "uniform"]
+    three = magnet_zoo.create_model("magnet3_tiny", attention_init=("random", "uniform"))
+    heads = [float(layer.stacks.head.weight.detach().abs().max()) for layer in three.layers]
+    assert heads[1] < 0.01 and heads[2] < 0.01 < heads[0]
 
 
 def test_config_derived_sizes_follow_the_paper():

@@ -119,3 +119,18 @@ def test_learn_to_look_centred_is_what_the_recorded_findit_runs_trained_with():
         for key, value in mine["model_overrides"].items():
             assert row["config"][key] == value, key
     assert centred.model_overrides["attention_init"] == ("random", "uniform")  # per layer: a flat second layer
+
+
+def test_every_recipe_builds_every_registered_network():
+    """A recipe's network settings must fit every registered model (no ConfigError at `magnet-zoo train`)."""
+    from magnet_zoo.registry import get_config, list_models
+    from magnet_zoo.train.recentre import check_recentre_model
+
+    names = list_models(with_tags=False)
+    assert {"magnet2_tiny", "magnet3_inception_v3"} <= set(names)
+    for recipe in list_recipes():
+        for name in names:
+            config = get_config(name, **TrainConfig(recipe=recipe, model=name).model_settings())
+            if get_recipe(recipe).recentre_weight:
+                check_recentre_model(config)
+            assert config.num_layers == get_config(name).num_layers
