@@ -235,11 +235,14 @@ def grid(name: str) -> list[dict[str, Any]]:
             # about 9 px, fading out over the first 60 %) makes a crop that only just touches the object lose
             # it, and the mean gradient is that of the loss smoothed over the jitter, lowest where the whole
             # object stays in the crop. It met the targets in both seeds that chose it (1 and 5); seeds 0, 2, 3,
-            # 4, 6, 7 and 8 were run afterwards to confirm it (--seeds ... --override-seeds).
+            # 4, 6, 7 and 8 were run afterwards to confirm it (--seeds ... --override-seeds): 7 of 9 meet the
+            # targets, seed 6 fails (0.50). It is the registered recipe learn_to_look_centred
+            # (tests/test_recipes.py ties the two), not the default (docs/learn_to_look.md).
             r("recipe + attention_init=(random, uniform) + replicate padding + recentre 1.0 + layer-2 jitter 0.2",
               cfg=base, st={"recentre_weight": 1.0, "jitter": (0.0, 0.2)}, seeds=(1, 5, 0, 2, 3, 4, 6, 7, 8)),
             # The same on the 1 % object (the target: accuracy >= 0.9 in 3/3 seeds; the flat start alone stays at
-            # chance there, its first layer never finding the object).
+            # chance there, its first layer never finding the object). It stays at chance too: the object leaves
+            # no pixel in the 56 px view (benchmarks/findit_visibility.py).
             r("recipe + attention_init=(random, uniform) + replicate padding + recentre 1.0 + layer-2 jitter 0.2,"
               " object 1%", cfg=base, st={"recentre_weight": 1.0, "jitter": (0.0, 0.2)}, task={"object_frac": 0.01},
               seeds=(0, 1, 2)),
