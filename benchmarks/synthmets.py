@@ -320,7 +320,9 @@ def magnet_options(args: argparse.Namespace, budget_s: float | None) -> Any:
         model=args.magnet_model, overrides=overrides, steps=args.magnet_steps, budget_s=budget_s,
         recipe_overrides=parse_overrides(args.recipe_field, "--recipe-field"),
         batch_size=args.batch_size, lr=args.lr, attention_lr=args.attention_lr, val_every=args.val_every,
-        workers=args.workers, seed=args.seed, revive_at=args.revive_at, jitter=args.jitter, device=args.device,
+        recipe=args.recipe, workers=args.workers,
+        seed=args.seed if args.magnet_seed is None else args.magnet_seed, revive_at=args.revive_at,
+        jitter=args.jitter, device=args.device,
         head_warmup_frac=args.head_warmup, guidance_weight=args.guidance,
         guidance_temperature=args.guidance_temperature, head_pretrain_windows=args.head_pretrain,
     )
@@ -341,7 +343,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--n-test", type=int, default=100)
     ap.add_argument("--n-large", type=int, default=6, help="extra test slides of --large-size (default 6)")
     ap.add_argument("--large-size", type=int, default=65536)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the data and of every method (default 0)")
+    ap.add_argument("--magnet-seed", type=int, default=None,
+                    help="seed of the MagNet's initialisation and training alone, on the same data (default --seed)")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     ap.add_argument("--budget-min", type=float, default=30.0,
                     help="wall-clock minutes for each learned method's optimisation loop (default 30)")
@@ -351,6 +355,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--classifier-backbone", default="test_resnet",
                     help="timm backbone of the MagNet classifier (small: the checkpoint must stay under 20 MB)")
     ap.add_argument("--aux-backbone", default="test_resnet", help="timm backbone of the MagNet auxiliary heads")
+    ap.add_argument("--recipe", default="learn_to_look",
+                    help="the MagNet's training recipe (magnet_zoo.train.recipe; default learn_to_look)")
     ap.add_argument("--magnet-override", action="append", default=[], metavar="KEY=VALUE",
                     help="MagNetConfig field on top of the recipe, e.g. patches=[3,2] (repeatable)")
     ap.add_argument("--recipe-field", action="append", default=[], metavar="KEY=VALUE",
@@ -385,6 +391,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=RESULTS / "synthmets.json")
     ap.add_argument("--merge", action="store_true",
                     help="keep the other methods' results from an existing --out JSON made on the same data")
+    ap.add_argument("--also-running", default="",
+                    help="what else shared the machine during the run (written into the JSON)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
@@ -474,6 +482,7 @@ def main(argv: list[str] | None = None) -> int:
         "targets": targets(methods, loc),
         "total_seconds": time.perf_counter() - started,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "also_running": args.also_running,
         "machine": machine_info(),
     }
     if model is not None and args.save_checkpoint is not None:
