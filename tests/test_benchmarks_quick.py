@@ -173,3 +173,46 @@ def test_findit_visibility_counts_the_object_pixels_the_first_view_keeps(tmp_pat
     assert rows[(0.03, 56)]["visible_min"] > 0 and rows[(0.01, 56)]["images_with_none"] == 3
     assert rows[(0.01, 168)]["visible_min"] > 0
     assert rows[(0.03, 168)]["visible_median"] > rows[(0.03, 56)]["visible_median"]
+
+
+@pytest.mark.slow
+def test_synthmets_magnet_seeds_on_the_same_data_make_one_table(tmp_path):
+    data = str(tmp_path / "data")
+    common = ("--quick", "--no-progress", "--data", data, "--methods", "magnet")
+    run_script("synthmets.py", *common, "--out", str(tmp_path / "a" / "x.json"))
+    run_script("synthmets.py", *common, "--magnet-seed", "1", "--recipe", "learn_to_look_centred",
+               "--recipe-field", "recentre_on=positive", "--also-running", "this test's other run",
+               "--out", str(tmp_path / "b" / "x.json"))
+    first = read_json(tmp_path / "a" / "synthmets_quick.json")
+    second = read_json(tmp_path / "b" / "synthmets_quick.json")
+    settings = second["methods"]["magnet"]["settings"]
+    # the options reach the MagNet: another seed and recipe on the same data (the data seed stays --seed's)
+    assert settings["trainer"]["seed"] == 1 and settings["recipe"]["name"] == "learn_to_look_centred"
+    assert settings["recipe"]["recentre_on"] == "positive" and settings["config"]["attention_padding"] == "replicate"
+    assert first["methods"]["magnet"]["settings"]["trainer"]["seed"] == 0
+    def split_seeds(run: dict) -> dict:
+        return {k: (v["n"], v["size"], v["seed"]) for k, v in run["data"]["splits"].items()}
+
+    assert split_seeds(second) == split_seeds(first)
+    assert second["also_running"] == "this test's other run"
+
+    out = tmp_path / "seeds.json"
+    run_script("synthmets_seeds.py", "--runs", str(tmp_path / "a" / "synthmets_quick.json"),
+               str(tmp_path / "b" / "synthmets_quick.json"), "--out", str(out))
+    seeds = read_json(out)
+    assert [(r["recipe"], r["seed"]) for r in seeds["runs"]] == [("learn_to_look", 0), ("learn_to_look_centred", 1)]
+    for row, run in zip(seeds["runs"], (first, second), strict=True):
+        assert row["auroc"] == run["methods"]["magnet"]["summary"]["metrics"]["auroc"]
+    assert seeds["recipes"]["learn_to_look_centred"]["seeds"] == [1]
+    assert "| learn_to_look_centred (recentre_on=positive) | 1 |" in out.with_suffix(".md").read_text()
+
+    # runs on other data are refused, with the file named
+    other = json.loads((tmp_path / "b" / "synthmets_quick.json").read_text())
+    other["data"]["splits"]["test"]["seed"] += 1
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    refused = subprocess.run([sys.executable, str(BENCHMARKS / "synthmets_seeds.py"), "--runs",
+                              str(tmp_path / "a" / "synthmets_quick.json"), str(tmp_path / "other.json"),
+                              "--out", str(tmp_path / "refused.json")], env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and "other.json was made on other data" in refused.stderr
+    assert not (tmp_path / "refused.json").exists()

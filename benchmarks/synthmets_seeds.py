@@ -1,0 +1,172 @@
+"""SynthMets over MagNet seeds: one table from several ``synthmets.py`` runs on the same data.
+
+Each ``synthmets.py --methods magnet --magnet-seed S [--recipe R]`` run writes one JSON; this script puts
+their MagNet rows side by side (recipe, seed, steps, the validation AUROC that chose the weights, test
+AUROC overall and per category, localisation against random placement), gives each recipe's median and
+range, and adds the baselines of the reference run (same data: checked). The seed spread is what the
+project's rule compares: a recipe is called better only where its range lies outside the other's.
+
+    python benchmarks/synthmets_seeds.py                                   # the reported 30-minute runs
+    python benchmarks/synthmets_seeds.py --runs a.json b.json --out /tmp/seeds.json
+
+Prints the table and writes ``--out`` (JSON) and the same name with ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_RUNS = ("synthmets_30min.json", "synthmets_30min_centred_s0.json", "synthmets_30min_centred_s1.json",
+                "synthmets_30min_centred_s2.json")
+BASELINES = ("mean_rgb", "thumbnail_cnn", "dense_mil")
+COLUMNS = ("auroc", "auroc_macro", "auroc_micro", "auroc_itc", "loc_micro_ratio", "loc_all_ratio")
+
+
+class SeedsError(ValueError):
+    """The runs cannot be compared (other data, no MagNet)."""
+
+
+def _data_key(result: dict[str, Any]) -> Any:
+    splits = result["data"]["splits"]
+    return (result["data"].get("generator_version"),
+            sorted((k, v["n"], v["size"], v["seed"]) for k, v in splits.items()))
+
+
+def magnet_row(result: dict[str, Any], source: str) -> dict[str, Any]:
+    """The MagNet's numbers from one ``synthmets.py`` JSON."""
+    magnet = result["methods"].get("magnet")
+    if magnet is None:
+        raise SeedsError(f"{source}: no MagNet in this run")
+    settings, training = magnet["settings"], magnet["training"]
+    metrics = magnet["summary"]["metrics"]
+    per_cat = metrics["per_category"]
+    loc = result.get("localisation") or {}
+    by_cat = loc.get("by_category", {})
+    recipe = settings.get("recipe", {}).get("name")
+    changes = settings.get("recipe", {}).get("recentre_on")
+    return {
+        "source": source,
+        # Runs older than the --recipe option trained with the default recipe and did not record its name.
+        "recipe": recipe or "learn_to_look",
+        "recentre_on": changes,
+        "seed": settings["trainer"]["seed"],
+        "steps": training.get("steps"),
+        "best_step": training.get("best_step"),
+        "best_val_auroc": training.get("best_val_auroc"),
+        "auroc": metrics.get("auroc"),
+        "auroc_macro": per_cat.get("macro", {}).get("auroc"),
+        "auroc_micro": per_cat.get("micro", {}).get("auroc"),
+        "auroc_itc": per_cat.get("itc", {}).get("auroc"),
+        "loc_micro_ratio": by_cat.get("micro", {}).get("ratio"),
+        "loc_all_ratio": loc.get("all", {}).get("ratio"),
+        "values_fed": magnet["summary"]["cost"]["values_fed_mean"],
+        "date": result.get("machine", {}).get("date"),
+        "also_running": result.get("also_running"),
+        "command": magnet.get("command"),
+    }
+
+
+def summarise(runs: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """Rows per run, per-recipe median and range, and the baselines (from the first run that has them)."""
+    if not runs:
+        raise SeedsError("no runs given")
+    key = _data_key(runs[0][1])
+    for source, result in runs[1:]:
+        if _data_key(result) != key:
+            raise SeedsError(f"{source} was made on other data than {runs[0][0]}; compare runs on the same data")
+    rows = [magnet_row(result, source) for source, result in runs]
+    recipes: dict[str, dict[str, Any]] = {}
+    for name in dict.fromkeys(r["recipe"] for r in rows):
+        mine = [r for r in rows if r["recipe"] == name]
+        stats = {}
+        for col in COLUMNS:
+            values = [r[col] for r in mine if r[col] is not None]
+            stats[col] = ({"median": statistics.median(values), "min": min(values), "max": max(values)}
+                          if values else None)
+        recipes[name] = {"seeds": [r["seed"] for r in mine], "n": len(mine), **stats}
+    baselines = {}
+    for source, result in runs:
+        for name in BASELINES:
+            if name in result["methods"] and name not in baselines:
+                metrics = result["methods"][name]["summary"]["metrics"]
+                baselines[name] = {"source": source, "auroc": metrics.get("auroc"),
+                                   "auroc_macro": metrics["per_category"].get("macro", {}).get("auroc"),
+                                   "auroc_micro": metrics["per_category"].get("micro", {}).get("auroc"),
+                                   "auroc_itc": metrics["per_category"].get("itc", {}).get("auroc")}
+    return {"benchmark": "synthmets_seeds", "data": runs[0][1]["data"], "runs": rows, "recipes": recipes,
+            "baselines": baselines}
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _spread(stats: dict[str, float] | None, digits: int = 2, unit: str = "") -> str:
+    """``median (min-max)`` of one column over a recipe's seeds."""
+    if stats is None:
+        return "–"
+    return f"{stats['median']:.{digits}f}{unit} ({stats['min']:.{digits}f}-{stats['max']:.{digits}f})"
+
+
+def tables(summary: dict[str, Any]) -> list[str]:
+    lines = ["| recipe | seed | steps | val AUROC (chosen) | test AUROC | macro | micro | ITC | "
+             "micro tumours: final patches on tumour / random | all tumours: same |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in summary["runs"]:
+        recipe = r["recipe"] + (f" (recentre_on={r['recentre_on']})" if r["recentre_on"] not in (None, "all") else "")
+        lines.append(f"| {recipe} | {r['seed']} | {_fmt(r['steps'])} | {_fmt(r['best_val_auroc'])} | "
+                     f"{_fmt(r['auroc'])} | {_fmt(r['auroc_macro'])} | {_fmt(r['auroc_micro'])} | "
+                     f"{_fmt(r['auroc_itc'])} | {_fmt(r['loc_micro_ratio'], 1)}x | {_fmt(r['loc_all_ratio'], 1)}x |")
+    lines += ["", "| recipe | seeds | test AUROC median (range) | macro | micro | ITC | micro localisation |",
+              "|---|---|---|---|---|---|---|"]
+    for name, rec in summary["recipes"].items():
+        cells = [_spread(rec[col]) for col in ("auroc", "auroc_macro", "auroc_micro", "auroc_itc")]
+        lines.append(f"| {name} | {', '.join(map(str, rec['seeds']))} | {' | '.join(cells)} | "
+                     f"{_spread(rec['loc_micro_ratio'], 1, 'x')} |")
+    if summary["baselines"]:
+        lines += ["", "| baseline (same data) | test AUROC | macro | micro | ITC |", "|---|---|---|---|---|"]
+        for name, b in summary["baselines"].items():
+            lines.append(f"| {name} | {_fmt(b['auroc'])} | {_fmt(b['auroc_macro'])} | {_fmt(b['auroc_micro'])} | "
+                         f"{_fmt(b['auroc_itc'])} |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=Path, nargs="+", default=[RESULTS / name for name in DEFAULT_RUNS],
+                    help="synthmets.py JSON files on the same data (default: the 30-minute runs)")
+    ap.add_argument("--out", type=Path, default=RESULTS / "synthmets_30min_seeds.json")
+    args = ap.parse_args(argv)
+    missing = [str(p) for p in args.runs if not p.is_file()]
+    if missing:
+        print(f"error: no such run: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    try:
+        summary = summarise([(p.name, json.loads(p.read_text())) for p in args.runs])
+    except SeedsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    lines = tables(summary)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=1) + "\n")
+    md = args.out.with_suffix(".md")
+    md.write_text("# SynthMets over MagNet seeds\n\nCommand: `python benchmarks/synthmets_seeds.py "
+                  + " ".join(a for a in (argv if argv is not None else sys.argv[1:])) + "`\n\n"
+                  + "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {args.out} and {md}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
