@@ -250,3 +250,41 @@ def test_monai_inferer_passes_trees_through(model, image):
     torch.testing.assert_close(dense.probs, dense_ref.probs, rtol=0, atol=0)
     with pytest.raises(ValueError, match="trees"):
         MagNetInferer(trees=0)
+
+
+def test_evaluate_with_trees_scores_each_slide_as_predict_slide_does_whatever_the_batch(model, tmp_path):
+    from PIL import Image
+
+    from magnet_zoo.cli import main
+    from magnet_zoo.train.evaluate import evaluate
+
+    rows = ["path,label,category"]
+    for i, label in enumerate((0, 1, 1)):
+        path = tmp_path / f"s{i}.png"
+        Image.fromarray(tissue_image(400 + 60 * i, 360, seed=10 + i)).save(path)
+        rows.append(f"{path},{label},{'normal' if label == 0 else 'macro'}")
+    csv_path = tmp_path / "slides.csv"
+    csv_path.write_text("\n".join(rows) + "\n")
+    kwargs = dict(num_workers=0, device="cpu", progress=False)
+    pooled = [evaluate(model, csv_path, batch_size=b, trees=3, tree_seed=5, **kwargs) for b in (1, 3)]
+    plain = evaluate(model, csv_path, batch_size=3, **kwargs)
+    assert evaluate(model, csv_path, batch_size=3, trees=1, **kwargs).predictions == plain.predictions
+    assert plain.sampling is None and pooled[0].sampling["trees"] == 3 and pooled[0].sampling["seed"] == 5
+    for a, b, row in zip(pooled[0].predictions, pooled[1].predictions, plain.predictions, strict=True):
+        reference = magnet_zoo.predict_slide(model, magnet_zoo.open_slide(a["path"]), trees=3, seed=5)
+        assert a["probability"] == pytest.approx(reference.probability, abs=1e-6)
+        assert b["probability"] == pytest.approx(reference.probability, abs=1e-6)  # batched: the same trees
+        expected = magnet_zoo.predict_slide(model, magnet_zoo.open_slide(row["path"]))
+        assert row["probability"] == pytest.approx(expected.probability, abs=1e-6)
+    assert all(np.isfinite(v) for v in pooled[0].loss.values())
+
+    ckpt = _checkpoint(model, tmp_path)
+    report = tmp_path / "eval.json"
+    assert main(["evaluate", "--model", str(ckpt), "--data", str(csv_path), "--workers", "0", "--device", "cpu",
+                 "--no-progress", "--trees", "3", "--tree-seed", "5", "--out", str(report)]) == 0
+    written = json.loads(report.read_text())
+    assert written["sampling"]["trees"] == 3 and written["sampling"]["seed"] == 5
+    assert [r["probability"] for r in written["predictions"]] == pytest.approx(
+        [r["probability"] for r in pooled[0].predictions], abs=1e-6)
+    with pytest.raises(ValueError, match="trees"):
+        evaluate(model, csv_path, trees=0, **kwargs)

@@ -10,6 +10,8 @@ import math
 import sys
 from typing import Any
 
+from magnet_zoo.cli.predict import _tree_args
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from magnet_zoo.train.recipe import DEFAULT_RECIPE, describe_recipes, list_recipes
@@ -100,6 +102,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=float, default=0.5, help="probability threshold for accuracy (default 0.5)")
     p.add_argument("--out", default=None, help="write the metrics and per-slide predictions as JSON here")
     p.add_argument("--predictions", default=None, help="write per-slide predictions as CSV here")
+    _tree_args(p)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=run_evaluate)
 
@@ -227,6 +230,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
             backend=args.backend,
             threshold=args.threshold,
             progress=args.progress,
+            trees=args.trees,
+            tree_seed=args.tree_seed,
         )
     except DataError as exc:
         if args.verbose >= 2:

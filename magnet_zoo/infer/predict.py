@@ -20,7 +20,13 @@ import torch
 from magnet_zoo.config import MPP_TOLERANCE
 from magnet_zoo.nn.magnet import MagNet
 from magnet_zoo.nn.tree import RoiNode
-from magnet_zoo.nn.trees import DEFAULT_TEMPERATURE, INFERENCE_SOURCE, INFERENCE_UNIFORM, pooled_forward
+from magnet_zoo.nn.trees import (
+    DEFAULT_TEMPERATURE,
+    INFERENCE_SOURCE,
+    INFERENCE_UNIFORM,
+    check_trees,
+    pooled_forward,
+)
 from magnet_zoo.wsi.fetch import as_fetcher
 
 log = logging.getLogger(__name__)
@@ -164,15 +170,6 @@ def tree_settings(trees: int | None, seed: int = 0) -> dict[str, Any]:
         return {}
     return {"trees": k, "tree_seed": int(seed), "tree_source": INFERENCE_SOURCE,
             "tree_temperature": DEFAULT_TEMPERATURE, "tree_uniform": INFERENCE_UNIFORM}
-
-
-def check_trees(trees: int | None) -> int | None:
-    """``trees`` as given to :func:`predict_slide`: ``None`` (or 1) for the expected crop, else ``K >= 2``."""
-    if trees is None:
-        return None
-    if isinstance(trees, bool) or int(trees) != trees or trees < 1:
-        raise ValueError(f"trees must be None or an integer >= 1, got {trees!r}")
-    return None if int(trees) == 1 else int(trees)
 
 
 @torch.inference_mode()

@@ -55,6 +55,16 @@ INFERENCE_UNIFORM = 0.0
 prediction; the share is for exploration while training)."""
 
 
+def check_trees(trees: int | None) -> int | None:
+    """``trees`` as given to ``predict_slide`` or ``evaluate``: ``None`` (or 1) for the expected crop, else
+    ``K >= 2``."""
+    if trees is None:
+        return None
+    if isinstance(trees, bool) or int(trees) != trees or trees < 1:
+        raise ValueError(f"trees must be None or an integer >= 1, got {trees!r}")
+    return None if int(trees) == 1 else int(trees)
+
+
 def sampling_policy(
     temperature: float = DEFAULT_TEMPERATURE,
     uniform: float = DEFAULT_UNIFORM,

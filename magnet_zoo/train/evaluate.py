@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from magnet_zoo.nn.magnet import MagNet
+from magnet_zoo.nn.trees import check_trees, pooled_forward
 from magnet_zoo.train.data import (
     DataError,
     ResumableSampler,
@@ -71,9 +72,12 @@ class EvalReport:
     metrics: dict[str, Any]
     loss: dict[str, float]
     predictions: list[dict[str, Any]] = field(default_factory=list)
+    sampling: dict[str, Any] | None = None
+    """With sampled trees: ``{"trees": K, "seed": S}`` (``None``: the expected crop, one tree per slide)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"metrics": self.metrics, "loss": self.loss, "predictions": self.predictions}
+        return {"metrics": self.metrics, "loss": self.loss, "predictions": self.predictions,
+                "sampling": self.sampling}
 
 
 def predict_loader(
@@ -85,10 +89,16 @@ def predict_loader(
     info: DistInfo | None = None,
     progress: bool = False,
     desc: str = "evaluate",
+    trees: int | None = None,
+    tree_seed: int = 0,
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Per-slide rows ``{index, probability, label, category, path}`` (sorted by index) and mean losses.
 
     ``model`` is the bare :class:`MagNet` (not a DDP wrapper): evaluation needs no gradient sync.
+    ``trees`` ``K > 1``: each slide's probability is the mean over ``K`` sampled zoom trees
+    (:func:`magnet_zoo.nn.trees.pooled_forward`, seeded by ``tree_seed``), and its loss terms the mean of
+    the trees'. Slides then run one at a time, so a slide gets the trees ``predict_slide(..., trees=K,
+    seed=tree_seed)`` gives it, whatever it is batched with.
     """
     from tqdm.auto import tqdm
 
@@ -102,14 +112,23 @@ def predict_loader(
     try:
         with torch.no_grad():
             for batch in bar:  # SlideBatch
+                fetchers, labels = batch.fetchers(model.config.grey_threshold), batch.labels.to(device)
                 with autocast(device, dtype):
-                    out = model(batch.fetchers(model.config.grey_threshold), auxiliary=True)
-                    terms = model.loss(out, batch.labels.to(device))
-                n = len(batch)
-                for key, value in terms.as_floats().items():
-                    sums[key] += value * n
-                count += n
-                probs = out.probs.float().cpu().tolist()
+                    if trees is None:
+                        out = model(fetchers, auxiliary=True)
+                        per_slide = [(model.loss(out, labels).as_floats(), len(batch))]
+                        probs = out.probs.float().cpu().tolist()
+                    else:
+                        per_slide, probs = [], []
+                        for i, fetcher in enumerate(fetchers):
+                            pooled = pooled_forward(model, [fetcher], trees=trees, seed=tree_seed, auxiliary=True)
+                            tree_terms = [model.loss(o, labels[i:i + 1]).as_floats() for o in pooled.outputs]
+                            per_slide.append(({k: sum(t[k] for t in tree_terms) / trees for k in tree_terms[0]}, 1))
+                            probs.append(float(pooled.probs[0]))
+                for floats, n in per_slide:
+                    for key, value in floats.items():
+                        sums[key] += value * n
+                count += len(batch)
                 for sample, prob in zip(batch.samples, probs, strict=True):
                     rows.append(
                         {
@@ -174,11 +193,16 @@ def evaluate(
     backend: str = "auto",
     threshold: float = 0.5,
     progress: bool = True,
+    trees: int | None = None,
+    tree_seed: int = 0,
 ) -> EvalReport:
     """Evaluate ``model`` on the slides of a CSV (or records): AUROC and accuracy overall and per category.
 
-    Under ``torchrun`` the slides are sharded over the ranks and every rank returns the full report.
+    ``trees`` ``K > 1`` scores each slide by ``K`` sampled zoom trees pooled, as ``predict_slide(...,
+    trees=K, seed=tree_seed)`` does (``None`` or 1: the expected crop, one tree). Under ``torchrun`` the
+    slides are sharded over the ranks and every rank returns the full report.
     """
+    trees = check_trees(trees)
     info = setup_distributed(device)
     records = (
         read_slide_csv(data, model.config.labels) if isinstance(data, str | os.PathLike) else list(data)
@@ -187,6 +211,10 @@ def evaluate(
     model = model.to(info.device)
     loader = eval_loader(records, model.config, info, batch_size=batch_size, num_workers=num_workers, backend=backend)
     rows, losses = predict_loader(
-        model, loader, device=info.device, dtype=amp_dtype(amp, info.device), info=info, progress=progress
+        model, loader, device=info.device, dtype=amp_dtype(amp, info.device), info=info, progress=progress,
+        trees=trees, tree_seed=tree_seed,
     )
-    return report_from_rows(rows, losses, threshold)
+    report = report_from_rows(rows, losses, threshold)
+    if trees is not None:
+        report.sampling = {"trees": trees, "seed": int(tree_seed), "pooling": "mean of the trees' probabilities"}
+    return report
