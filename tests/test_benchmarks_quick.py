@@ -182,7 +182,7 @@ def test_synthmets_magnet_seeds_on_the_same_data_make_one_table(tmp_path):
     run_script("synthmets.py", *common, "--out", str(tmp_path / "a" / "x.json"))
     run_script("synthmets.py", *common, "--magnet-seed", "1", "--recipe", "learn_to_look_centred",
                "--recipe-field", "recentre_on=positive", "--also-running", "this test's other run",
-               "--out", str(tmp_path / "b" / "x.json"))
+               "--save-checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "b" / "x.json"))
     first = read_json(tmp_path / "a" / "synthmets_quick.json")
     second = read_json(tmp_path / "b" / "synthmets_quick.json")
     settings = second["methods"]["magnet"]["settings"]
@@ -216,3 +216,14 @@ def test_synthmets_magnet_seeds_on_the_same_data_make_one_table(tmp_path):
                               "--out", str(tmp_path / "refused.json")], env=env, capture_output=True, text=True)
     assert refused.returncode == 2 and "other.json was made on other data" in refused.stderr
     assert not (tmp_path / "refused.json").exists()
+
+    # the saved checkpoint scored again by synthmets_trees.py: one tree reproduces the run's own test
+    # predictions (same slides, same order); K trees feed K times the values
+    trees_out = tmp_path / "trees.json"
+    run_script("synthmets_trees.py", "--models", str(tmp_path / "ckpt"), "--data", data, "--trees", "1", "2",
+               "--threads", "1", "--out", str(trees_out))
+    scored = read_json(trees_out)["rows"][0]["results"]
+    assert [r["trees"] for r in scored] == [1, 2]
+    assert scored[0]["probabilities"] == pytest.approx(
+        [p["probability"] for p in second["methods"]["magnet"]["predictions"]], abs=1e-5)
+    assert scored[1]["values_fed_per_slide"] == 2 * scored[0]["values_fed_per_slide"]

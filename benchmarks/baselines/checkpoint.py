@@ -36,18 +36,27 @@ def save_demo_checkpoint(model: MagNet, directory: Path, result: dict[str, Any],
         for name, v in splits.items()
     )
     trainer = magnet["settings"]["trainer"]
+    # The optimisation settings are the recipe's (``settings["recipe"]``, since the one training loop);
+    # older results kept them in ``trainer`` under the benchmark's option names.
+    recipe = magnet["settings"].get("recipe") or {
+        "lr": trainer["lr"], "attention_lr": trainer["attention_lr"], "warmup": trainer["warmup_frac"],
+        "max_scale_start": trainer["max_scale_start"], "anneal_frac": trainer["anneal_frac"],
+        "grad_clip": trainer["grad_clip"], "batch_size": trainer["batch_size"],
+        "head_warmup": trainer.get("head_warmup_frac", 0.0), "guidance_weight": trainer.get("guidance_weight", 0.0),
+    }
     training = {
+        "recipe": recipe.get("name", "learn_to_look"),
         "optimizer": "Adam (attention stacks at their own learning rate)",
-        "lr (heads)": trainer["lr"],
-        "lr (attention)": trainer["attention_lr"],
+        "lr (heads)": recipe["lr"],
+        "lr (attention)": recipe["attention_lr"],
         "schedule": trainer["schedule"],
-        "warm-up share": round(trainer["warmup_frac"], 4),
-        "max_scale anneal": f"{trainer['max_scale_start']} -> {model.config.max_scale} over the first "
-        f"{trainer['anneal_frac']:.0%}",
-        "gradient clip": trainer["grad_clip"],
-        "batch size": trainer["batch_size"],
-        "head warm-up share": trainer.get("head_warmup_frac", 0.0),
-        "head-guided attention weight": trainer.get("guidance_weight", 0.0),
+        "warm-up share": round(recipe["warmup"], 4),
+        "max_scale anneal": f"{recipe['max_scale_start']} -> {model.config.max_scale} over the first "
+        f"{recipe['anneal_frac']:.0%}",
+        "gradient clip": recipe["grad_clip"],
+        "batch size": recipe["batch_size"],
+        "head warm-up share": recipe.get("head_warmup", 0.0),
+        "head-guided attention weight": recipe.get("guidance_weight", 0.0),
         "steps": magnet["training"]["steps"],
         "best step (validation AUROC)": magnet["training"]["best_step"],
         "wall-clock budget (s)": trainer["budget_s"],
