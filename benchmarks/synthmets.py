@@ -485,14 +485,19 @@ def main(argv: list[str] | None = None) -> int:
         "also_running": args.also_running,
         "machine": machine_info(),
     }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    md = args.out.with_suffix(".md")
+
+    def write() -> None:
+        args.out.write_text(json.dumps(jsonable(result), indent=1) + "\n")
+        md.write_text(markdown(jsonable(result)))
+
+    write()  # the results first: a failure below must not lose hours of training and evaluation
     if model is not None and args.save_checkpoint is not None:
         from baselines.checkpoint import save_demo_checkpoint
 
         result["checkpoint"] = str(save_demo_checkpoint(model, args.save_checkpoint, result, args.checkpoint_note))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(jsonable(result), indent=1) + "\n")
-    md = args.out.with_suffix(".md")
-    md.write_text(markdown(jsonable(result)))
+        write()
     print("\n".join(tables(jsonable(result))))
     print(f"wrote {args.out} and {md} ({time.perf_counter() - started:.0f} s)")
     return 0

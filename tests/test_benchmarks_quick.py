@@ -227,3 +227,5 @@ def test_synthmets_magnet_seeds_on_the_same_data_make_one_table(tmp_path):
     assert scored[0]["probabilities"] == pytest.approx(
         [p["probability"] for p in second["methods"]["magnet"]["predictions"]], abs=1e-5)
     assert scored[1]["values_fed_per_slide"] == 2 * scored[0]["values_fed_per_slide"]
+    assert second["checkpoint"] == str(tmp_path / "ckpt")
+    assert "learn_to_look_centred" in (tmp_path / "ckpt" / "README.md").read_text()  # the card names its recipe
