@@ -1,10 +1,11 @@
 """SynthMets over MagNet seeds: one table from several ``synthmets.py`` runs on the same data.
 
 Each ``synthmets.py --methods magnet --magnet-seed S [--recipe R]`` run writes one JSON; this script puts
-their MagNet rows side by side (recipe, seed, steps, the validation AUROC that chose the weights, test
-AUROC overall and per category, localisation against random placement), gives each recipe's median and
-range, and adds the baselines of the reference run (same data: checked). The seed spread is what the
-project's rule compares: a recipe is called better only where its range lies outside the other's.
+their MagNet rows side by side (the setting: recipe and ``--recipe-field`` changes; seed, steps, the
+validation AUROC that chose the weights, test AUROC overall and per category, localisation against
+random placement), gives each setting's median and range, and adds the baselines of the reference run
+(same data: checked). The seed spread is what the project's rule compares: a setting is called better
+only where its range lies outside the other's.
 
     python benchmarks/synthmets_seeds.py                                   # the reported 30-minute runs
     python benchmarks/synthmets_seeds.py --runs a.json b.json --out /tmp/seeds.json
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -23,7 +25,7 @@ from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_RUNS = ("synthmets_30min.json", "synthmets_30min_centred_s0.json", "synthmets_30min_centred_s1.json",
-                "synthmets_30min_centred_s2.json")
+                "synthmets_30min_explore4_s0.json")
 BASELINES = ("mean_rgb", "thumbnail_cnn", "dense_mil")
 COLUMNS = ("auroc", "auroc_macro", "auroc_micro", "auroc_itc", "loc_micro_ratio", "loc_all_ratio")
 
@@ -38,6 +40,12 @@ def _data_key(result: dict[str, Any]) -> Any:
             sorted((k, v["n"], v["size"], v["seed"]) for k, v in splits.items()))
 
 
+def recipe_fields(command: str) -> list[str]:
+    """The ``--recipe-field KEY=VALUE`` items of a ``synthmets.py`` command line, in order."""
+    words = shlex.split(command)
+    return [words[i + 1] for i, w in enumerate(words[:-1]) if w == "--recipe-field"]
+
+
 def magnet_row(result: dict[str, Any], source: str) -> dict[str, Any]:
     """The MagNet's numbers from one ``synthmets.py`` JSON."""
     magnet = result["methods"].get("magnet")
@@ -48,13 +56,14 @@ def magnet_row(result: dict[str, Any], source: str) -> dict[str, Any]:
     per_cat = metrics["per_category"]
     loc = result.get("localisation") or {}
     by_cat = loc.get("by_category", {})
-    recipe = settings.get("recipe", {}).get("name")
-    changes = settings.get("recipe", {}).get("recentre_on")
+    recipe = settings.get("recipe", {}).get("name") or "learn_to_look"
+    changes = recipe_fields(magnet.get("command") or result.get("command") or "")
     return {
         "source": source,
         # Runs older than the --recipe option trained with the default recipe and did not record its name.
-        "recipe": recipe or "learn_to_look",
-        "recentre_on": changes,
+        "recipe": recipe,
+        "recipe_fields": changes,
+        "setting": recipe + (f" ({', '.join(changes)})" if changes else ""),
         "seed": settings["trainer"]["seed"],
         "steps": training.get("steps"),
         "best_step": training.get("best_step"),
@@ -82,8 +91,8 @@ def summarise(runs: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
             raise SeedsError(f"{source} was made on other data than {runs[0][0]}; compare runs on the same data")
     rows = [magnet_row(result, source) for source, result in runs]
     recipes: dict[str, dict[str, Any]] = {}
-    for name in dict.fromkeys(r["recipe"] for r in rows):
-        mine = [r for r in rows if r["recipe"] == name]
+    for name in dict.fromkeys(r["setting"] for r in rows):
+        mine = [r for r in rows if r["setting"] == name]
         stats = {}
         for col in COLUMNS:
             values = [r[col] for r in mine if r[col] is not None]
@@ -119,15 +128,14 @@ def _spread(stats: dict[str, float] | None, digits: int = 2, unit: str = "") -> 
 
 
 def tables(summary: dict[str, Any]) -> list[str]:
-    lines = ["| recipe | seed | steps | val AUROC (chosen) | test AUROC | macro | micro | ITC | "
-             "micro tumours: final patches on tumour / random | all tumours: same |",
+    lines = ["| setting (recipe, --recipe-field) | seed | steps | val AUROC (chosen) | test AUROC | macro | micro | "
+             "ITC | micro tumours: final patches on tumour / random | all tumours: same |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary["runs"]:
-        recipe = r["recipe"] + (f" (recentre_on={r['recentre_on']})" if r["recentre_on"] not in (None, "all") else "")
-        lines.append(f"| {recipe} | {r['seed']} | {_fmt(r['steps'])} | {_fmt(r['best_val_auroc'])} | "
+        lines.append(f"| {r['setting']} | {r['seed']} | {_fmt(r['steps'])} | {_fmt(r['best_val_auroc'])} | "
                      f"{_fmt(r['auroc'])} | {_fmt(r['auroc_macro'])} | {_fmt(r['auroc_micro'])} | "
                      f"{_fmt(r['auroc_itc'])} | {_fmt(r['loc_micro_ratio'], 1)}x | {_fmt(r['loc_all_ratio'], 1)}x |")
-    lines += ["", "| recipe | seeds | test AUROC median (range) | macro | micro | ITC | micro localisation |",
+    lines += ["", "| setting | seeds | test AUROC median (range) | macro | micro | ITC | micro localisation |",
               "|---|---|---|---|---|---|---|"]
     for name, rec in summary["recipes"].items():
         cells = [_spread(rec[col]) for col in ("auroc", "auroc_macro", "auroc_micro", "auroc_itc")]

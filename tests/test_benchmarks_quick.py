@@ -203,7 +203,8 @@ def test_synthmets_magnet_seeds_on_the_same_data_make_one_table(tmp_path):
     assert [(r["recipe"], r["seed"]) for r in seeds["runs"]] == [("learn_to_look", 0), ("learn_to_look_centred", 1)]
     for row, run in zip(seeds["runs"], (first, second), strict=True):
         assert row["auroc"] == run["methods"]["magnet"]["summary"]["metrics"]["auroc"]
-    assert seeds["recipes"]["learn_to_look_centred"]["seeds"] == [1]
+    assert seeds["recipes"]["learn_to_look_centred (recentre_on=positive)"]["seeds"] == [1]
+    assert seeds["runs"][1]["recipe_fields"] == ["recentre_on=positive"] and seeds["runs"][0]["recipe_fields"] == []
     assert "| learn_to_look_centred (recentre_on=positive) | 1 |" in out.with_suffix(".md").read_text()
 
     # runs on other data are refused, with the file named
