@@ -17,10 +17,11 @@ Once the parent moves, the child's view moves with it and the child's own losses
 object, nearer its box's centre: the pair settles with the evidence centred. A child that sits on
 background gets no help from it (its offset pulls nothing): on FindIt that is how the term fails.
 
-Measured on FindIt only, where both classes carry an object to centre. On a multiple-instance task such
+It helps on FindIt, where both classes carry an object to centre. On a multiple-instance task such
 as SynthMets a negative slide's crops classify it confidently wherever they look, so there the term would
 also pull towards background; ``recentre_on="positive"`` (``positives_only``) counts only label-1 slides'
-children. That variant is not measured yet, which is why no recipe turns the term on by default.
+children. On SynthMets (30 minutes, 2 seeds, ``learn_to_look_centred``) that variant stayed at chance
+(test AUROC 0.43 / 0.57), as the default recipe does; no recipe turns the term on by default.
 
 It needs per-patch auxiliary logits (``aux_pooling`` ``"per_patch"`` or ``"max"``) for the children's layer,
 and pathwise centres: the loop leaves the term out during head warm-up (random trees) and exploration

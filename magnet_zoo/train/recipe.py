@@ -252,8 +252,8 @@ LEARN_TO_LOOK = Recipe(
 LEARN_TO_LOOK_CENTRED = LEARN_TO_LOOK.replace(
     name="learn_to_look_centred",
     summary="learn_to_look + a flat-start second layer (attention_init random, uniform), replicate padding, "
-    "recentring (weight 1) and second-layer jitter 0.2: measured on FindIt 3 % only (both classes carry an "
-    "object); on multiple-instance slides add --set recentre_on=positive (not measured there either)",
+    "recentring (weight 1) and second-layer jitter 0.2: the best FindIt 3 % record (both classes carry an "
+    "object); on multiple-instance slides add --set recentre_on=positive (SynthMets, 2 seeds: at chance)",
     model_overrides={"attention_init": ("random", "uniform"), "attention_padding": "replicate"},
     recentre_weight=1.0,
     jitter=(0.0, 0.2),
