@@ -49,6 +49,7 @@ from baselines.common import (  # noqa: E402
     MethodReport,
     Slide,
     category_counts,
+    data_key,
     jsonable,
     load_split,
 )
@@ -280,10 +281,7 @@ def merge_previous(
     if not (args.merge and args.out.is_file()):
         return methods, None
     old = json.loads(args.out.read_text())
-    same = {k: (v["n"], v["size"], v["seed"]) for k, v in old["data"]["splits"].items()} == {
-        k: (v["n"], v["size"], v["seed"]) for k, v in data_info["splits"].items()
-    }
-    if not same or old.get("data", {}).get("generator_version") != data_info["generator_version"]:
+    if data_key(old["data"]) != data_key(data_info):
         raise SystemExit(f"--merge: {args.out} was made on other data; rerun every method or choose another --out")
     kept = {k: v for k, v in old["methods"].items() if k not in methods}
     logger.info("--merge: kept %s from %s", ", ".join(kept) or "nothing", args.out)

@@ -23,6 +23,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baselines.common import data_key  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_RUNS = ("synthmets_30min.json", "synthmets_30min_centred_s0.json", "synthmets_30min_centred_s1.json",
                 "synthmets_30min_explore4_s0.json")
@@ -32,12 +35,6 @@ COLUMNS = ("auroc", "auroc_macro", "auroc_micro", "auroc_itc", "loc_micro_ratio"
 
 class SeedsError(ValueError):
     """The runs cannot be compared (other data, no MagNet)."""
-
-
-def _data_key(result: dict[str, Any]) -> Any:
-    splits = result["data"]["splits"]
-    return (result["data"].get("generator_version"),
-            sorted((k, v["n"], v["size"], v["seed"]) for k, v in splits.items()))
 
 
 def recipe_fields(command: str) -> list[str]:
@@ -85,9 +82,9 @@ def summarise(runs: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     """Rows per run, per-recipe median and range, and the baselines (from the first run that has them)."""
     if not runs:
         raise SeedsError("no runs given")
-    key = _data_key(runs[0][1])
+    key = data_key(runs[0][1]["data"])
     for source, result in runs[1:]:
-        if _data_key(result) != key:
+        if data_key(result["data"]) != key:
             raise SeedsError(f"{source} was made on other data than {runs[0][0]}; compare runs on the same data")
     rows = [magnet_row(result, source) for source, result in runs]
     recipes: dict[str, dict[str, Any]] = {}

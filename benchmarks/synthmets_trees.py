@@ -37,7 +37,7 @@ from magnet_zoo.train.evaluate import evaluate  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def test_records(root: Path, splits: list[str], labels: tuple[str, ...]) -> list[Any]:
+def split_records(root: Path, splits: list[str], labels: tuple[str, ...]) -> list[Any]:
     records = []
     for split in splits:
         csv_path = root / split / "labels.csv"
@@ -49,7 +49,7 @@ def test_records(root: Path, splits: list[str], labels: tuple[str, ...]) -> list
 
 def score(model_ref: str, root: Path, splits: list[str], trees: list[int], seed: int) -> dict[str, Any]:
     model = load_pretrained(model_ref, device="cpu")
-    records = test_records(root, splits, tuple(model.config.labels))
+    records = split_records(root, splits, tuple(model.config.labels))
     per_k = []
     for k in trees:
         start = time.perf_counter()

@@ -1,7 +1,7 @@
 """The MagNet learns where to look from the label alone (issue 7 done-criterion 3, issue 2 test 5).
 
-Tiny FindIt settings trained with the learn-to-look recipes (``magnet_zoo.tasks.train.RECIPE_*``) on
-2 CPU threads, pinned to the CPU. The assertions are on the *learned* crops of each layer
+Tiny FindIt settings trained with the learn-to-look recipes (``magnet_zoo.tasks.train.FINDIT_RECIPE``,
+``learn_to_look_centred``) on 2 CPU threads, pinned to the CPU. The assertions are on the *learned* crops of each layer
 (``EvalResult.layer_hit_rate``: the share of a layer's non-frozen crops whose box contains the object
 centre), not on the final patches: half of a (2, 2) network's final patches are frozen copies of the
 layer-1 crops, so a final-patch hit rate stays high with a dead layer-2 attention. Each layer's rate is
@@ -29,8 +29,8 @@ import torch
 
 from magnet_zoo.factory import create_model
 from magnet_zoo.tasks.findit import FindItSpec, evaluate
-from magnet_zoo.tasks.train import RECIPE_CONFIG, eval_seeds, train
-from magnet_zoo.train.recipe import get_recipe
+from magnet_zoo.tasks.train import FINDIT_RECIPE, eval_seeds, train
+from magnet_zoo.train.recipe import Recipe, get_recipe
 
 
 def _flat_attention(model, layer: int):
@@ -43,15 +43,14 @@ def _flat_attention(model, layer: int):
     return dead
 
 
-def _train_and_measure(spec: FindItSpec, steps: int, n_eval: int = 48, recipe: str | None = None,
+def _train_and_measure(spec: FindItSpec, steps: int, n_eval: int = 48, recipe: str | Recipe = FINDIT_RECIPE,
                        **config: object) -> dict[str, object]:
     """Train ``magnet2_tiny`` with ``recipe`` (default: FindIt's, the learn-to-look recipe) and measure."""
     torch.manual_seed(0)
-    overrides = dict(get_recipe(recipe).model_overrides) if recipe else RECIPE_CONFIG
-    model = create_model("magnet2_tiny", **{**overrides, **config})
+    model = create_model("magnet2_tiny", **{**get_recipe(recipe).model_overrides, **config})
     before, _ = evaluate(model, spec, eval_seeds(n_eval))
     started = time.perf_counter()
-    train(model, spec, *([recipe] if recipe else []), steps=steps, seed=0, threads=2, log_every=0, device="cpu")
+    train(model, spec, recipe, steps=steps, seed=0, threads=2, log_every=0, device="cpu")
     seconds = time.perf_counter() - started
     after, _ = evaluate(model, spec, eval_seeds(n_eval))
     flat2, _ = evaluate(_flat_attention(model, 2), spec, eval_seeds(n_eval))

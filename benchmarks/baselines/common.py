@@ -51,6 +51,14 @@ class Slide:
         return max(self.width, self.height)
 
 
+def data_key(data_info: dict[str, Any]) -> tuple[Any, ...]:
+    """What makes two ``synthmets.py`` results comparable: the generator version and each split's
+    ``(name, n, size, seed)`` (their ``"data"`` entry)."""
+    splits = data_info["splits"]
+    return (data_info.get("generator_version"),
+            tuple(sorted((k, v["n"], v["size"], v["seed"]) for k, v in splits.items())))
+
+
 def load_split(labels_csv: str | Path, split: str) -> list[Slide]:
     """The slides listed in a ``labels.csv`` written by :func:`magnet_zoo.synth.generate_dataset`."""
     return [
