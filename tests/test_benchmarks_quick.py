@@ -230,3 +230,18 @@ def test_synthmets_magnet_seeds_on_the_same_data_make_one_table(tmp_path):
     assert scored[1]["values_fed_per_slide"] == 2 * scored[0]["values_fed_per_slide"]
     assert second["checkpoint"] == str(tmp_path / "ckpt")
     assert "learn_to_look_centred" in (tmp_path / "ckpt" / "README.md").read_text()  # the card names its recipe
+
+
+@pytest.mark.slow
+def test_synthmets_tree_mil_run_validates_and_tests_with_its_max_pooled_trees(tmp_path):
+    run_script("synthmets.py", "--quick", "--no-progress", "--data", str(tmp_path / "data"), "--methods", "magnet",
+               "--recipe-field", "explore_trees=2", "--recipe-field", "explore_frac=1.0",
+               "--recipe-field", "tree_mil=true", "--out", str(tmp_path / "x.json"))
+    magnet = read_json(tmp_path / "synthmets_quick.json")["methods"]["magnet"]
+    inference = magnet["settings"]["inference"]
+    assert inference["trees"] == 2 and inference["pool"] == "max" and inference["source"] == "softmax"
+    one_tree = magnet["settings"]["counts"]["values_fed"]
+    finals = magnet["settings"]["config"]["patches"][0] * magnet["settings"]["config"]["patches"][1]
+    for row in magnet["predictions"]:
+        assert row["values_fed"] == 2 * one_tree  # both trees are paid for
+        assert len(row["extra"]["final_boxes"]) == 2 * finals  # and both trees' final patches localise

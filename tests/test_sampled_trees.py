@@ -9,7 +9,7 @@ from conftest import micro_magnet
 from magnet_zoo.nn.attention import attention_to_affine
 from magnet_zoo.train import SourceData, TrainConfig, fit, get_recipe
 from magnet_zoo.train.exploration import score_function_loss, set_exploration
-from magnet_zoo.wsi import ArraySource
+from magnet_zoo.wsi import ArraySource, SlideFetcher
 
 
 def test_sampled_centres_follow_the_policy_and_carry_a_log_probability():
@@ -115,3 +115,69 @@ def test_the_loop_explores_for_its_share_of_training_then_trains_the_expected_cr
     assert ["explore" in row for row in result.log] == [True, True, False, False]
     assert all(torch.isfinite(torch.tensor(row["total"])) for row in result.log)
     assert all(layer.sample_policy is None for layer in result.model.layers)  # switched off again
+
+
+def test_tree_mil_needs_several_trees():
+    from magnet_zoo.config import ConfigError
+
+    with pytest.raises(ConfigError, match="tree_mil needs explore_trees"):
+        get_recipe("learn_to_look", tree_mil=True)
+    assert get_recipe("learn_to_look", explore_trees=3, tree_mil=True).tree_mil
+
+
+def test_multiple_instance_output_takes_each_slides_best_tree_and_pools_every_trees_patches():
+    from magnet_zoo.nn.trees import multiple_instance_output
+
+    torch.manual_seed(3)
+    net = micro_magnet(aux_pooling="max").train()
+    images = [(torch.rand(160, 160, 3) * 255).to(torch.uint8).numpy() for _ in range(2)]
+    fetchers = [SlideFetcher(ArraySource(img), 15) for img in images]
+    set_exploration(net, 1.0, 0.05)
+    try:
+        tree = net(fetchers * 3, auxiliary=True)  # 3 sampled trees of 2 slides, tree-major
+    finally:
+        set_exploration(net, None)
+    out = multiple_instance_output(net, tree, 3)
+    torch.testing.assert_close(out.logits, tree.logits.view(3, 2).amax(0))
+    assert len(set(tree.logits.view(3, 2)[:, 0].tolist())) == 3  # the trees differ, or max proves nothing
+    for layer, per_patch in tree.aux_patch_logits.items():
+        n = per_patch.shape[1]
+        assert out.aux_patch_logits[layer].shape == (2, 3 * n)
+        for slide in range(2):
+            mine = torch.cat([per_patch[t * 2 + slide] for t in range(3)])
+            torch.testing.assert_close(out.aux_patch_logits[layer][slide], mine)
+            torch.testing.assert_close(out.aux_logits[layer][slide], mine.max())
+    with pytest.raises(ValueError, match="cannot be 4 trees"):
+        multiple_instance_output(net, tree, 4)
+
+
+def test_the_loop_with_tree_mil_scores_each_slide_over_its_trees(monkeypatch):
+    from magnet_zoo.train.exploration import mil_inference
+
+    torch.manual_seed(0)
+    sources = [ArraySource((torch.rand(128, 128, 3) * 255).to(torch.uint8).numpy()) for _ in range(2)]
+    recipe = get_recipe("learn_to_look", batch_size=2, steps=3, explore_trees=2, explore_frac=1.0, tree_mil=True,
+                        explore_uniform=0.2)
+    trees, policy = mil_inference(recipe)
+    assert trees == 2 and policy.pool == "max" and policy.source == "softmax" and policy.uniform == 0.2
+    assert mil_inference(get_recipe("learn_to_look", explore_trees=2)) is None
+    config = TrainConfig(device="cpu", amp="off", threads=2, progress=False, baseline_eval=False, save_every=0,
+                         log_every=1, tensorboard=False)
+    import magnet_zoo.nn.trees as trees_module
+
+    calls = []
+    real = trees_module.multiple_instance_output
+
+    def spy(model, tree, k):
+        out = real(model, tree, k)
+        calls.append((len(tree.logits), k, len(out.logits)))
+        return out
+
+    monkeypatch.setattr(trees_module, "multiple_instance_output", spy)
+    result = fit(micro_magnet(), SourceData(sources, [0, 1]), config, recipe)
+    assert all("explore" in row for row in result.log) and len(result.log) == 3
+    assert calls == [(4, 2, 2)] * 3  # every step scores 2 trees of 2 slides as 2 bags
+    assert all(torch.isfinite(torch.tensor(row["total"])) for row in result.log)
+    calls.clear()
+    fit(micro_magnet(), SourceData(sources, [0, 1]), config, recipe.replace(tree_mil=False))
+    assert calls == []  # without it each tree is scored on its own

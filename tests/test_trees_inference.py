@@ -288,3 +288,48 @@ def test_evaluate_with_trees_scores_each_slide_as_predict_slide_does_whatever_th
         [r["probability"] for r in pooled[0].predictions], abs=1e-6)
     with pytest.raises(ValueError, match="trees"):
         evaluate(model, csv_path, trees=0, **kwargs)
+
+
+def test_max_pooling_takes_the_best_tree_everywhere_trees_are_pooled(model, image, tmp_path):
+    from PIL import Image
+
+    from magnet_zoo.nn.trees import TreePolicy
+    from magnet_zoo.train.evaluate import evaluate
+    from magnet_zoo.train.sources import SlideValidator
+
+    with torch.inference_mode():
+        mean = pooled_forward(model, _fetchers(model, image, 2), trees=4, seed=5, uniform=0.5)
+        best = pooled_forward(model, _fetchers(model, image, 2), trees=4, seed=5, uniform=0.5, pool="max")
+    torch.testing.assert_close(best.tree_probs, mean.tree_probs, rtol=0, atol=0)  # the same trees
+    torch.testing.assert_close(best.probs, mean.tree_probs.amax(0), rtol=0, atol=0)
+    assert bool((best.probs > mean.probs).all())  # the trees differ, so max and mean do too
+    assert best.representative() == [int(i) for i in best.tree_probs.argmax(0)]
+    with pytest.raises(ValueError, match="pooling"):
+        pooled_forward(model, _fetchers(model, image), trees=2, pool="median")
+    with pytest.raises(ValueError, match="pooling"):
+        TreePolicy(pool="sum")
+
+    rows = ["path,label,category,split"]
+    for i, label in enumerate((0, 1)):
+        path = tmp_path / f"m{i}.png"
+        Image.fromarray(tissue_image(400, 360 + 40 * i, seed=20 + i)).save(path)
+        rows.append(f"{path},{label},{'normal' if label == 0 else 'macro'},val")
+    csv_path = tmp_path / "slides.csv"
+    csv_path.write_text("\n".join(rows) + "\n")
+    policy = TreePolicy(source="softmax", uniform=0.3, pool="max")
+    report = evaluate(model, csv_path, trees=3, tree_seed=2, tree_policy=policy, num_workers=0, device="cpu",
+                      progress=False)
+    assert report.sampling["pool"] == "max" and report.sampling["source"] == "softmax"
+    for row in report.predictions:
+        with torch.inference_mode():
+            fetcher = SlideFetcher(magnet_zoo.open_slide(row["path"]), model.config.grey_threshold)
+            ref = pooled_forward(model, [fetcher], trees=3, seed=2, **policy.kwargs())
+        assert row["probability"] == pytest.approx(float(ref.tree_probs.max()), abs=1e-6)
+    from magnet_zoo.train.data import read_slide_csv
+    from magnet_zoo.train.distributed import DistInfo
+
+    validator = SlideValidator(read_slide_csv(csv_path, model.config.labels), num_workers=0, trees=3, tree_seed=2,
+                               tree_policy=policy)
+    metrics = validator(model, device=DEVICE, dtype=None, info=DistInfo(device=DEVICE), progress=False)
+    assert [r["probability"] for r in metrics["report"].predictions] == pytest.approx(
+        [r["probability"] for r in report.predictions], abs=1e-6)

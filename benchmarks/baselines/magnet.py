@@ -31,8 +31,10 @@ import torch
 
 from magnet_zoo.factory import create_model
 from magnet_zoo.nn.magnet import MagNet
+from magnet_zoo.nn.trees import TreePolicy, pooled_forward
 from magnet_zoo.synth import tumour_mask
 from magnet_zoo.train import SlideData, SlideRecord, SlideValidator, TrainConfig, fit, get_recipe
+from magnet_zoo.train.exploration import mil_inference
 from magnet_zoo.train.recipe import Recipe
 from magnet_zoo.wsi import SlideFetcher, open_slide
 
@@ -109,7 +111,9 @@ def train_magnet(
     seed_everything(opts.seed)
     model = create_model(opts.model, **recipe.model_overrides)
     data = SlideData(_records(train, "train"), num_workers=opts.workers, open_slides=max(32, len(train) + len(val)))
-    validator = SlideValidator(_records(val, "val"), batch_size=8, num_workers=opts.workers)
+    trees, policy = mil_inference(recipe) or (None, None)  # a tree_mil recipe validates as it is used
+    validator = SlideValidator(_records(val, "val"), batch_size=8, num_workers=opts.workers, trees=trees,
+                               tree_policy=policy)
     config = TrainConfig(model=opts.model, steps=opts.steps, time_limit=opts.budget_s, eval_every=opts.val_every,
                          seed=opts.seed, baseline_eval=False, log_every=opts.log_every, save_every=0, amp="auto",
                          device=opts.device, progress=False)
@@ -134,6 +138,7 @@ def train_magnet(
         "validation": evals,
     }
     cfg = model.config
+    sampling = mil_inference(recipe)
     settings = {
         "model": opts.model,
         "config": cfg.to_dict(),
@@ -144,28 +149,42 @@ def train_magnet(
                     "augmentation": "D4 of the whole slide" if recipe.augment else "none"},
         "parameters": sum(p.numel() for p in model.parameters()),
         "counts": model.counts(),
+        "inference": ("the expected crop, one tree" if sampling is None else
+                      {"trees": sampling[0], "seed": 0, **sampling[1].kwargs(),
+                       "counts": "per tree (the test slides' values_fed and pixels_read are all trees')"}),
     }
     return model, record, settings
 
 
-def predict(model: MagNet, slides: Sequence[Slide], device: str = "cpu") -> list[SlideResult]:
-    """Each slide from its file to a probability, one at a time, timed; final patch boxes kept."""
+def predict(model: MagNet, slides: Sequence[Slide], device: str = "cpu",
+            sampling: tuple[int, TreePolicy] | None = None) -> list[SlideResult]:
+    """Each slide from its file to a probability, one at a time, timed; final patch boxes kept.
+
+    ``sampling`` ``(K, policy)``: each slide scored by ``K`` sampled trees (seed 0), drawn and pooled as
+    ``policy`` says, as ``evaluate`` does; the counts and seconds are the ``K`` trees' together and the
+    final boxes those of every tree (``None``: the expected crop, one tree)."""
     cfg = model.config
     model.to(device).eval()
+
+    def forward(fetcher: SlideFetcher) -> tuple[float, list[list[Any]], dict[str, Any]]:
+        if sampling is None:
+            out = model([fetcher])
+            return float(out.probs[0]), out.trees, out.accounting[0]  # float() waits for the device
+        pooled = pooled_forward(model, [fetcher], trees=sampling[0], seed=0, **sampling[1].kwargs())
+        return float(pooled.probs[0]), [o.trees[0] for o in pooled.outputs], pooled.accounting()[0]
+
     if slides:  # warm-up: the first forward passes set up kernels and are not timed
         with open_slide(slides[0].path) as src, torch.inference_mode():
             for _ in range(2):
-                model([SlideFetcher(src, cfg.grey_threshold)])
+                forward(SlideFetcher(src, cfg.grey_threshold))
     results = []
     for s in slides:
         start = time.perf_counter()
         with open_slide(s.path) as src, torch.inference_mode():
-            out = model([SlideFetcher(src, cfg.grey_threshold)])
-            prob = float(out.probs[0])  # waits for the device
+            prob, trees, acc = forward(SlideFetcher(src, cfg.grey_threshold))
         seconds = time.perf_counter() - start
-        tree = out.trees[0]
-        finals = [n for n in tree if n.layer == cfg.num_layers]
-        acc = out.accounting[0]
+        finals = [n for tree in trees for n in tree if n.layer == cfg.num_layers]
+        nodes = [n for tree in trees for n in tree]
         results.append(
             SlideResult(
                 s.path, s.label, s.category, s.size, prob, int(acc["values_fed"]),
@@ -174,7 +193,7 @@ def predict(model: MagNet, slides: Sequence[Slide], device: str = "cpu") -> list
                     "final_boxes": [[round(v, 1) for v in n.box[:3]] for n in finals],
                     "final_levels": [n.level for n in finals],
                     "scales_by_layer": [
-                        round(float(np.mean([n.scale for n in tree if n.layer == k])), 4)
+                        round(float(np.mean([n.scale for n in nodes if n.layer == k])), 4)
                         for k in range(1, cfg.num_layers + 1)
                     ],
                 },
@@ -186,7 +205,7 @@ def predict(model: MagNet, slides: Sequence[Slide], device: str = "cpu") -> list
 def run(train: Sequence[Slide], val: Sequence[Slide], test: Sequence[Slide], opts: MagnetOptions
         ) -> tuple[MethodReport, MagNet]:
     model, record, settings = train_magnet(train, val, opts)
-    results = predict(model, test, opts.device)
+    results = predict(model, test, opts.device, mil_inference(opts.resolved_recipe()))
     model.cpu()
     cfg = model.config
     report = MethodReport(

@@ -11,10 +11,13 @@ tail reaches every position; ``source="softmax"`` uses it at inference too. Meas
 softmax's tail costs accuracy and moves the crops off the object; the entmax map keeps them far nearer
 the expected crop (docs/learn_to_look.md).
 
-Pooling: the slide's probability is the mean of the ``K`` trees' probabilities (a Monte-Carlo estimate
-of the expected probability under the sampling policy), not the sigmoid of the mean logit: a tree that
-lands on the evidence and is confident moves the mean by at most ``1 / K``, which keeps the result in
-the units every tree reports. ``PooledOutput.logits`` is the logit of that mean.
+Pooling (``pool``): by default the slide's probability is the mean of the ``K`` trees' probabilities (a
+Monte-Carlo estimate of the expected probability under the sampling policy), not the sigmoid of the mean
+logit: a tree that lands on the evidence and is confident moves the mean by at most ``1 / K``, which keeps
+the result in the units every tree reports. ``pool="max"`` takes the largest tree probability instead:
+multiple-instance pooling over the trees, for a MagNet trained that way (recipe field ``tree_mil``,
+:mod:`magnet_zoo.train.exploration`): a tumour slide needs one tree that found the tumour.
+``PooledOutput.logits`` is the logit of the pooled probability.
 
 Reproducibility: tree ``k`` draws from its own CPU ``torch.Generator`` seeded from ``(seed, k)``, never
 from the global RNG, so the same seed gives the same trees on any device, and the first trees of a
@@ -55,6 +58,16 @@ INFERENCE_UNIFORM = 0.0
 prediction; the share is for exploration while training)."""
 
 
+TREE_POOLS = ("mean", "max")
+"""How :func:`pooled_forward` pools the trees' probabilities (see the module doc)."""
+
+
+def check_pool(pool: str) -> str:
+    if pool not in TREE_POOLS:
+        raise ValueError(f"tree pooling must be one of {TREE_POOLS}, got {pool!r}")
+    return pool
+
+
 def check_trees(trees: int | None) -> int | None:
     """``trees`` as given to ``predict_slide`` or ``evaluate``: ``None`` (or 1) for the expected crop, else
     ``K >= 2``."""
@@ -63,6 +76,27 @@ def check_trees(trees: int | None) -> int | None:
     if isinstance(trees, bool) or int(trees) != trees or trees < 1:
         raise ValueError(f"trees must be None or an integer >= 1, got {trees!r}")
     return None if int(trees) == 1 else int(trees)
+
+
+@dataclass(frozen=True)
+class TreePolicy:
+    """How sampled trees are drawn and pooled at inference: the keyword arguments of :func:`pooled_forward`
+    besides ``trees`` and ``seed``. The default is the inference default (sparse entmax maps, no uniform
+    share, mean of the probabilities); a MagNet trained with ``tree_mil`` is used with the policy it
+    trained on, max-pooled (:func:`magnet_zoo.train.exploration.mil_inference`)."""
+
+    source: str = INFERENCE_SOURCE
+    temperature: float = DEFAULT_TEMPERATURE
+    uniform: float = INFERENCE_UNIFORM
+    pool: str = "mean"
+
+    def __post_init__(self) -> None:
+        sampling_policy(self.temperature, self.uniform, source=self.source)
+        check_pool(self.pool)
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"source": self.source, "temperature": float(self.temperature), "uniform": float(self.uniform),
+                "pool": self.pool}
 
 
 def sampling_policy(
@@ -91,6 +125,48 @@ def sampling_policy(
     if in_eval:
         policy["eval"] = True
     return policy
+
+
+def multiple_instance_output(model: Any, tree: Any, trees: int) -> Any:
+    """Score each slide as multiple-instance learning over its ``trees`` zoom trees.
+
+    ``tree`` is one forward pass of ``model`` (a :class:`~magnet_zoo.nn.magnet.MagNet`) over ``trees * B``
+    slides, tree-major (slide ``i`` of tree ``t`` is entry ``t * B + i``). The result is a
+    :class:`~magnet_zoo.nn.magnet.MagNetOutput` over the ``B`` slides whose classifier logit is the largest
+    over the trees and whose auxiliary heads pool the patches of all trees as the config says
+    (``aux_pooling``: per patch or their maximum; ``"mean"`` runs the heads again over every patch of every
+    tree): a tumour slide needs one tree that shows the tumour. Trees, accounting and final patches are the
+    first tree's; ``affines`` is empty (the sampled crops' parameters stay in ``tree``)."""
+    from magnet_zoo.nn.magnet import MagNetOutput
+
+    if trees < 1 or len(tree.logits) % trees:
+        raise ValueError(f"{len(tree.logits)} slides cannot be {trees} trees of the same slides")
+    b = len(tree.logits) // trees
+    pooling = model.config.aux_pooling
+    crops, patch = tree.crops, tree.aux_patch_logits
+    aux_logits: dict[int, torch.Tensor] = {}
+    aux_patch_logits: dict[int, torch.Tensor] = {}
+    for layer in model.config.active_aux_layers:
+        if pooling in ("per_patch", "max"):
+            per = patch[layer].view(trees, b, -1).permute(1, 0, 2).reshape(b, -1)
+            aux_patch_logits[layer] = per
+            aux_logits[layer] = per.mean(1) if pooling == "per_patch" else per.amax(1)
+        else:  # mean pooling: the heads' own pooled logit, over every patch of every tree
+            c = crops[layer]
+            aux_logits[layer] = model.aux_heads[str(layer)](
+                c.view(trees, b, *c.shape[1:]).transpose(0, 1).reshape(b, -1, *c.shape[2:])
+            )
+    return MagNetOutput(
+        logits=tree.logits.view(trees, b).amax(0),
+        aux_logits=aux_logits,
+        trees=tree.trees[:b],
+        accounting=tree.accounting[:b],
+        affines=[],
+        final_patches=tree.final_patches[:b],
+        crops=crops,
+        aux_patch_logits=aux_patch_logits,
+        aux_pooling=pooling,
+    )
 
 
 def _layers(model: torch.nn.Module) -> Sequence[torch.nn.Module]:
@@ -141,11 +217,13 @@ class PooledOutput:
     tree_probs: torch.Tensor
     """``(K, B)``: each tree's probability for each slide."""
     probs: torch.Tensor
-    """``(B,)``: the pooled probability, the mean of ``tree_probs`` over the trees."""
+    """``(B,)``: the pooled probability: the mean (or with ``pool="max"`` the largest) of ``tree_probs``
+    over the trees."""
     seed: int
     temperature: float
     uniform: float
     source: str = INFERENCE_SOURCE
+    pool: str = "mean"
 
     @property
     def num_trees(self) -> int:
@@ -198,10 +276,12 @@ def pooled_forward(
     temperature: float = DEFAULT_TEMPERATURE,
     uniform: float = INFERENCE_UNIFORM,
     source: str = INFERENCE_SOURCE,
+    pool: str = "mean",
     **forward_kwargs: Any,
 ) -> PooledOutput:
     """Run ``model`` ``trees`` times over ``fetchers``, each pass a sampled zoom tree (see the module
-    doc), and pool: the returned ``probs`` are the mean of the trees' probabilities.
+    doc), and pool: the returned ``probs`` are the mean of the trees' probabilities (``pool="max"``:
+    their largest).
 
     The model runs in whatever mode it is in (call ``model.eval()`` first for inference; gradients as
     the caller's context allows); ``forward_kwargs`` go to every pass. ``trees`` must be ``>= 1``;
@@ -213,6 +293,7 @@ def pooled_forward(
     if isinstance(trees, bool) or int(trees) != trees or trees < 1:
         raise ValueError(f"trees must be an integer >= 1, got {trees!r}")
     sampling_policy(temperature, uniform, source=source)  # validate before the first pass
+    check_pool(pool)
     outputs = []
     for k in range(int(trees)):
         with sampled_trees(model, temperature, uniform, source=source, generator=tree_generator(seed, k)):
@@ -221,9 +302,10 @@ def pooled_forward(
     return PooledOutput(
         outputs=outputs,
         tree_probs=tree_probs,
-        probs=tree_probs.mean(0),
+        probs=tree_probs.amax(0) if pool == "max" else tree_probs.mean(0),
         seed=int(seed),
         temperature=float(temperature),
         uniform=float(uniform),
         source=source,
+        pool=pool,
     )

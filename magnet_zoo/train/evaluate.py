@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from magnet_zoo.nn.magnet import MagNet
-from magnet_zoo.nn.trees import check_trees, pooled_forward
+from magnet_zoo.nn.trees import TreePolicy, check_trees, pooled_forward
 from magnet_zoo.train.data import (
     DataError,
     ResumableSampler,
@@ -91,17 +91,20 @@ def predict_loader(
     desc: str = "evaluate",
     trees: int | None = None,
     tree_seed: int = 0,
+    tree_policy: TreePolicy | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Per-slide rows ``{index, probability, label, category, path}`` (sorted by index) and mean losses.
 
     ``model`` is the bare :class:`MagNet` (not a DDP wrapper): evaluation needs no gradient sync.
-    ``trees`` ``K > 1``: each slide's probability is the mean over ``K`` sampled zoom trees
+    ``trees`` ``K > 1``: each slide's probability is pooled over ``K`` sampled zoom trees
     (:func:`magnet_zoo.nn.trees.pooled_forward`, seeded by ``tree_seed``), and its loss terms the mean of
     the trees'. Slides then run one at a time, so a slide gets the trees ``predict_slide(..., trees=K,
-    seed=tree_seed)`` gives it, whatever it is batched with.
+    seed=tree_seed)`` gives it, whatever it is batched with. ``tree_policy`` says how the trees are drawn
+    and pooled (default :class:`~magnet_zoo.nn.trees.TreePolicy`: entmax maps, mean of the probabilities).
     """
     from tqdm.auto import tqdm
 
+    policy = (tree_policy or TreePolicy()).kwargs()
     info = info or DistInfo(device=device)
     was_training = model.training
     model.eval()
@@ -121,7 +124,8 @@ def predict_loader(
                     else:
                         per_slide, probs = [], []
                         for i, fetcher in enumerate(fetchers):
-                            pooled = pooled_forward(model, [fetcher], trees=trees, seed=tree_seed, auxiliary=True)
+                            pooled = pooled_forward(model, [fetcher], trees=trees, seed=tree_seed, auxiliary=True,
+                                                    **policy)
                             tree_terms = [model.loss(o, labels[i:i + 1]).as_floats() for o in pooled.outputs]
                             per_slide.append(({k: sum(t[k] for t in tree_terms) / trees for k in tree_terms[0]}, 1))
                             probs.append(float(pooled.probs[0]))
@@ -195,11 +199,13 @@ def evaluate(
     progress: bool = True,
     trees: int | None = None,
     tree_seed: int = 0,
+    tree_policy: TreePolicy | None = None,
 ) -> EvalReport:
     """Evaluate ``model`` on the slides of a CSV (or records): AUROC and accuracy overall and per category.
 
     ``trees`` ``K > 1`` scores each slide by ``K`` sampled zoom trees pooled, as ``predict_slide(...,
-    trees=K, seed=tree_seed)`` does (``None`` or 1: the expected crop, one tree). Under ``torchrun`` the
+    trees=K, seed=tree_seed)`` does (``None`` or 1: the expected crop, one tree), drawn and pooled as
+    ``tree_policy`` says (default: :class:`~magnet_zoo.nn.trees.TreePolicy`). Under ``torchrun`` the
     slides are sharded over the ranks and every rank returns the full report.
     """
     trees = check_trees(trees)
@@ -212,9 +218,11 @@ def evaluate(
     loader = eval_loader(records, model.config, info, batch_size=batch_size, num_workers=num_workers, backend=backend)
     rows, losses = predict_loader(
         model, loader, device=info.device, dtype=amp_dtype(amp, info.device), info=info, progress=progress,
-        trees=trees, tree_seed=tree_seed,
+        trees=trees, tree_seed=tree_seed, tree_policy=tree_policy,
     )
     report = report_from_rows(rows, losses, threshold)
     if trees is not None:
-        report.sampling = {"trees": trees, "seed": int(tree_seed), "pooling": "mean of the trees' probabilities"}
+        policy = tree_policy or TreePolicy()
+        report.sampling = {"trees": trees, "seed": int(tree_seed), **policy.kwargs(),
+                           "pooling": f"{policy.pool} of the trees' probabilities"}
     return report

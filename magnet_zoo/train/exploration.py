@@ -13,6 +13,13 @@ that found the evidence (lower loss) becomes more likely, wherever its crops lan
 the evidence is needed for a gradient. At inference nothing changes by default: the expected crop, one
 tree (:mod:`magnet_zoo.nn.trees` pools ``K`` sampled trees on request, ``predict_slide(trees=K)``).
 
+With the recipe's ``tree_mil`` the heads' losses are not averaged over the trees but taken once per slide
+as multiple-instance learning over them (:func:`magnet_zoo.nn.trees.multiple_instance_output`: the
+classifier's logit the largest over the trees, as in the head warm-up), so a tumour slide needs one tree
+on the tumour, not every tree. The classifier then learns to answer "did any tree find it", which one
+expected crop cannot be asked: such a model is used with ``K`` trees drawn from the policy it trained
+on and max-pooled (:func:`mil_inference`).
+
 Cost: ``K`` forward and backward passes per slide while exploring.
 """
 
@@ -24,13 +31,25 @@ import torch
 import torch.nn.functional as F
 
 from magnet_zoo.nn.magnet import MagNet
-from magnet_zoo.nn.trees import sampling_policy, set_sampling
+from magnet_zoo.nn.trees import TreePolicy, sampling_policy, set_sampling
+from magnet_zoo.train.recipe import Recipe
 
 
 def set_exploration(model: MagNet, temperature: float | None, uniform: float = 0.05) -> None:
     """Switch sampled crop centres on (``temperature``: the policy's softmax temperature) or off (``None``),
     in training mode only (:func:`magnet_zoo.nn.trees.sampled_trees` samples at inference too)."""
     set_sampling(model, None if temperature is None else sampling_policy(temperature, uniform))
+
+
+def mil_inference(recipe: Recipe) -> tuple[int, TreePolicy] | None:
+    """``(K, policy)`` for a recipe with ``tree_mil``: its ``explore_trees`` trees, drawn from its training
+    policy (dense softmax at ``explore_temperature`` with its uniform share), max-pooled; ``None`` for any
+    other recipe (the expected crop)."""
+    if not recipe.tree_mil:
+        return None
+    policy = TreePolicy(source="softmax", temperature=recipe.explore_temperature, uniform=recipe.explore_uniform,
+                        pool="max")
+    return recipe.explore_trees, policy
 
 
 def per_slide_loss(out: Any, labels: torch.Tensor) -> torch.Tensor:

@@ -441,6 +441,7 @@ class TrainLoop:
                 if recipe.guidance_weight:
                     loss = loss + self._guidance(tree, fetchers, labels, extra)
             elif self.exploring:
+                from magnet_zoo.nn.trees import multiple_instance_output
                 from magnet_zoo.train.exploration import (
                     per_slide_loss,
                     score_function_loss,
@@ -455,7 +456,10 @@ class TrainLoop:
                     out = self.ddp(fetchers)
                 finally:
                     set_exploration(model, None)
-                terms = model.loss(out, labels)
+                if recipe.tree_mil:
+                    terms = model.loss(multiple_instance_output(model, out, k), labels[: len(labels) // k])
+                else:
+                    terms = model.loss(out, labels)
                 sf = score_function_loss(per_slide_loss(out, labels), tree_log_prob(out), k)
                 extra["explore"] = float(sf.detach())
                 loss = terms.total + recipe.explore_weight * sf

@@ -132,6 +132,12 @@ class Recipe:
     """Softmax temperature of the sampling policy over the attention logits."""
     explore_uniform: float = 0.05
     """Share of the sampling policy that is uniform over the view (or its tissue)."""
+    tree_mil: bool = False
+    """While exploring, score each slide as multiple-instance learning over its ``explore_trees`` sampled
+    trees (the classifier's logit the largest over the trees, the auxiliary heads pooled over all trees'
+    patches, as in the head warm-up) instead of averaging the trees' own losses; the score-function term
+    still weighs each tree by its own loss. Such a model is meant to be *used* the same way: ``K`` trees
+    drawn from the training policy, max-pooled (:func:`magnet_zoo.train.exploration.mil_inference`)."""
 
     def __post_init__(self) -> None:
         for name in ("jitter", "scale_target", "revive_at", "head_pretrain_side"):
@@ -170,6 +176,8 @@ class Recipe:
             raise ConfigError(f"recipe {self.name!r}: head_warmup_trees must be >= 1")
         if self.explore_trees == 1 or self.explore_trees < 0:
             raise ConfigError(f"recipe {self.name!r}: explore_trees must be 0 (off) or >= 2, got {self.explore_trees}")
+        if self.tree_mil and self.explore_trees < 2:
+            raise ConfigError(f"recipe {self.name!r}: tree_mil needs explore_trees >= 2")
         if not 0 <= self.explore_frac <= 1 or not 0 <= self.explore_uniform <= 1 or self.explore_temperature <= 0:
             raise ConfigError(f"recipe {self.name!r}: need explore_frac and explore_uniform in [0, 1] and "
                               "explore_temperature > 0")

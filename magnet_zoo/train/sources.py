@@ -183,11 +183,20 @@ class SlideValidator:
 
     Returns flat metrics (``auroc``, ``accuracy``, ``n``, per category ``auroc_macro``, ..., the mean loss
     ``loss`` and its terms ``classifier``, ``auxiliary``, ``paradoxical``) plus the full
-    :class:`~magnet_zoo.train.evaluate.EvalReport` under ``"report"``."""
+    :class:`~magnet_zoo.train.evaluate.EvalReport` under ``"report"``. With ``trees`` ``K > 1`` every slide is
+    scored by ``K`` sampled trees, drawn and pooled as ``tree_policy`` (a
+    :class:`~magnet_zoo.nn.trees.TreePolicy`) says, as ``evaluate`` does (a ``tree_mil`` recipe's model
+    validates so: :func:`magnet_zoo.train.exploration.mil_inference`)."""
 
     def __init__(self, records: Sequence[SlideRecord], *, batch_size: int = 4, backend: str = "auto",
-                 num_workers: int = 2, prefetch_factor: int = 2) -> None:
+                 num_workers: int = 2, prefetch_factor: int = 2, trees: int | None = None, tree_seed: int = 0,
+                 tree_policy: Any = None) -> None:
+        from magnet_zoo.nn.trees import check_trees
+
         self.records = list(records)
+        self.trees = check_trees(trees)
+        self.tree_seed = tree_seed
+        self.tree_policy = tree_policy
         self.batch_size = batch_size
         self.backend = backend
         self.num_workers = num_workers
@@ -209,7 +218,8 @@ class SlideValidator:
         from magnet_zoo.train.metrics import flatten_metrics
 
         rows, losses = predict_loader(model, self._loader(model.config, info), device=device, dtype=dtype,
-                                      info=info, progress=progress, desc="validate")
+                                      info=info, progress=progress, desc="validate", trees=self.trees,
+                                      tree_seed=self.tree_seed, tree_policy=self.tree_policy)
         report = report_from_rows(rows, losses)
         out: dict[str, Any] = flatten_metrics(report.metrics, "")
         for key, value in losses.items():

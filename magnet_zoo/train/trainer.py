@@ -98,9 +98,12 @@ def train(config: TrainConfig, *, model: MagNet | None = None) -> TrainResult:
                      prefetch_factor=config.prefetch_factor)
     validator = None
     if val_rows:
+        from magnet_zoo.train.exploration import mil_inference
+
+        trees, policy = mil_inference(recipe) or (None, None)  # a tree_mil recipe validates as it is used
         validator = SlideValidator(val_rows, batch_size=config.eval_batch_size or config.micro_batch or 4,
                                    backend=config.backend, num_workers=config.num_workers,
-                                   prefetch_factor=config.prefetch_factor)
+                                   prefetch_factor=config.prefetch_factor, trees=trees, tree_policy=policy)
     card = {"training_data": f"slides listed in {Path(config.data).name}", "reproduce": _reproduce(config)}
     return fit(network, data, config, recipe, validator, build=build, card=card)
 

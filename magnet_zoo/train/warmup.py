@@ -29,6 +29,7 @@ import torch
 from magnet_zoo.nn.fetcher import RegionFetcher
 from magnet_zoo.nn.losses import LossTerms
 from magnet_zoo.nn.magnet import MagNet, MagNetOutput
+from magnet_zoo.nn.trees import multiple_instance_output
 
 
 def warmup_loss(
@@ -60,33 +61,8 @@ def warmup_step(
     """
     if trees < 1:
         raise ValueError(f"trees must be >= 1, got {trees}")
-    b = len(fetchers)
     pooling = model.config.aux_pooling
-    # tree-major: T * B slides; mean-pooled heads are run below, over the patches of all trees at once
+    # tree-major: T * B slides; mean-pooled heads are run over the patches of all trees at once
     tree = model(list(fetchers) * trees, auxiliary=pooling != "mean", explore=generator)
-    crops, patch = tree.crops, tree.aux_patch_logits
-    logits = tree.logits.view(trees, b).amax(0)
-    aux_logits: dict[int, torch.Tensor] = {}
-    aux_patch_logits: dict[int, torch.Tensor] = {}
-    for layer in model.config.active_aux_layers:
-        if pooling in ("per_patch", "max"):
-            per = patch[layer].view(trees, b, -1).permute(1, 0, 2).reshape(b, -1)
-            aux_patch_logits[layer] = per
-            aux_logits[layer] = per.mean(1) if pooling == "per_patch" else per.amax(1)
-        else:  # mean pooling: the heads' own pooled logit, over every patch of every tree
-            c = crops[layer]
-            aux_logits[layer] = model.aux_heads[str(layer)](
-                c.view(trees, b, *c.shape[1:]).transpose(0, 1).reshape(b, -1, *c.shape[2:])
-            )
-    out = MagNetOutput(
-        logits=logits,
-        aux_logits=aux_logits,
-        trees=tree.trees[:b],
-        accounting=tree.accounting[:b],
-        affines=[],
-        final_patches=tree.final_patches[:b],
-        crops=crops,
-        aux_patch_logits=aux_patch_logits,
-        aux_pooling=pooling,
-    )
+    out = multiple_instance_output(model, tree, trees)
     return model.loss(out, labels), tree
