@@ -3,7 +3,8 @@
 Each ``synthmets.py --methods magnet --magnet-seed S [--recipe R]`` run writes one JSON; this script puts
 their MagNet rows side by side (the setting: recipe and ``--recipe-field`` changes; seed, steps, the
 validation AUROC that chose the weights, test AUROC overall and per category, localisation against
-random placement), gives each setting's median and range, and adds the baselines of the reference run
+random placement; the budget, the CPU and the values fed per slide, since runs from other sessions ran on
+other machines), gives each setting's median and range, and adds the baselines of the reference run
 (same data: checked). The seed spread is what the project's rule compares: a setting is called better
 only where its range lies outside the other's.
 
@@ -28,7 +29,7 @@ from baselines.common import data_key  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_RUNS = ("synthmets_30min.json", "synthmets_30min_centred_s0.json", "synthmets_30min_centred_s1.json",
-                "synthmets_30min_explore4_s0.json")
+                "synthmets_30min_explore4_s0.json", "synthmets_30min_treemil_s0.json")
 BASELINES = ("mean_rgb", "thumbnail_cnn", "dense_mil")
 COLUMNS = ("auroc", "auroc_macro", "auroc_micro", "auroc_itc", "loc_micro_ratio", "loc_all_ratio")
 
@@ -72,6 +73,8 @@ def magnet_row(result: dict[str, Any], source: str) -> dict[str, Any]:
         "loc_micro_ratio": by_cat.get("micro", {}).get("ratio"),
         "loc_all_ratio": loc.get("all", {}).get("ratio"),
         "values_fed": magnet["summary"]["cost"]["values_fed_mean"],
+        "budget_min": (settings["trainer"].get("budget_s") or 0) / 60 or None,
+        "machine": result.get("machine", {}).get("cpu_model"),
         "date": result.get("machine", {}).get("date"),
         "also_running": result.get("also_running"),
         "command": magnet.get("command"),
@@ -87,6 +90,9 @@ def summarise(runs: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
         if data_key(result["data"]) != key:
             raise SeedsError(f"{source} was made on other data than {runs[0][0]}; compare runs on the same data")
     rows = [magnet_row(result, source) for source, result in runs]
+    for r in rows:  # a run under another budget than the reference run's is another setting
+        if r["budget_min"] != rows[0]["budget_min"] and r["budget_min"] is not None:
+            r["setting"] += f" [{r['budget_min']:.0f} min]"
     recipes: dict[str, dict[str, Any]] = {}
     for name in dict.fromkeys(r["setting"] for r in rows):
         mine = [r for r in rows if r["setting"] == name]
@@ -125,11 +131,13 @@ def _spread(stats: dict[str, float] | None, digits: int = 2, unit: str = "") -> 
 
 
 def tables(summary: dict[str, Any]) -> list[str]:
-    lines = ["| setting (recipe, --recipe-field) | seed | steps | val AUROC (chosen) | test AUROC | macro | micro | "
-             "ITC | micro tumours: final patches on tumour / random | all tumours: same |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| setting (recipe, --recipe-field) | seed | budget (min) | CPU | steps | values fed / slide | "
+             "val AUROC (chosen) | test AUROC | macro | micro | ITC | "
+             "micro tumours: final patches on tumour / random | all tumours: same |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary["runs"]:
-        lines.append(f"| {r['setting']} | {r['seed']} | {_fmt(r['steps'])} | {_fmt(r['best_val_auroc'])} | "
+        lines.append(f"| {r['setting']} | {r['seed']} | {_fmt(r.get('budget_min'), 0)} | {_fmt(r.get('machine'))} | "
+                     f"{_fmt(r['steps'])} | {_fmt(r['values_fed'] / 1000, 0)} k | {_fmt(r['best_val_auroc'])} | "
                      f"{_fmt(r['auroc'])} | {_fmt(r['auroc_macro'])} | {_fmt(r['auroc_micro'])} | "
                      f"{_fmt(r['auroc_itc'])} | {_fmt(r['loc_micro_ratio'], 1)}x | {_fmt(r['loc_all_ratio'], 1)}x |")
     lines += ["", "| setting | seeds | test AUROC median (range) | macro | micro | ITC | micro localisation |",
