@@ -15,8 +15,9 @@ its size); layer 2 hit 0.36 (0.04 before, 0.0006 random), 0.03 with its attentio
 final-patch hit rate that an earlier version of this test asserted on was 0.55 trained and 0.38 with the
 flat layer-2 attention: its assertions passed with layer 2 dead. The default recipe's learned layer-2
 crop is dead in some seeds, and on a later build machine seed 0 was one of them, so the tiny setting now
-trains with ``learn_to_look_centred`` (see its docstring); the small-object setting keeps the default
-recipe (its layer-2 crop is alive but no better than a centred one: see there).
+trains with ``learn_to_look_centred`` and asserts its first layer only (its second layer's crop is as
+seed- and machine-dependent: see its docstring); the small-object setting keeps the default recipe and
+asserts both layers (its layer-2 crop is alive but no better than a centred one: see there).
 """
 
 from __future__ import annotations
@@ -80,20 +81,25 @@ def _assert_both_layers_learned(r: dict[str, object], beats_flat_layer2: float |
 
 
 @pytest.mark.slow
-def test_attention_learns_to_look_tiny_setting():
+def test_first_layer_learns_to_look_tiny_setting():
     """448 px images, object 5% of the side (22 px: a 3 px blob in the 56 px overview), with the recipe
-    ``learn_to_look_centred`` (the best FindIt record).
+    ``learn_to_look_centred`` (the best FindIt record): the first layer learns to find the object and the
+    classifier is right.
 
-    With the default recipe this test asserted a seed-0 trajectory that does not survive a change of
-    machine: on the 2026-12-02 build machine (same package versions) its learned layer-2 crop was dead
-    (hit 0.10, 0.04 before training), as the default recipe's is in some FindIt seeds. With
-    ``learn_to_look_centred`` there: layer 1 hit 1.00 (0.19 before), layer 2 0.91 (0.04 before), 0.74
-    with its attention made flat, accuracy 1.00. A flat layer-2 attention hits often here because
-    recentring puts the object near the centre of its layer-1 box, so the learned crop must beat it by 0.1,
-    not the 0.15 of the other comparisons (0.17 measured)."""
+    Only the first layer is asserted here, because only it learns in every seed and on every machine
+    measured. The second layer's learned crop does not, in this setting: seed 0 gave layer-2 hit 0.91 on
+    the 2026-12-02 AMD EPYC build machine (0.04 before training, 0.74 with its attention made flat), and on
+    an Intel Xeon with the same package versions (where CI failed on it) seeds 0, 1 and 2 gave 0.01, 0.24
+    and 0.17 (0.02, 0.22 and 0.14 flat), its scale on the 0.35 clamp: a 16 px crop of a 45 px first-layer
+    box, smaller than the 22 px object. That is the seed-dependence of the learned second-layer crop that
+    issue 14 and ``docs/learn_to_look.md`` describe, not a property a one-seed test may claim. Layer 1 on
+    the Xeon: hit 1.00 / 0.99 / 1.00 (0.19 before, 0.011 for random crops of its size), accuracy 1.00.
+    The second layer's learning is asserted in the small-object setting below."""
     spec = FindItSpec(image_size=448, object_frac=0.05)
     r = _train_and_measure(spec, steps=150, recipe="learn_to_look_centred", final_patch_size=32)
-    _assert_both_layers_learned(r, beats_flat_layer2=0.1)
+    before, after, random = r["before"], r["after"], r["random"]
+    assert after[1] > before[1] + 0.5, r
+    assert after[1] > 3 * random[1] + 0.5, r
     assert r["accuracy"] > 0.9, r
 
 
