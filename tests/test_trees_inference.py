@@ -333,3 +333,58 @@ def test_max_pooling_takes_the_best_tree_everywhere_trees_are_pooled(model, imag
     metrics = validator(model, device=DEVICE, dtype=None, info=DistInfo(device=DEVICE), progress=False)
     assert [r["probability"] for r in metrics["report"].predictions] == pytest.approx(
         [r["probability"] for r in report.predictions], abs=1e-6)
+
+
+def test_a_tree_mil_checkpoint_is_scored_as_validated_with_as_trained_and_warns_otherwise(model, tmp_path, capsys):
+    from PIL import Image
+
+    from magnet_zoo.cli import main
+    from magnet_zoo.hub import load_pretrained
+    from magnet_zoo.train.evaluate import evaluate
+    from magnet_zoo.train.exploration import mil_inference, trained_inference
+    from magnet_zoo.train.recipe import get_recipe
+
+    recipe = get_recipe("learn_to_look", explore_trees=3, tree_mil=True, explore_uniform=0.2)
+    plain_ckpt = _checkpoint(model, tmp_path / "plain")
+    ckpt = _checkpoint(model, tmp_path / "mil")
+    config = ckpt / "config.json"
+    doc = json.loads(config.read_text())
+    doc["recipe"] = recipe.to_dict()  # as the training loop writes it
+    config.write_text(json.dumps(doc))
+    assert trained_inference(load_pretrained(str(plain_ckpt))) is None  # no recipe recorded
+    assert trained_inference(model) is None  # not loaded from a folder
+    assert trained_inference(load_pretrained(str(ckpt))) == mil_inference(recipe)
+    assert mil_inference(recipe)[0] == 3 and mil_inference(recipe)[1].pool == "max"
+
+    rows = ["path,label,category"]
+    for i, label in enumerate((0, 1)):
+        path = tmp_path / f"t{i}.png"
+        Image.fromarray(tissue_image(420, 380 + 30 * i, seed=40 + i)).save(path)
+        rows.append(f"{path},{label},{'normal' if label == 0 else 'macro'}")
+    csv_path = tmp_path / "slides.csv"
+    csv_path.write_text("\n".join(rows) + "\n")
+    argv = ["evaluate", "--model", str(ckpt), "--data", str(csv_path), "--workers", "0", "--device", "cpu",
+            "--no-progress", "--tree-seed", "4"]
+    capsys.readouterr()
+    assert main([*argv, "--out", str(tmp_path / "plain.json")]) == 0
+    assert "trained with tree_mil" in capsys.readouterr().err  # the expected crop is not how it validated
+    assert json.loads((tmp_path / "plain.json").read_text())["sampling"] is None
+    assert main([*argv, "--as-trained", "--out", str(tmp_path / "as_trained.json")]) == 0
+    assert "warning" not in capsys.readouterr().err
+    written = json.loads((tmp_path / "as_trained.json").read_text())
+    assert written["sampling"]["trees"] == 3 and written["sampling"]["pool"] == "max"
+    assert written["sampling"]["uniform"] == pytest.approx(0.2) and written["sampling"]["source"] == "softmax"
+    k, policy = mil_inference(recipe)
+    reference = evaluate(model, csv_path, trees=k, tree_seed=4, tree_policy=policy, num_workers=0, device="cpu",
+                         progress=False)
+    assert [r["probability"] for r in written["predictions"]] == pytest.approx(
+        [r["probability"] for r in reference.predictions], abs=1e-6)
+    with pytest.raises(SystemExit, match="drop --trees"):
+        main([*argv, "--as-trained", "--trees", "2"])
+    plain_argv = [*argv, "--as-trained", "--out", str(tmp_path / "plain_as_trained.json")]
+    plain_argv[2] = str(plain_ckpt)
+    assert main(plain_argv) == 0 and "changes nothing" in capsys.readouterr().err
+    assert json.loads((tmp_path / "plain_as_trained.json").read_text())["sampling"] is None
+    assert main(["predict", str(tmp_path / "t1.png"), "--model", str(ckpt), "--out", str(tmp_path / "pred"),
+                 "--workers", "1"]) == 0
+    assert "trained with tree_mil" in capsys.readouterr().err  # predict cannot pool by the maximum: it says so

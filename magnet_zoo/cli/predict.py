@@ -81,8 +81,16 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def load_model(args: argparse.Namespace):
     from magnet_zoo.hub import load_pretrained
+    from magnet_zoo.train.exploration import trained_inference
 
-    return load_pretrained(args.model, revision=args.revision, device=args.device).eval()
+    model = load_pretrained(args.model, revision=args.revision, device=args.device).eval()
+    trained = trained_inference(model)
+    if trained is not None:  # predict_slide pools trees by their mean only: say that it differs
+        print(f"magnet-zoo: warning: this checkpoint was trained with tree_mil and validated on {trained[0]} "
+              "sampled trees, max-pooled; predict and explain use the expected crop (or --trees K, mean-pooled), "
+              "so their probabilities are not the validation's ('magnet-zoo evaluate --as-trained' scores "
+              "slides as validated)", file=sys.stderr)
+    return model
 
 
 def _distributed() -> tuple[int, int]:

@@ -52,6 +52,26 @@ def mil_inference(recipe: Recipe) -> tuple[int, TreePolicy] | None:
     return recipe.explore_trees, policy
 
 
+def trained_inference(model: MagNet) -> tuple[int, TreePolicy] | None:
+    """:func:`mil_inference` of the recipe a loaded checkpoint was trained with (its ``config.json`` holds
+    it: :meth:`magnet_zoo.train.loop.TrainLoop` writes it there), so a ``tree_mil`` model can be scored as
+    it was validated; ``None`` for any other recipe, a model that was not loaded from a folder or the Hub,
+    or a checkpoint with no (readable) recipe."""
+    import json
+    from pathlib import Path
+
+    from magnet_zoo.config import ConfigError
+
+    folder = (getattr(model, "pretrained_source", None) or {}).get("path")
+    if not folder:
+        return None
+    try:
+        doc = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+        return mil_inference(Recipe.from_dict(doc["recipe"])) if isinstance(doc.get("recipe"), dict) else None
+    except (OSError, ValueError, TypeError, ConfigError):  # no file, bad JSON, a recipe of another version
+        return None
+
+
 def per_slide_loss(out: Any, labels: torch.Tensor) -> torch.Tensor:
     """``(B,)``: each slide's classifier BCE plus its auxiliary BCEs (per-patch ones averaged): the
     exploration's cost of a tree."""
