@@ -18,18 +18,22 @@ as multiple-instance learning over them (:func:`magnet_zoo.nn.trees.multiple_ins
 classifier's logit the largest over the trees, as in the head warm-up), so a tumour slide needs one tree
 on the tumour, not every tree. The classifier then learns to answer "did any tree find it", which one
 expected crop cannot be asked: such a model is used with ``K`` trees drawn from the policy it trained
-on and max-pooled (:func:`mil_inference`).
+on and max-pooled (:func:`mil_inference`; :func:`trained_inference` reads it back from a checkpoint's
+recipe, for ``magnet-zoo evaluate --as-trained``).
 
 Cost: ``K`` forward and backward passes per slide while exploring.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from magnet_zoo.config import ConfigError
 from magnet_zoo.nn.magnet import MagNet
 from magnet_zoo.nn.trees import TreePolicy, sampling_policy, set_sampling
 from magnet_zoo.train.recipe import Recipe
@@ -57,11 +61,6 @@ def trained_inference(model: MagNet) -> tuple[int, TreePolicy] | None:
     it: :meth:`magnet_zoo.train.loop.TrainLoop` writes it there), so a ``tree_mil`` model can be scored as
     it was validated; ``None`` for any other recipe, a model that was not loaded from a folder or the Hub,
     or a checkpoint with no (readable) recipe."""
-    import json
-    from pathlib import Path
-
-    from magnet_zoo.config import ConfigError
-
     folder = (getattr(model, "pretrained_source", None) or {}).get("path")
     if not folder:
         return None
