@@ -176,6 +176,19 @@ def test_findit_visibility_counts_the_object_pixels_the_first_view_keeps(tmp_pat
 
 
 @pytest.mark.slow
+def test_findit_tiny_seeds_reports_each_seed_of_the_learn_test_setting(tmp_path):
+    out = tmp_path / "tiny.json"
+    result = run_script("findit_tiny_seeds.py", "--seeds", "3", "4", "--steps", "2", "--n-eval", "4",
+                        "--model-override", "max_scale=0.6", "--out", str(out))
+    doc = read_json(out)
+    assert [r["seed"] for r in doc["runs"]] == [3, 4] and doc["steps"] == 2 and doc["n_eval"] == 4
+    assert doc["model_overrides"] == {"max_scale": 0.6} and doc["machine"]["torch_threads"] >= 1
+    for run in doc["runs"]:
+        assert set(run["hit_after"]) == {"1", "2"} and 0 <= run["hit_layer2_flat"] <= 1
+        assert run["scale_mean"]["2"] <= 0.6 + 1e-6  # the override reached the model
+    assert result.stdout.count("| 3 |") == 2  # the row as it came, then in the final table
+
+
 def test_synthmets_magnet_seeds_on_the_same_data_make_one_table(tmp_path):
     data = str(tmp_path / "data")
     common = ("--quick", "--no-progress", "--data", data, "--methods", "magnet")

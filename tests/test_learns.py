@@ -93,8 +93,9 @@ def test_first_layer_learns_to_look_tiny_setting():
     and 0.17 (0.02, 0.22 and 0.14 flat), its scale on the 0.35 clamp: a 16 px crop of a 45 px first-layer
     box, smaller than the 22 px object. That is the seed-dependence of the learned second-layer crop that
     issue 14 and ``docs/learn_to_look.md`` describe, not a property a one-seed test may claim. Layer 1 on
-    the Xeon: hit 1.00 / 0.99 / 1.00 (0.19 before, 0.011 for random crops of its size), accuracy 1.00.
-    The second layer's learning is asserted in the small-object setting below."""
+    the Xeon: hit 1.00 / 0.99 / 1.00 (0.19 before, 0.011 for random crops of its size), accuracy 1.00
+    (``python benchmarks/findit_tiny_seeds.py``). The second layer's learning is asserted in the
+    small-object setting below."""
     spec = FindItSpec(image_size=448, object_frac=0.05)
     r = _train_and_measure(spec, steps=150, recipe="learn_to_look_centred", final_patch_size=32)
     before, after, random = r["before"], r["after"], r["random"]
