@@ -6,8 +6,9 @@ Tiny FindIt settings trained with the learn-to-look recipes (``magnet_zoo.tasks.
 centre), not on the final patches: half of a (2, 2) network's final patches are frozen copies of the
 layer-1 crops, so a final-patch hit rate stays high with a dead layer-2 attention. Each layer's rate is
 compared with the same network before training, with crops of the same sizes placed at random
-(``layer_random_hit_rate``), and, for layer 2, with the trained network whose layer-2 attention map is
-made flat (its crop then sits centred in its parent, as a dead attention's does).
+(``layer_random_hit_rate``). For layer 2 the trained network whose layer-2 attention map is made flat
+(its crop then sits centred in its parent, as a dead attention's does) is measured too and shown in a
+failure's message; neither setting asserts the learned crop beats it (see each test).
 
 Measured on the shared 2-CPU machine (seed 0), tiny setting, 150 steps, default recipe (912 s under
 heavy load; 81 s on an idle machine): layer 1 hit 0.73 (0.19 before training, 0.011 for random crops of
@@ -67,7 +68,7 @@ def _train_and_measure(spec: FindItSpec, steps: int, n_eval: int = 48, recipe: s
     }
 
 
-def _assert_both_layers_learned(r: dict[str, object], beats_flat_layer2: float | None) -> None:
+def _assert_both_layers_learned(r: dict[str, object]) -> None:
     before, after, random = r["before"], r["after"], r["random"]
     # layer 1: its learned crops find the object far more often than at initialisation or at random
     assert after[1] > before[1] + 0.2, r
@@ -76,8 +77,6 @@ def _assert_both_layers_learned(r: dict[str, object], beats_flat_layer2: float |
     # initialisation or at random
     assert after[2] > before[2] + 0.15, r
     assert after[2] > 10 * random[2] + 0.15, r
-    if beats_flat_layer2 is not None:  # and better than a flat layer-2 attention (crop centred in its parent)
-        assert after[2] > r["flat2"] + beats_flat_layer2, r
 
 
 @pytest.mark.slow
@@ -115,5 +114,5 @@ def test_attention_learns_small_object_under_two_percent():
     in this setting."""
     spec = FindItSpec(image_size=896, object_frac=0.018)
     r = _train_and_measure(spec, steps=200)
-    _assert_both_layers_learned(r, beats_flat_layer2=None)
+    _assert_both_layers_learned(r)
     assert r["accuracy"] > 0.9, r
