@@ -17,7 +17,6 @@ Prints a table and writes ``benchmarks/results/findit_tiny_seeds.json`` (or ``--
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -30,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine_info  # noqa: E402
 
 from magnet_zoo.factory import create_model  # noqa: E402
-from magnet_zoo.tasks.findit import FindItSpec, evaluate  # noqa: E402
+from magnet_zoo.tasks.findit import FindItSpec, evaluate, flat_attention  # noqa: E402
 from magnet_zoo.tasks.train import eval_seeds, train  # noqa: E402
 from magnet_zoo.train.recipe import get_recipe  # noqa: E402
 from magnet_zoo.train.settings import parse_overrides  # noqa: E402
@@ -39,16 +38,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SPEC = FindItSpec(image_size=448, object_frac=0.05)
 STEPS = 150
 N_EVAL = 48
-
-
-def flat_attention(model: torch.nn.Module, layer: int) -> torch.nn.Module:
-    """A copy of ``model`` whose layer ``layer`` (1-based) attention map is constant (a dead attention)."""
-    dead = copy.deepcopy(model)
-    head = dead.layers[layer - 1].stacks.head
-    with torch.no_grad():
-        head.weight.zero_()
-        head.bias.zero_()
-    return dead
 
 
 def run_seed(recipe: str, seed: int, overrides: dict[str, Any] | None = None, steps: int = STEPS,

@@ -23,26 +23,15 @@ asserts both layers (its layer-2 crop is alive but no better than a centred one:
 
 from __future__ import annotations
 
-import copy
 import time
 
 import pytest
 import torch
 
 from magnet_zoo.factory import create_model
-from magnet_zoo.tasks.findit import FindItSpec, evaluate
+from magnet_zoo.tasks.findit import FindItSpec, evaluate, flat_attention
 from magnet_zoo.tasks.train import FINDIT_RECIPE, eval_seeds, train
 from magnet_zoo.train.recipe import Recipe, get_recipe
-
-
-def _flat_attention(model, layer: int):
-    """A copy of ``model`` whose layer ``layer`` (1-based) attention map is constant: a dead attention."""
-    dead = copy.deepcopy(model)
-    head = dead.layers[layer - 1].stacks.head
-    with torch.no_grad():
-        head.weight.zero_()
-        head.bias.zero_()
-    return dead
 
 
 def _train_and_measure(spec: FindItSpec, steps: int, n_eval: int = 48, recipe: str | Recipe = FINDIT_RECIPE,
@@ -55,7 +44,7 @@ def _train_and_measure(spec: FindItSpec, steps: int, n_eval: int = 48, recipe: s
     train(model, spec, recipe, steps=steps, seed=0, threads=2, log_every=0, device="cpu")
     seconds = time.perf_counter() - started
     after, _ = evaluate(model, spec, eval_seeds(n_eval))
-    flat2, _ = evaluate(_flat_attention(model, 2), spec, eval_seeds(n_eval))
+    flat2, _ = evaluate(flat_attention(model, 2), spec, eval_seeds(n_eval))
     return {
         "before": before.layer_hit_rate,
         "after": after.layer_hit_rate,

@@ -252,19 +252,28 @@ def test_monai_inferer_passes_trees_through(model, image):
         MagNetInferer(trees=0)
 
 
-def test_evaluate_with_trees_scores_each_slide_as_predict_slide_does_whatever_the_batch(model, tmp_path):
+def _slides_csv(folder, stem: str, shapes: list[tuple[int, int]], labels: tuple[int, ...], seed: int,
+                split: str | None = None):
+    """Tissue PNGs ``{stem}{i}.png`` of ``shapes`` (width, height) with ``labels`` (image ``i`` seeded
+    ``seed + i``), listed in ``folder/slides.csv`` (normal / macro; every row in ``split`` if given)."""
     from PIL import Image
+
+    rows = ["path,label,category" + (",split" if split else "")]
+    for i, ((width, height), label) in enumerate(zip(shapes, labels, strict=True)):
+        path = folder / f"{stem}{i}.png"
+        Image.fromarray(tissue_image(width, height, seed=seed + i)).save(path)
+        rows.append(f"{path},{label},{'normal' if label == 0 else 'macro'}" + (f",{split}" if split else ""))
+    csv_path = folder / "slides.csv"
+    csv_path.write_text("\n".join(rows) + "\n")
+    return csv_path
+
+
+def test_evaluate_with_trees_scores_each_slide_as_predict_slide_does_whatever_the_batch(model, tmp_path):
 
     from magnet_zoo.cli import main
     from magnet_zoo.train.evaluate import evaluate
 
-    rows = ["path,label,category"]
-    for i, label in enumerate((0, 1, 1)):
-        path = tmp_path / f"s{i}.png"
-        Image.fromarray(tissue_image(400 + 60 * i, 360, seed=10 + i)).save(path)
-        rows.append(f"{path},{label},{'normal' if label == 0 else 'macro'}")
-    csv_path = tmp_path / "slides.csv"
-    csv_path.write_text("\n".join(rows) + "\n")
+    csv_path = _slides_csv(tmp_path, "s", [(400 + 60 * i, 360) for i in range(3)], (0, 1, 1), seed=10)
     kwargs = dict(num_workers=0, device="cpu", progress=False)
     pooled = [evaluate(model, csv_path, batch_size=b, trees=3, tree_seed=5, **kwargs) for b in (1, 3)]
     plain = evaluate(model, csv_path, batch_size=3, **kwargs)
@@ -291,7 +300,6 @@ def test_evaluate_with_trees_scores_each_slide_as_predict_slide_does_whatever_th
 
 
 def test_max_pooling_takes_the_best_tree_everywhere_trees_are_pooled(model, image, tmp_path):
-    from PIL import Image
 
     from magnet_zoo.nn.trees import TreePolicy
     from magnet_zoo.train.evaluate import evaluate
@@ -309,13 +317,7 @@ def test_max_pooling_takes_the_best_tree_everywhere_trees_are_pooled(model, imag
     with pytest.raises(ValueError, match="pooling"):
         TreePolicy(pool="sum")
 
-    rows = ["path,label,category,split"]
-    for i, label in enumerate((0, 1)):
-        path = tmp_path / f"m{i}.png"
-        Image.fromarray(tissue_image(400, 360 + 40 * i, seed=20 + i)).save(path)
-        rows.append(f"{path},{label},{'normal' if label == 0 else 'macro'},val")
-    csv_path = tmp_path / "slides.csv"
-    csv_path.write_text("\n".join(rows) + "\n")
+    csv_path = _slides_csv(tmp_path, "m", [(400, 360 + 40 * i) for i in range(2)], (0, 1), seed=20, split="val")
     policy = TreePolicy(source="softmax", uniform=0.3, pool="max")
     report = evaluate(model, csv_path, trees=3, tree_seed=2, tree_policy=policy, num_workers=0, device="cpu",
                       progress=False)
@@ -336,7 +338,6 @@ def test_max_pooling_takes_the_best_tree_everywhere_trees_are_pooled(model, imag
 
 
 def test_a_tree_mil_checkpoint_is_scored_as_validated_with_as_trained_and_warns_otherwise(model, tmp_path, capsys):
-    from PIL import Image
 
     from magnet_zoo.cli import main
     from magnet_zoo.hub import load_pretrained
@@ -356,13 +357,7 @@ def test_a_tree_mil_checkpoint_is_scored_as_validated_with_as_trained_and_warns_
     assert trained_inference(load_pretrained(str(ckpt))) == mil_inference(recipe)
     assert mil_inference(recipe)[0] == 3 and mil_inference(recipe)[1].pool == "max"
 
-    rows = ["path,label,category"]
-    for i, label in enumerate((0, 1)):
-        path = tmp_path / f"t{i}.png"
-        Image.fromarray(tissue_image(420, 380 + 30 * i, seed=40 + i)).save(path)
-        rows.append(f"{path},{label},{'normal' if label == 0 else 'macro'}")
-    csv_path = tmp_path / "slides.csv"
-    csv_path.write_text("\n".join(rows) + "\n")
+    csv_path = _slides_csv(tmp_path, "t", [(420, 380 + 30 * i) for i in range(2)], (0, 1), seed=40)
     argv = ["evaluate", "--model", str(ckpt), "--data", str(csv_path), "--workers", "0", "--device", "cpu",
             "--no-progress", "--tree-seed", "4"]
     capsys.readouterr()

@@ -17,6 +17,7 @@ layer.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -208,6 +209,17 @@ def make_batch(
 
 
 # ---------------------------------------------------------------------------------------------- metrics
+def flat_attention(model: MagNet, layer: int) -> MagNet:
+    """A copy of ``model`` whose layer ``layer`` (1-based) attention map is constant, as a dead attention's is:
+    its crops sit centred in their parents. The baseline a learned crop of that layer must beat."""
+    dead = copy.deepcopy(model)
+    head = dead.layers[layer - 1].stacks.head
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+    return dead
+
+
 def auroc(scores: Sequence[float], labels: Sequence[int]) -> float:
     """Area under the ROC curve (Mann-Whitney U with ties counted half); NaN with one class only."""
     s = np.asarray(scores, np.float64)
