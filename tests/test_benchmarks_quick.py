@@ -186,8 +186,9 @@ def test_findit_tiny_seeds_reports_each_seed_of_the_learn_test_setting(tmp_path)
     for run in doc["runs"]:
         assert set(run["hit_after"]) == {"1", "2"} and 0 <= run["hit_layer2_flat"] <= 1
         assert run["scale_mean"]["2"] == pytest.approx(0.6)  # the override reached the model (else 0.35)
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| 3 |")]  # seed 3's row ("| 3 |"
-    assert len(rows) == 2  # may also be a time in seconds): as it came, then in the final table
+    # seed 3's row as it came, then in the final table ("| 3 |" anywhere could also be a run time in seconds)
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| 3 |")]
+    assert len(rows) == 2
 
 
 def test_synthmets_magnet_seeds_on_the_same_data_make_one_table(tmp_path):

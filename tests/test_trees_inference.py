@@ -269,7 +269,6 @@ def _slides_csv(folder, stem: str, shapes: list[tuple[int, int]], labels: tuple[
 
 
 def test_evaluate_with_trees_scores_each_slide_as_predict_slide_does_whatever_the_batch(model, tmp_path):
-
     from magnet_zoo.cli import main
     from magnet_zoo.train.evaluate import evaluate
 
@@ -300,7 +299,6 @@ def test_evaluate_with_trees_scores_each_slide_as_predict_slide_does_whatever_th
 
 
 def test_max_pooling_takes_the_best_tree_everywhere_trees_are_pooled(model, image, tmp_path):
-
     from magnet_zoo.nn.trees import TreePolicy
     from magnet_zoo.train.evaluate import evaluate
     from magnet_zoo.train.sources import SlideValidator
@@ -338,7 +336,6 @@ def test_max_pooling_takes_the_best_tree_everywhere_trees_are_pooled(model, imag
 
 
 def test_a_tree_mil_checkpoint_is_scored_as_validated_with_as_trained_and_warns_otherwise(model, tmp_path, capsys):
-
     from magnet_zoo.cli import main
     from magnet_zoo.hub import load_pretrained
     from magnet_zoo.train.evaluate import evaluate
