@@ -120,6 +120,9 @@ def test_figure_has_class_name_scale_bar_legend_and_provenance(model, image, tmp
     assert black_rows.max() >= 20
     for colour in LAYER_COLOURS[:2]:
         assert (np.abs(band.astype(int) - colour).sum(axis=2) < 30).sum() > 20, colour
+    # The legend's last line, under the boxes' line, says what the patches show (black = the grey filter's glass).
+    grey_rows = np.flatnonzero((np.abs(band.astype(int) - 80).sum(axis=2) < 30).sum(axis=1) > 5)
+    assert grey_rows.max() >= 8 + 40  # the band starts 8 px above the legend's first line
     # Without mpp there is no bar (and the figure says so instead).
     bare = np.asarray(render_explanation(magnet_zoo.ArraySource(image), pred, thumb_size=384).convert("RGB"))
     assert (_legend_band(bare, 384).sum(axis=2) == 0).sum(axis=1).max() < 20

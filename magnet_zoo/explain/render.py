@@ -33,7 +33,7 @@ from magnet_zoo.wsi.protocol import RegionSource
 HEADER = 44
 CAPTION = 30
 GAP = 6
-FOOTER = 58
+FOOTER = 74
 MIN_TILE = 160
 """Patches smaller than this are shown enlarged (nearest neighbour, every pixel a crisp block)."""
 LABEL_FONT = 14
@@ -240,6 +240,8 @@ def _footer(d: ImageDraw.ImageDraw, source: RegionSource, prediction: Prediction
     widths = ", ".join(f"layer {layer}: {max(1, 2 * (depth - layer) + 1)} px" for layer in range(1, depth + 1))
     d.text((GAP + 4, top + 24), f"boxes: ROIs in level-0 pixels; line width by layer ({widths}); "
            "a frozen patch is its parent's box, drawn once", fill=(80, 80, 80), font=font)
+    d.text((GAP + 4, top + 40), "patches: the pixels the heads see; black is glass removed by the grey filter, "
+           "or outside the slide", fill=(80, 80, 80), font=font)
 
 
 def save_explanation(source: RegionSource, prediction: Prediction, path: str | Path, **kwargs) -> Path:
