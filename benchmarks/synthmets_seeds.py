@@ -29,7 +29,8 @@ from baselines.common import data_key  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_RUNS = ("synthmets_30min.json", "synthmets_30min_centred_s0.json", "synthmets_30min_centred_s1.json",
-                "synthmets_30min_explore4_s0.json", "synthmets_30min_treemil_s0.json")
+                "synthmets_30min_explore4_s0.json", "synthmets_30min_treemil_s0.json",
+                "synthmets_30min_treemil_epyc_s0.json")
 BASELINES = ("mean_rgb", "thumbnail_cnn", "dense_mil")
 COLUMNS = ("auroc", "auroc_macro", "auroc_micro", "auroc_itc", "loc_micro_ratio", "loc_all_ratio")
 
@@ -93,6 +94,9 @@ def summarise(runs: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     for r in rows:  # a run under another budget than the reference run's is another setting
         if r["budget_min"] != rows[0]["budget_min"] and r["budget_min"] is not None:
             r["setting"] += f" [{r['budget_min']:.0f} min]"
+        # so is one on another CPU: the same wall-time budget buys another number of steps
+        if r["machine"] != rows[0]["machine"] and r["machine"]:
+            r["setting"] += f" [{r['machine']}]"
     recipes: dict[str, dict[str, Any]] = {}
     for name in dict.fromkeys(r["setting"] for r in rows):
         mine = [r for r in rows if r["setting"] == name]

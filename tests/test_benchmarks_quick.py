@@ -222,6 +222,17 @@ def test_synthmets_magnet_seeds_on_the_same_data_make_one_table(tmp_path):
     assert seeds["runs"][1]["recipe_fields"] == ["recentre_on=positive"] and seeds["runs"][0]["recipe_fields"] == []
     assert "| learn_to_look_centred (recentre_on=positive) | 1 |" in out.with_suffix(".md").read_text()
 
+    # a run on another CPU is another setting: the same wall-time budget bought another number of steps
+    elsewhere = json.loads((tmp_path / "b" / "synthmets_quick.json").read_text())
+    elsewhere["machine"]["cpu_model"] = "Another CPU"
+    (tmp_path / "elsewhere.json").write_text(json.dumps(elsewhere))
+    run_script("synthmets_seeds.py", "--runs", str(tmp_path / "b" / "synthmets_quick.json"),
+               str(tmp_path / "elsewhere.json"), "--out", str(tmp_path / "split.json"))
+    split = read_json(tmp_path / "split.json")["recipes"]
+    assert list(split) == ["learn_to_look_centred (recentre_on=positive)",
+                           "learn_to_look_centred (recentre_on=positive) [Another CPU]"]
+    assert [rec["n"] for rec in split.values()] == [1, 1]
+
     # runs on other data are refused, with the file named
     other = json.loads((tmp_path / "b" / "synthmets_quick.json").read_text())
     other["data"]["splits"]["test"]["seed"] += 1
