@@ -262,7 +262,8 @@ def test_synthmets_magnet_seeds_on_the_same_data_make_one_table(tmp_path):
 def test_synthmets_tree_mil_run_validates_and_tests_with_its_max_pooled_trees(tmp_path):
     run_script("synthmets.py", "--quick", "--no-progress", "--data", str(tmp_path / "data"), "--methods", "magnet",
                "--recipe-field", "explore_trees=2", "--recipe-field", "explore_frac=1.0",
-               "--recipe-field", "tree_mil=true", "--out", str(tmp_path / "x.json"))
+               "--recipe-field", "tree_mil=true", "--save-checkpoint", str(tmp_path / "ckpt"),
+               "--out", str(tmp_path / "x.json"))
     magnet = read_json(tmp_path / "synthmets_quick.json")["methods"]["magnet"]
     inference = magnet["settings"]["inference"]
     assert inference["trees"] == 2 and inference["pool"] == "max" and inference["source"] == "softmax"
@@ -271,3 +272,16 @@ def test_synthmets_tree_mil_run_validates_and_tests_with_its_max_pooled_trees(tm
     for row in magnet["predictions"]:
         assert row["values_fed"] == 2 * one_tree  # both trees are paid for
         assert len(row["extra"]["final_boxes"]) == 2 * finals  # and both trees' final patches localise
+
+    # synthmets_trees.py --as-trained scores the checkpoint as the run tested it (its 2 trees, max-pooled), and
+    # --uniform-centres adds the placement control: the same trees and pooling, centres drawn uniformly (this
+    # smoke model's attention is still nearly flat, so its two rows may agree: only the policy is checked)
+    out = tmp_path / "trees.json"
+    run_script("synthmets_trees.py", "--models", str(tmp_path / "ckpt"), "--data", str(tmp_path / "data"),
+               "--as-trained", "--uniform-centres", "--threads", "1", "--out", str(out))
+    scored = read_json(out)["rows"][0]["results"]
+    assert [(r["trees"], r["centres"], r["policy"]["pool"]) for r in scored] == [(2, "attention", "max"),
+                                                                                   (2, "uniform", "max")]
+    assert scored[0]["policy"]["uniform"] < 1.0 and scored[1]["policy"]["uniform"] == 1.0
+    assert scored[0]["probabilities"] == pytest.approx([p["probability"] for p in magnet["predictions"]], abs=1e-5)
+    assert "| 2 | uniform | max |" in out.with_suffix(".md").read_text()

@@ -144,6 +144,19 @@ def test_checkpoint_folder_layout(model, saved):
     assert io["normalisation"]["classifier.backbone"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
     weights = load_file(str(saved / "model.safetensors"))
     assert weights.keys() == model.state_dict().keys()
+    assert "recipe" not in config  # saved without one
+
+
+def test_the_training_recipe_goes_into_config_json_and_back_to_inference(model, tmp_path):
+    from magnet_zoo.train.exploration import trained_inference
+    from magnet_zoo.train.recipe import get_recipe
+
+    recipe = get_recipe("learn_to_look", explore_trees=3, explore_frac=1.0, tree_mil=True)
+    folder = save_pretrained(model, tmp_path / "mil", card_data=CARD, recipe=recipe.to_dict())
+    assert json.loads((folder / "config.json").read_text())["recipe"] == json.loads(json.dumps(recipe.to_dict()))
+    trees, policy = trained_inference(load_pretrained(folder))
+    assert trees == 3 and policy.pool == "max" and policy.uniform == recipe.explore_uniform
+    assert trained_inference(load_pretrained(save_pretrained(model, tmp_path / "plain", card_data=CARD))) is None
 
 
 def test_recorded_normalisation_is_used(saved, tmp_path):

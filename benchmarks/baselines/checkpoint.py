@@ -85,4 +85,7 @@ def save_demo_checkpoint(model: MagNet, directory: Path, result: dict[str, Any],
         metrics_dataset="SynthMets test split",
         reproduce=result["command"],
     )
-    return save_pretrained(model, directory, card_data=card)
+    # The recipe in config.json lets `magnet-zoo evaluate --as-trained` score a tree-MIL model as it was tested
+    # (older results recorded no full recipe: their checkpoints carry none).
+    full_recipe = magnet["settings"].get("recipe") if "name" in (magnet["settings"].get("recipe") or {}) else None
+    return save_pretrained(model, directory, card_data=card, recipe=full_recipe)

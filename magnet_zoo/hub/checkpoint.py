@@ -151,6 +151,7 @@ def save_pretrained(
     metrics: Mapping[str, float] | None = None,
     training: Mapping[str, Any] | None = None,
     slide_mpp: float | None = None,
+    recipe: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` as a checkpoint folder (``config.json``, ``model.safetensors``, ``README.md``).
 
@@ -159,7 +160,9 @@ def save_pretrained(
     results, recipe). ``metrics`` (e.g. ``{"roc_auc": 0.84}``) and ``training`` (the recipe as
     key/value pairs) override the card's fields of the same name. ``slide_mpp`` records the µm per pixel
     (level 0) of the training slides in the I/O contract (default: the loaded model's). Existing files
-    of those names are replaced; other files in the folder are left alone. Returns the folder.
+    of those names are replaced; other files in the folder are left alone. ``recipe`` (the training
+    recipe's ``Recipe.to_dict()``) goes into ``config.json["recipe"]``, so that the checkpoint can be
+    scored as it was validated (``magnet-zoo evaluate --as-trained``). Returns the folder.
     """
     from safetensors.torch import save_file
 
@@ -174,6 +177,8 @@ def save_pretrained(
     directory = Path(save_directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = checkpoint_config(model, slide_mpp, card)
+    if recipe is not None:
+        config["recipe"] = dict(recipe)
     card_text = render_card(
         card,
         config=config["model"],

@@ -599,11 +599,7 @@ class TrainLoop:
         with atomic_directory(target) as tmp:
             mpp = self.data.slide_mpp() if hasattr(self.data, "slide_mpp") else None
             save_pretrained(self.model, tmp, card_data=card, metrics=scores or None, training=self.training_record(),
-                            slide_mpp=mpp)
-            config_file = tmp / "config.json"
-            doc = json.loads(config_file.read_text(encoding="utf-8"))
-            doc["recipe"] = self.recipe.to_dict()
-            config_file.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+                            slide_mpp=mpp, recipe=self.recipe.to_dict())
         return target
 
     def _evaluation(self, trained: bool = True) -> None:
