@@ -271,8 +271,9 @@ def _inference(model: Any, args: argparse.Namespace) -> tuple[int | None, Any]:
         if args.trees != 1:
             raise SystemExit("magnet-zoo evaluate: error: --as-trained sets the trees itself; drop --trees")
         if trained is None:
-            print("magnet-zoo evaluate: the checkpoint's recipe validates with the expected crop, one tree "
-                  "(--as-trained changes nothing)", file=sys.stderr)
+            print("magnet-zoo evaluate: the checkpoint records no tree-MIL recipe in its config.json (none, or "
+                  "one that validates with the expected crop, one tree): --as-trained changes nothing",
+                  file=sys.stderr)
             return None, None
         print(f"magnet-zoo evaluate: as trained: {trained[0]} sampled trees, {trained[1].kwargs()}", file=sys.stderr)
         return trained
