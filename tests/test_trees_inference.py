@@ -377,6 +377,24 @@ def test_a_tree_mil_checkpoint_is_scored_as_validated_with_as_trained_and_warns_
     plain_argv[2] = str(plain_ckpt)
     assert main(plain_argv) == 0 and "changes nothing" in capsys.readouterr().err
     assert json.loads((tmp_path / "plain_as_trained.json").read_text())["sampling"] is None
-    assert main(["predict", str(tmp_path / "t1.png"), "--model", str(ckpt), "--out", str(tmp_path / "pred"),
-                 "--workers", "1"]) == 0
-    assert "trained with tree_mil" in capsys.readouterr().err  # predict cannot pool by the maximum: it says so
+    predict_argv = ["predict", str(tmp_path / "t1.png"), "--model", str(ckpt), "--workers", "1", "--tree-seed", "4"]
+    assert main([*predict_argv, "--out", str(tmp_path / "pred")]) == 0
+    assert "trained with tree_mil" in capsys.readouterr().err  # the expected crop is not how it validated
+    # predict and explain --as-trained: the checkpoint's 3 trees and policy, max-pooled, as evaluate scores them
+    t1 = next(r["probability"] for r in reference.predictions if str(r["path"]).endswith("t1.png"))
+    assert main([*predict_argv, "--as-trained", "--out", str(tmp_path / "pred_mil")]) == 0
+    assert "warning" not in capsys.readouterr().err
+    run = json.loads((tmp_path / "pred_mil" / "run.json").read_text())
+    assert run["settings"]["tree_pool"] == "max" and run["settings"]["trees"] == 3
+    assert run["run_key"] != json.loads((tmp_path / "pred" / "run.json").read_text())["run_key"]
+    (slide_json,) = (tmp_path / "pred_mil" / "slides").glob("*.json")
+    predicted = json.loads(slide_json.read_text())
+    assert predicted["probability"] == pytest.approx(t1, abs=1e-6)
+    assert predicted["probability"] == pytest.approx(max(predicted["sampling"]["tree_probabilities"]))
+    assert predicted["sampling"]["pooling"] == "largest of the trees' probabilities"
+    assert main(["explain", str(tmp_path / "t1.png"), "--model", str(ckpt), "--tree-seed", "4", "--as-trained",
+                 "--out", str(tmp_path / "explain_mil")]) == 0
+    explained = json.loads((tmp_path / "explain_mil" / "t1.magnet.json").read_text())
+    assert explained["probability"] == pytest.approx(t1, abs=1e-6)
+    chosen = explained["sampling"]["tree_index"]  # the picture shows the tree that gave the probability
+    assert explained["sampling"]["tree_probabilities"][chosen] == pytest.approx(explained["probability"])

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -69,6 +70,38 @@ def _tree_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--tree-seed", type=_seed, default=0, metavar="S",
                    help="seed of the sampled trees (with --trees K > 1; default 0): same seed, same trees")
+    p.add_argument("--as-trained", action="store_true",
+                   help="score each slide as the checkpoint's recipe validated it: for a tree_mil recipe, its "
+                        "explore_trees sampled trees, drawn from its training policy, max-pooled (with "
+                        "--tree-seed); for any other recipe the expected crop. Not with --trees")
+
+
+def tree_inference(model: Any, args: argparse.Namespace, command: str) -> tuple[int | None, Any]:
+    """``(trees, tree_policy)`` for ``magnet-zoo COMMAND``: ``--trees`` as given (the inference default
+    policy), or with ``--as-trained`` the checkpoint recipe's
+    (:func:`~magnet_zoo.train.exploration.trained_inference`). A ``tree_mil`` checkpoint scored another way
+    gets a warning: its validation numbers were not made so."""
+    from magnet_zoo.train.exploration import trained_inference
+
+    trained = trained_inference(model)
+    if args.as_trained:
+        if args.trees != 1:
+            raise SystemExit(f"magnet-zoo {command}: error: --as-trained sets the trees itself; drop --trees")
+        if trained is None:
+            print(f"magnet-zoo {command}: the checkpoint records no tree-MIL recipe in its config.json (none, or "
+                  "one that validates with the expected crop, one tree): --as-trained changes nothing",
+                  file=sys.stderr)
+            return None, None
+        print(f"magnet-zoo {command}: as trained: {trained[0]} sampled trees, {trained[1].kwargs()}",
+              file=sys.stderr)
+        return trained
+    if trained is not None:
+        print(f"magnet-zoo {command}: warning: this checkpoint was trained with tree_mil and validated on "
+              f"{trained[0]} sampled trees, max-pooled; this run uses "
+              f"{'the expected crop, one tree' if args.trees == 1 else f'{args.trees} trees, mean-pooled'}, "
+              "so its numbers are not comparable with the validation's (--as-trained scores it as validated)",
+              file=sys.stderr)
+    return args.trees, None
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -81,16 +114,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def load_model(args: argparse.Namespace):
     from magnet_zoo.hub import load_pretrained
-    from magnet_zoo.train.exploration import trained_inference
 
-    model = load_pretrained(args.model, revision=args.revision, device=args.device).eval()
-    trained = trained_inference(model)
-    if trained is not None:  # predict_slide pools trees by their mean only: say that it differs
-        print(f"magnet-zoo: warning: this checkpoint was trained with tree_mil and validated on {trained[0]} "
-              "sampled trees, max-pooled; predict and explain use the expected crop (or --trees K, mean-pooled), "
-              "so their probabilities are not the validation's ('magnet-zoo evaluate --as-trained' scores "
-              "slides as validated)", file=sys.stderr)
-    return model
+    return load_pretrained(args.model, revision=args.revision, device=args.device).eval()
 
 
 def _distributed() -> tuple[int, int]:
@@ -110,6 +135,7 @@ def run_predict(args: argparse.Namespace) -> int:
         print("magnet-zoo predict: no slides found in the inputs", file=sys.stderr)
         return 1
     model = load_model(args)
+    trees, policy = tree_inference(model, args, "predict")
     if world > 1:
         import torch.distributed as dist
 
@@ -134,8 +160,9 @@ def run_predict(args: argparse.Namespace) -> int:
         rank=rank,
         world=world,
         progress=bar,
-        trees=args.trees,
+        trees=trees,
         tree_seed=args.tree_seed,
+        tree_policy=policy,
     )
     if world > 1:
         import torch.distributed as dist
@@ -162,15 +189,20 @@ def run_explain(args: argparse.Namespace) -> int:
     from magnet_zoo.explain import save_explanation, write_geojson
     from magnet_zoo.infer.predict import predict_slide, tree_settings
     from magnet_zoo.infer.provenance import provenance
+    from magnet_zoo.nn.trees import TreePolicy
     from magnet_zoo.wsi.open import open_slide
 
     model = load_model(args)
+    trees, policy = tree_inference(model, args, "explain")
+    sampling = (policy or TreePolicy()).kwargs()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open_slide(args.slide, args.backend) as src:
-        pred = predict_slide(model, src, threshold=args.threshold, trees=args.trees, seed=args.tree_seed)
+        pred = predict_slide(model, src, threshold=args.threshold, trees=trees, seed=args.tree_seed,
+                             temperature=sampling["temperature"], uniform=sampling["uniform"],
+                             tree_source=sampling["source"], pool=sampling["pool"])
         settings = {"threshold": float(args.threshold), "backend": args.backend,
-                    **tree_settings(args.trees, args.tree_seed)}
+                    **tree_settings(trees, args.tree_seed, policy)}
         pred.provenance = provenance(model, settings)
         stem = Path(args.slide).stem
         png = save_explanation(src, pred, out / f"{stem}.magnet.png", thumb_size=args.thumb_size)

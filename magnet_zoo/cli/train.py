@@ -10,7 +10,7 @@ import math
 import sys
 from typing import Any
 
-from magnet_zoo.cli.predict import _tree_args
+from magnet_zoo.cli.predict import _tree_args, tree_inference
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -103,10 +103,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="write the metrics and per-slide predictions as JSON here")
     p.add_argument("--predictions", default=None, help="write per-slide predictions as CSV here")
     _tree_args(p)
-    p.add_argument("--as-trained", action="store_true",
-                   help="score each slide as the checkpoint's recipe validated it: for a tree_mil recipe, its "
-                        "explore_trees sampled trees, drawn from its training policy, max-pooled (with "
-                        "--tree-seed); for any other recipe the expected crop. Not with --trees")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=run_evaluate)
 
@@ -222,7 +218,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from magnet_zoo.train.evaluate import evaluate
 
     model = load_pretrained(args.model, revision=args.revision, device="cpu")
-    trees, policy = _inference(model, args)
+    trees, policy = tree_inference(model, args, "evaluate")
     try:
         report = evaluate(
             model,
@@ -258,32 +254,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
         atomic_write_text(args.predictions, buffer.getvalue())
     print(format_report(report.metrics, report.loss["total"]))
     return 0
-
-
-def _inference(model: Any, args: argparse.Namespace) -> tuple[int | None, Any]:
-    """``(trees, tree_policy)`` for :func:`~magnet_zoo.train.evaluate.evaluate`: ``--trees`` as given, or with
-    ``--as-trained`` the checkpoint recipe's (:func:`~magnet_zoo.train.exploration.trained_inference`). A
-    ``tree_mil`` checkpoint scored another way gets a warning: its validation numbers were not made so."""
-    from magnet_zoo.train.exploration import trained_inference
-
-    trained = trained_inference(model)
-    if args.as_trained:
-        if args.trees != 1:
-            raise SystemExit("magnet-zoo evaluate: error: --as-trained sets the trees itself; drop --trees")
-        if trained is None:
-            print("magnet-zoo evaluate: the checkpoint records no tree-MIL recipe in its config.json (none, or "
-                  "one that validates with the expected crop, one tree): --as-trained changes nothing",
-                  file=sys.stderr)
-            return None, None
-        print(f"magnet-zoo evaluate: as trained: {trained[0]} sampled trees, {trained[1].kwargs()}", file=sys.stderr)
-        return trained
-    if trained is not None:
-        print(f"magnet-zoo evaluate: warning: this checkpoint was trained with tree_mil and validated on "
-              f"{trained[0]} sampled trees, max-pooled; this evaluation uses "
-              f"{'the expected crop, one tree' if args.trees == 1 else f'{args.trees} trees, mean-pooled'}, "
-              "so its numbers are not comparable with the validation's (--as-trained scores it as validated)",
-              file=sys.stderr)
-    return args.trees, None
 
 
 def format_report(metrics: dict[str, Any], loss: float | None = None) -> str:

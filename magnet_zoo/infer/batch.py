@@ -38,6 +38,7 @@ from magnet_zoo.atomic import atomic_write_text
 from magnet_zoo.infer.predict import Prediction, check_trees, predict_fetcher, resolution_report, tree_settings
 from magnet_zoo.infer.provenance import provenance as make_provenance
 from magnet_zoo.nn.magnet import MagNet
+from magnet_zoo.nn.trees import TreePolicy
 from magnet_zoo.wsi.errors import SlideError
 from magnet_zoo.wsi.fetch import SlideFetcher
 from magnet_zoo.wsi.open import BACKENDS, open_slide
@@ -191,13 +192,16 @@ def predict_many(
     progress: Callable[[Iterable], Iterable] | None = None,
     trees: int | None = None,
     tree_seed: int = 0,
+    tree_policy: TreePolicy | None = None,
 ) -> RunSummary:
     """Predict every slide in ``slides`` (this rank's shard of it) into ``out_dir``; see module doc.
 
     ``threshold`` turns the probability into the label (``p >= threshold`` is the positive class).
     ``trees`` ``K > 1`` pools ``K`` sampled zoom trees per slide (``predict_slide(trees=K, seed=tree_seed)``;
     ``K`` times the cost, and the slides then run one at a time whatever ``batch_size``, so that a slide's
-    trees depend on the seed only); both are settings of the run key.
+    trees depend on the seed only); ``tree_policy`` says how they are drawn and pooled (default: the
+    inference default, mean-pooled; a tree-MIL checkpoint's own: ``trained_inference``). All are settings of
+    the run key.
     """
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}")
@@ -207,7 +211,7 @@ def predict_many(
     (out / "slides").mkdir(parents=True, exist_ok=True)
     trees = check_trees(trees)
     prov = make_provenance(model, {"threshold": float(threshold), "backend": backend,
-                                   **tree_settings(trees, tree_seed)})
+                                   **tree_settings(trees, tree_seed, tree_policy)})
     key_now = prov["run_key"]
     if rank == 0:
         atomic_write_text(out / "run.json", json.dumps(prov, indent=1) + "\n")
@@ -263,7 +267,8 @@ def predict_many(
                 else:
                     good.append((path, src))
             if good:
-                _predict_batch(model, good, out, explain, new_errors, summary, prov, threshold, trees, tree_seed)
+                _predict_batch(model, good, out, explain, new_errors, summary, prov, threshold, trees, tree_seed,
+                               tree_policy)
             if world > 1:  # a rank's file also names the slides it predicted: their old rows are stale
                 cleared.update({slide_key(p): _cleared_row(p, key_now) for p in batches[i]
                                 if slide_key(p) not in new_errors})
@@ -328,18 +333,23 @@ def _predict_batch(
     threshold: float,
     trees: int | None = None,
     tree_seed: int = 0,
+    tree_policy: TreePolicy | None = None,
 ) -> None:
     labels = model.config.labels
     if trees is not None and len(opened) > 1:  # sampled trees: one slide at a time (module doc)
         for item in opened:
-            _predict_batch(model, [item], out, explain, errors, summary, prov, threshold, trees, tree_seed)
+            _predict_batch(model, [item], out, explain, errors, summary, prov, threshold, trees, tree_seed,
+                           tree_policy)
         return
     start = time.perf_counter()
     try:
         with torch.inference_mode():
             if trees is not None:
+                policy = (tree_policy or TreePolicy()).kwargs()
                 sampled = predict_fetcher(model, SlideFetcher(opened[0][1], model.config.grey_threshold),
-                                          threshold=threshold, trees=trees, seed=tree_seed)
+                                          threshold=threshold, trees=trees, seed=tree_seed,
+                                          temperature=policy["temperature"], uniform=policy["uniform"],
+                                          tree_source=policy["source"], pool=policy["pool"])
             else:
                 result = model([SlideFetcher(src, model.config.grey_threshold) for _, src in opened])
     except (SlideError, OSError, ValueError) as exc:
@@ -349,7 +359,8 @@ def _predict_batch(
             src.close()
             return
         for item in opened:  # find the bad slide(s): one by one
-            _predict_batch(model, [item], out, explain, errors, summary, prov, threshold, trees, tree_seed)
+            _predict_batch(model, [item], out, explain, errors, summary, prov, threshold, trees, tree_seed,
+                           tree_policy)
         return
     seconds = (time.perf_counter() - start) / len(opened)
     for i, (path, src) in enumerate(opened):

@@ -24,6 +24,8 @@ from magnet_zoo.nn.trees import (
     DEFAULT_TEMPERATURE,
     INFERENCE_SOURCE,
     INFERENCE_UNIFORM,
+    TreePolicy,
+    check_pool,
     check_trees,
     pooled_forward,
 )
@@ -114,7 +116,7 @@ class Prediction:
     """With sampled trees (``predict_slide(trees=K)``, ``K > 1``): all ``K`` zoom trees, in draw order;
     ``tree`` is ``trees[tree_index]``. ``None`` with the expected crop (one deterministic tree)."""
     tree_probabilities: list[float] | None = None
-    """Each sampled tree's probability; ``probability`` is their mean."""
+    """Each sampled tree's probability; ``probability`` is their mean (with ``pool="max"``: their largest)."""
     tree_index: int | None = None
     """Which of ``trees`` is ``tree`` (and gave ``final_patches``): the one whose probability is closest to
     the pooled ``probability`` (the first on a tie)."""
@@ -162,14 +164,20 @@ class Prediction:
         return out
 
 
-def tree_settings(trees: int | None, seed: int = 0) -> dict[str, Any]:
+def tree_settings(trees: int | None, seed: int = 0, policy: TreePolicy | None = None) -> dict[str, Any]:
     """The prediction settings sampled trees add to the provenance (and so to the run key): nothing for
-    the expected crop (``trees`` ``None`` or 1), so those run keys are unchanged."""
+    the expected crop (``trees`` ``None`` or 1), so those run keys are unchanged; ``policy`` (default: the
+    inference default) says how the trees are drawn and pooled, its pooling recorded only when it is not
+    the mean (so the run keys of mean-pooled runs are unchanged too)."""
     k = check_trees(trees)
     if k is None:
         return {}
-    return {"trees": k, "tree_seed": int(seed), "tree_source": INFERENCE_SOURCE,
-            "tree_temperature": DEFAULT_TEMPERATURE, "tree_uniform": INFERENCE_UNIFORM}
+    policy = policy or TreePolicy()
+    settings = {"trees": k, "tree_seed": int(seed), "tree_source": policy.source,
+                "tree_temperature": float(policy.temperature), "tree_uniform": float(policy.uniform)}
+    if policy.pool != "mean":
+        settings["tree_pool"] = policy.pool
+    return settings
 
 
 @torch.inference_mode()
@@ -183,6 +191,7 @@ def predict_slide(
     temperature: float = DEFAULT_TEMPERATURE,
     uniform: float = INFERENCE_UNIFORM,
     tree_source: str = INFERENCE_SOURCE,
+    pool: str = "mean",
 ) -> Prediction:
     """Classify one slide.
 
@@ -197,16 +206,18 @@ def predict_slide(
     (:mod:`magnet_zoo.nn.trees`: every learned crop centre drawn from ``(1 - uniform) p + uniform * U``, ``p``
     the layer's sparse entmax map, or with ``tree_source="softmax"`` ``softmax(logits / temperature)``; tree ``k``
     from a generator seeded by ``(seed, k)``) and pools them: the
-    probability is the mean of the trees' probabilities, ``Prediction.trees`` holds all ``K`` trees and
-    ``Prediction.tree`` the one closest to the pooled probability. It costs ``K`` times the compute and
-    about ``K`` times the reads; ``accounting`` sums them over the trees and records ``trees``.
+    probability is the mean of the trees' probabilities (``pool="max"``: the largest, as a MagNet trained
+    with tree MIL is validated: :func:`magnet_zoo.train.exploration.trained_inference` gives its ``K`` and
+    policy), ``Prediction.trees`` holds all ``K`` trees and ``Prediction.tree`` the one closest to the pooled
+    probability (with ``pool="max"``: the tree that gave it). It costs ``K`` times the compute and about
+    ``K`` times the reads; ``accounting`` sums them over the trees and records ``trees``.
     """
     was_training = model.training
     model.eval()
     try:
         pred = predict_fetcher(model, as_fetcher(source, model.config.grey_threshold), threshold=threshold,
                                trees=trees, seed=seed, temperature=temperature, uniform=uniform,
-                               tree_source=tree_source)
+                               tree_source=tree_source, pool=pool)
     finally:
         model.train(was_training)
     if pred.resolution["warning"] and pred.resolution["relative_difference"] is not None:  # no-mpp: the reader said so
@@ -224,10 +235,12 @@ def predict_fetcher(
     temperature: float = DEFAULT_TEMPERATURE,
     uniform: float = INFERENCE_UNIFORM,
     tree_source: str = INFERENCE_SOURCE,
+    pool: str = "mean",
 ) -> Prediction:
     """:func:`predict_slide` on a ``SlideFetcher``, in the model's current mode and gradient context,
     without logging the resolution warning (:func:`predict_slide` and the cohort runner log it)."""
     k = check_trees(trees)
+    check_pool(pool)
     start = time.perf_counter()
     if k is None:
         out = model([fetcher])
@@ -237,12 +250,15 @@ def predict_fetcher(
         accounting = out.accounting[0]
     else:
         pooled = pooled_forward(model, [fetcher], trees=k, seed=seed, temperature=temperature, uniform=uniform,
-                                source=tree_source)
+                                source=tree_source, pool=pool)
         chosen = pooled.representative()[0]
         tree, final = pooled.outputs[chosen].trees[0], pooled.outputs[chosen].final_patches[0]
         prob = float(pooled.probs[0])
         keys = pooled.outputs[0].aux_probs.keys()
-        aux = {str(key): sum(float(o.aux_probs[key][0]) for o in pooled.outputs) / k for key in keys}
+        if pool == "max":  # the auxiliary heads of the tree that gave the probability
+            aux = {str(key): float(pooled.outputs[chosen].aux_probs[key][0]) for key in keys}
+        else:
+            aux = {str(key): sum(float(o.aux_probs[key][0]) for o in pooled.outputs) / k for key in keys}
         accounting = pooled.accounting()[0]
     seconds = time.perf_counter() - start
     labels = model.config.labels
@@ -265,6 +281,8 @@ def predict_fetcher(
         pred.tree_probabilities = [float(p) for p in pooled.tree_probs[:, 0]]
         pred.tree_index = chosen
         pred.sampling = {"trees": k, "seed": int(seed), "source": tree_source, "temperature": float(temperature),
-                         "uniform": float(uniform), "pooling": "mean of the trees' probabilities"}
+                         "uniform": float(uniform),
+                         "pooling": ("largest of the trees' probabilities" if pool == "max"
+                                     else "mean of the trees' probabilities")}
         resolution["tree_nodes"] = [resolution_report(model, fetcher.source, t)["nodes"] for t in pred.trees]
     return pred
