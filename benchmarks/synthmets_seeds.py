@@ -30,7 +30,8 @@ from baselines.common import data_key  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_RUNS = ("synthmets_30min.json", "synthmets_30min_centred_s0.json", "synthmets_30min_centred_s1.json",
                 "synthmets_30min_explore4_s0.json", "synthmets_30min_treemil_s0.json",
-                "synthmets_30min_treemil_epyc_s0.json", "synthmets_30min_treemil_epyc_s1.json")
+                "synthmets_30min_treemil_epyc_s0.json", "synthmets_30min_treemil_epyc_s1.json",
+                "synthmets_30min_treemil_epyc_s2.json")
 BASELINES = ("mean_rgb", "thumbnail_cnn", "dense_mil")
 COLUMNS = ("auroc", "auroc_macro", "auroc_micro", "auroc_itc", "loc_micro_ratio", "loc_all_ratio")
 
