@@ -87,5 +87,4 @@ def save_demo_checkpoint(model: MagNet, directory: Path, result: dict[str, Any],
     )
     # The recipe in config.json lets `magnet-zoo evaluate --as-trained` score a tree-MIL model as it was tested
     # (older results recorded no full recipe: their checkpoints carry none).
-    full_recipe = magnet["settings"].get("recipe") if "name" in (magnet["settings"].get("recipe") or {}) else None
-    return save_pretrained(model, directory, card_data=card, recipe=full_recipe)
+    return save_pretrained(model, directory, card_data=card, recipe=recipe if "name" in recipe else None)

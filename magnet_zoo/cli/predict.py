@@ -187,20 +187,17 @@ def run_predict(args: argparse.Namespace) -> int:
 def run_explain(args: argparse.Namespace) -> int:
     from magnet_zoo.atomic import atomic_write_text
     from magnet_zoo.explain import save_explanation, write_geojson
-    from magnet_zoo.infer.predict import predict_slide, tree_settings
+    from magnet_zoo.infer.predict import policy_kwargs, predict_slide, tree_settings
     from magnet_zoo.infer.provenance import provenance
-    from magnet_zoo.nn.trees import TreePolicy
     from magnet_zoo.wsi.open import open_slide
 
     model = load_model(args)
     trees, policy = tree_inference(model, args, "explain")
-    sampling = (policy or TreePolicy()).kwargs()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open_slide(args.slide, args.backend) as src:
         pred = predict_slide(model, src, threshold=args.threshold, trees=trees, seed=args.tree_seed,
-                             temperature=sampling["temperature"], uniform=sampling["uniform"],
-                             tree_source=sampling["source"], pool=sampling["pool"])
+                             **policy_kwargs(policy))
         settings = {"threshold": float(args.threshold), "backend": args.backend,
                     **tree_settings(trees, args.tree_seed, policy)}
         pred.provenance = provenance(model, settings)

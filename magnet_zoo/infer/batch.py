@@ -35,7 +35,14 @@ from pathlib import Path
 import torch
 
 from magnet_zoo.atomic import atomic_write_text
-from magnet_zoo.infer.predict import Prediction, check_trees, predict_fetcher, resolution_report, tree_settings
+from magnet_zoo.infer.predict import (
+    Prediction,
+    check_trees,
+    policy_kwargs,
+    predict_fetcher,
+    resolution_report,
+    tree_settings,
+)
 from magnet_zoo.infer.provenance import provenance as make_provenance
 from magnet_zoo.nn.magnet import MagNet
 from magnet_zoo.nn.trees import TreePolicy
@@ -345,11 +352,9 @@ def _predict_batch(
     try:
         with torch.inference_mode():
             if trees is not None:
-                policy = (tree_policy or TreePolicy()).kwargs()
                 sampled = predict_fetcher(model, SlideFetcher(opened[0][1], model.config.grey_threshold),
                                           threshold=threshold, trees=trees, seed=tree_seed,
-                                          temperature=policy["temperature"], uniform=policy["uniform"],
-                                          tree_source=policy["source"], pool=policy["pool"])
+                                          **policy_kwargs(tree_policy))
             else:
                 result = model([SlideFetcher(src, model.config.grey_threshold) for _, src in opened])
     except (SlideError, OSError, ValueError) as exc:

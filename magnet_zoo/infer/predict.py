@@ -180,6 +180,13 @@ def tree_settings(trees: int | None, seed: int = 0, policy: TreePolicy | None = 
     return settings
 
 
+def policy_kwargs(policy: TreePolicy | None) -> dict[str, Any]:
+    """``policy`` (default: the inference default) as :func:`predict_slide`'s keyword arguments."""
+    policy = policy or TreePolicy()
+    return {"temperature": float(policy.temperature), "uniform": float(policy.uniform),
+            "tree_source": policy.source, "pool": policy.pool}
+
+
 @torch.inference_mode()
 def predict_slide(
     model: MagNet,
