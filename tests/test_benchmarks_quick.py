@@ -85,9 +85,33 @@ def test_synthmets_quick(tmp_path):
         assert 0.0 <= row["random_hit"] <= 1.0, row
     assert loc["all"]["hit"] == pytest.approx(sum(r["hit"] for r in per_slide) / len(per_slide))
     assert loc["all"]["random_hit"] == pytest.approx(sum(r["random_hit"] for r in per_slide) / len(per_slide))
+    # the ceiling of the ratio is that of patches all on tumour (hit 1): no ratio exceeds it
+    for group in [loc["all"], *loc["by_category"].values()]:
+        if group.get("random_hit", 0) > 0:
+            assert group["ratio_ceiling"] == pytest.approx(1 / group["random_hit"])
+            assert group["ratio"] <= group["ratio_ceiling"] + 1e-9
     assert result["targets"] and all("value" in row for row in result["targets"].values())
+    ceiling_row = result["targets"]["localisation micro: ceiling of that ratio, every final patch on tumour (reported)"]
+    micro = loc["by_category"].get("micro")
+    if micro and micro.get("random_hit", 0) > 0:
+        assert ceiling_row["value"] == pytest.approx(1 / micro["random_hit"])
     markdown = (tmp_path / "synthmets_quick.md").read_text()
     assert "python benchmarks/synthmets.py --quick" in markdown
+    assert "ceiling (all on tumour)" in markdown
+
+    # layer by layer from the same JSON: every pair's first box is a first-layer crop; the second layer is
+    # scored under the parents on tumour, one learned child each
+    layers_out = tmp_path / "layers.json"
+    run_script("synthmets_layers.py", "--runs", str(tmp_path / "synthmets_quick.json"), "--data",
+               str(tmp_path / "data"), "--out", str(layers_out))
+    layers = read_json(layers_out)["runs"][0]
+    one, two = layers["all"]["layer1"], layers["all"]["layer2_on_tumour"]
+    tumour_preds = [p for p in magnet["predictions"] if p["label"] == 1]
+    assert one["n"] == sum(len(p["extra"]["final_boxes"]) // 2 for p in tumour_preds)
+    assert two.get("n", 0) == round(one["hit"] * one["n"])
+    if one["random_hit"] > 0:
+        assert one["ratio"] == pytest.approx(one["hit"] / one["random_hit"])
+    assert "| synthmets_quick.json |" in layers_out.with_suffix(".md").read_text()
     assert "| magnet |" in markdown and "| dense_mil |" in markdown
 
 
@@ -218,6 +242,11 @@ def test_synthmets_magnet_seeds_on_the_same_data_make_one_table(tmp_path):
     assert [(r["recipe"], r["seed"]) for r in seeds["runs"]] == [("learn_to_look", 0), ("learn_to_look_centred", 1)]
     for row, run in zip(seeds["runs"], (first, second), strict=True):
         assert row["auroc"] == run["methods"]["magnet"]["summary"]["metrics"]["auroc"]
+        micro = run["localisation"]["by_category"].get("micro", {})
+        if micro.get("random_hit"):  # the ceiling comes from random_hit, so older JSONs get it too
+            assert row["loc_micro_ceiling"] == pytest.approx(1 / micro["random_hit"])
+        else:
+            assert row["loc_micro_ceiling"] is None
     assert seeds["recipes"]["learn_to_look_centred (recentre_on=positive)"]["seeds"] == [1]
     assert seeds["runs"][1]["recipe_fields"] == ["recentre_on=positive"] and seeds["runs"][0]["recipe_fields"] == []
     assert "| learn_to_look_centred (recentre_on=positive) | 1 |" in out.with_suffix(".md").read_text()

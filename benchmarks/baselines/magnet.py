@@ -242,6 +242,67 @@ class _Integral:
         return (r1 - r0) * (c1 - c0), int(t[r1, c1] - t[r0, c1] - t[r1, c0] + t[r0, c0])
 
 
+def tumour_integral(slide: Slide, mask_side: int = 2048) -> _Integral:
+    """The summed-area table of ``slide``'s tumour mask (from its sidecar), ``mask_side`` cells on its long side."""
+    w, h = slide.width, slide.height
+    factor = max(w, h) / mask_side
+    shape = (max(1, round(h / factor)), max(1, round(w / factor)))
+    return _Integral(tumour_mask(slide.sidecar, shape), w / shape[1], h / shape[0])
+
+
+def layer_localisation(
+    slide: Slide, boxes: Sequence[Sequence[float]], *, mask_side: int = 2048, samples: int = 256, seed: int = 0
+) -> dict[str, Any]:
+    """Localisation of each layer of a two-layer MagNet whose second layer's first patch is the identity.
+
+    ``boxes`` are its final patches (``[x, y, side]``, level 0) in the order the network writes them: per
+    first-layer crop, its identity child (the crop itself) and then its learned children. So the first
+    layer's crops are every group's first box, and each learned second-layer crop has its parent.
+
+    Returns per layer: ``hit`` (share of the layer's learned crops that overlap tumour) and ``random_hit``
+    (squares of the same sides placed uniformly: on the slide for layer 1, inside the parent crop for layer
+    2, the second layer's only choice). Layer 2 is scored only under parents that overlap tumour (``n``
+    such crops): there the question is whether the attention, shown tumour, looks at it; elsewhere no
+    placement can hit. ``tumour_area`` / ``random_tumour_area``: the mean tumour share of the crops' area.
+    """
+    integral = tumour_integral(slide, mask_side)
+    w, h = slide.width, slide.height
+    rng = np.random.default_rng([seed, zlib.crc32(Path(slide.path).name.encode()), slide.width, 2])
+    group = 2
+    if len(boxes) % group:
+        raise ValueError(f"{len(boxes)} final boxes do not come in (identity, learned) pairs")
+
+    def hit(x: float, y: float, side: float) -> tuple[float, float]:
+        cells, tumour = integral.count(x, y, side)
+        return float(tumour > 0), (tumour / cells if cells else 0.0)
+
+    def uniform(x0: float, y0: float, room_w: float, room_h: float, side: float) -> tuple[float, float]:
+        xs = x0 + rng.uniform(0, max(room_w - side, 0), samples)
+        ys = y0 + rng.uniform(0, max(room_h - side, 0), samples)
+        r = [hit(x, y, side) for x, y in zip(xs, ys, strict=True)]
+        return float(np.mean([a for a, _ in r])), float(np.mean([b for _, b in r]))
+
+    first: list[tuple[float, float, float, float]] = []
+    second: list[tuple[float, float, float, float]] = []
+    for i in range(0, len(boxes), group):
+        px, py, ps = boxes[i]
+        parent = hit(px, py, ps)
+        first.append((*parent, *uniform(0.0, 0.0, w, h, ps)))
+        if not parent[0]:
+            continue
+        for cx, cy, cs in boxes[i + 1:i + group]:
+            second.append((*hit(cx, cy, cs), *uniform(px, py, ps, ps, cs)))
+
+    def summary(rows: list[tuple[float, float, float, float]]) -> dict[str, Any]:
+        if not rows:
+            return {"n": 0}
+        a = np.asarray(rows, dtype=np.float64).mean(0)
+        return {"n": len(rows), "hit": float(a[0]), "tumour_area": float(a[1]), "random_hit": float(a[2]),
+                "random_tumour_area": float(a[3])}
+
+    return {"layer1": summary(first), "layer2_on_tumour": summary(second)}
+
+
 def slide_localisation(
     slide: Slide, boxes: Sequence[Sequence[float]], *, mask_side: int = 2048, samples: int = 256, seed: int = 0
 ) -> dict[str, float]:
@@ -249,9 +310,7 @@ def slide_localisation(
     the mean tumour share of their area, and the same for squares of the same sides placed uniformly at
     random on the slide and centred on random tissue pixels."""
     w, h = slide.width, slide.height
-    factor = max(w, h) / mask_side
-    shape = (max(1, round(h / factor)), max(1, round(w / factor)))
-    integral = _Integral(tumour_mask(slide.sidecar, shape), w / shape[1], h / shape[0])
+    integral = tumour_integral(slide, mask_side)
     with open_slide(slide.path) as src:
         rgb, view_ds, _ = tissue_view(src, 1024)
     ty, tx = np.nonzero(rgb.any(axis=-1))
@@ -289,8 +348,10 @@ def localisation(results: Sequence[SlideResult], slides: Sequence[Slide], seed: 
 
     ``hit``: share of final patches that overlap tumour; ``random_hit``: the share that squares of the same
     sides placed uniformly on the slide would get (``random_tissue_hit``: centred on tissue); ``ratio``:
-    ``hit / random_hit``; ``tumour_area``: mean tumour share of a final patch's area; ``any_hit``: share of
-    slides with at least one final patch on tumour.
+    ``hit / random_hit``; ``ratio_ceiling``: ``1 / random_hit``, the ratio if every final patch lay on tumour
+    (a localisation target above it cannot be met with patches of these sides, however good the attention);
+    ``tumour_area``: mean tumour share of a final patch's area; ``any_hit``: share of slides with at least
+    one final patch on tumour.
     """
     by_path = {s.path: s for s in slides}
     per_slide = []
@@ -310,6 +371,7 @@ def localisation(results: Sequence[SlideResult], slides: Sequence[Slide], seed: 
             vals = [r[key] for r in rows if math.isfinite(r[key])]
             out[key] = float(np.mean(vals)) if vals else math.nan
         out["ratio"] = out["hit"] / out["random_hit"] if out["random_hit"] > 0 else math.nan
+        out["ratio_ceiling"] = 1.0 / out["random_hit"] if out["random_hit"] > 0 else math.nan
         out["ratio_tissue"] = (
             out["hit"] / out["random_tissue_hit"] if out.get("random_tissue_hit", 0) > 0 else math.nan
         )
