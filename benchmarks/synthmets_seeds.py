@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baselines.common import data_key  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_RUNS = ("synthmets_30min.json", "synthmets_30min_centred_s0.json", "synthmets_30min_centred_s1.json",
+DEFAULT_RUNS = ("synthmets_30min.json", "synthmets_30min_s1.json", "synthmets_30min_centred_s0.json",
+                "synthmets_30min_centred_s1.json",
                 "synthmets_30min_explore4_s0.json", "synthmets_30min_treemil_s0.json",
                 "synthmets_30min_treemil_epyc_s0.json", "synthmets_30min_treemil_epyc_s1_idle.json",
                 "synthmets_30min_treemil_epyc_s2.json", "synthmets_30min_treemil_epyc_s3.json")

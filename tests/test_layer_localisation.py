@@ -44,13 +44,15 @@ def test_a_child_on_tumour_scores_one_and_a_child_beside_it_zero(macro):
     found = layer_localisation(slide, [whole, [onx, ony, 64.0], whole, [offx, offy, 64.0]], samples=64)
     assert found["layer1"]["n"] == 2 and found["layer1"]["hit"] == 1.0
     assert found["layer2_on_tumour"]["n"] == 2 and found["layer2_on_tumour"]["hit"] == 0.5
-    on = layer_localisation(slide, [whole, [onx, ony, 64.0]], samples=64)["layer2_on_tumour"]
-    off = layer_localisation(slide, [whole, [offx, offy, 64.0]], samples=64)["layer2_on_tumour"]
+    on = layer_localisation(slide, [whole, [onx, ony, 64.0]], samples=256)["layer2_on_tumour"]
+    off = layer_localisation(slide, [whole, [offx, offy, 64.0]], samples=256)["layer2_on_tumour"]
     assert on["n"] == off["n"] == 1
     assert on["hit"] == 1.0 and on["tumour_area"] == pytest.approx(1.0, abs=0.05)
     assert off["hit"] == 0.0 and off["tumour_area"] == 0.0
     # the random baseline is the same for both (same parent, same side) and strictly between
     assert 0.0 < on["random_hit"] == off["random_hit"] < 1.0
+    # tumour lies in tissue, and glass is a good part of the slide: squares centred on tissue hit more often
+    assert on["random_hit"] < on["random_tissue_hit"] < 1.0
 
 
 def test_children_of_parents_off_tumour_are_not_scored(macro):
@@ -58,9 +60,9 @@ def test_children_of_parents_off_tumour_are_not_scored(macro):
     (_, _), (offx, offy) = _spots(mask, 256)
     parent = [float(offx), float(offy), 256.0]
     found = layer_localisation(slide, [parent, [offx + 10.0, offy + 10.0, 64.0]], samples=32)
-    assert found["layer1"] == pytest.approx({"n": 1, "hit": 0.0, "tumour_area": 0.0,
-                                             "random_hit": found["layer1"]["random_hit"],
-                                             "random_tumour_area": found["layer1"]["random_tumour_area"]})
+    one = found["layer1"]
+    assert (one["n"], one["hit"], one["tumour_area"]) == (1, 0.0, 0.0)
+    assert 0.0 <= one["random_hit"] <= 1.0 and 0.0 <= one["random_tissue_hit"] <= 1.0
     assert found["layer2_on_tumour"] == {"n": 0}
     with pytest.raises(ValueError, match="pairs"):
         layer_localisation(slide, [parent], samples=8)

@@ -251,7 +251,8 @@ def tumour_integral(slide: Slide, mask_side: int = 2048) -> _Integral:
 
 
 def layer_localisation(
-    slide: Slide, boxes: Sequence[Sequence[float]], *, mask_side: int = 2048, samples: int = 256, seed: int = 0
+    slide: Slide, boxes: Sequence[Sequence[float]], *, mask_side: int = 2048, samples: int = 256, seed: int = 0,
+    thumbnail: tuple[np.ndarray, float] | None = None,
 ) -> dict[str, Any]:
     """Localisation of each layer of a two-layer MagNet whose second layer's first patch is the identity.
 
@@ -261,13 +262,23 @@ def layer_localisation(
 
     Returns per layer: ``hit`` (share of the layer's learned crops that overlap tumour) and ``random_hit``
     (squares of the same sides placed uniformly: on the slide for layer 1, inside the parent crop for layer
-    2, the second layer's only choice). Layer 2 is scored only under parents that overlap tumour (``n``
-    such crops): there the question is whether the attention, shown tumour, looks at it; elsewhere no
-    placement can hit. ``tumour_area`` / ``random_tumour_area``: the mean tumour share of the crops' area.
+    2, the second layer's only choice); ``random_tissue_hit``: the same squares centred on random tissue
+    pixels (moved inside the slide or the parent), the fair baseline for a glass-free attention, which can
+    only centre its crops on tissue. Layer 2 is scored only under parents that overlap tumour (``n`` such
+    crops): there the question is whether the attention, shown tumour, looks at it; elsewhere no placement
+    can hit. ``tumour_area`` / ``random_tumour_area``: the mean tumour share of the crops' area (uniform).
+    ``thumbnail``: the slide's grey-filtered view and its downsample (``tissue_view``), when already read.
     """
     integral = tumour_integral(slide, mask_side)
     w, h = slide.width, slide.height
     rng = np.random.default_rng([seed, zlib.crc32(Path(slide.path).name.encode()), slide.width, 2])
+    if thumbnail is None:
+        with open_slide(slide.path) as src:
+            rgb, view_ds, _ = tissue_view(src, 1024)
+    else:
+        rgb, view_ds = thumbnail
+    ty, tx = np.nonzero(rgb.any(axis=-1))
+    tissue_x, tissue_y = (tx + 0.5) * view_ds, (ty + 0.5) * view_ds
     group = 2
     if len(boxes) % group:
         raise ValueError(f"{len(boxes)} final boxes do not come in (identity, learned) pairs")
@@ -276,14 +287,25 @@ def layer_localisation(
         cells, tumour = integral.count(x, y, side)
         return float(tumour > 0), (tumour / cells if cells else 0.0)
 
-    def uniform(x0: float, y0: float, room_w: float, room_h: float, side: float) -> tuple[float, float]:
+    def uniform(x0: float, y0: float, room_w: float, room_h: float, side: float) -> tuple[float, float, float]:
+        """Mean hit and tumour share of squares placed uniformly in the room, and the hit of squares centred
+        on its tissue pixels (uniform where it shows none)."""
         xs = x0 + rng.uniform(0, max(room_w - side, 0), samples)
         ys = y0 + rng.uniform(0, max(room_h - side, 0), samples)
         r = [hit(x, y, side) for x, y in zip(xs, ys, strict=True)]
-        return float(np.mean([a for a, _ in r])), float(np.mean([b for _, b in r]))
+        inside = np.flatnonzero((tissue_x >= x0) & (tissue_x < x0 + room_w)
+                                & (tissue_y >= y0) & (tissue_y < y0 + room_h))
+        if inside.size:
+            pick = inside[rng.integers(0, inside.size, samples)]
+            xs = np.clip(tissue_x[pick] - side / 2, x0, x0 + max(room_w - side, 0))
+            ys = np.clip(tissue_y[pick] - side / 2, y0, y0 + max(room_h - side, 0))
+            on_tissue = float(np.mean([hit(x, y, side)[0] for x, y in zip(xs, ys, strict=True)]))
+        else:
+            on_tissue = float(np.mean([a for a, _ in r]))
+        return float(np.mean([a for a, _ in r])), float(np.mean([b for _, b in r])), on_tissue
 
-    first: list[tuple[float, float, float, float]] = []
-    second: list[tuple[float, float, float, float]] = []
+    first: list[tuple[float, ...]] = []
+    second: list[tuple[float, ...]] = []
     for i in range(0, len(boxes), group):
         px, py, ps = boxes[i]
         parent = hit(px, py, ps)
@@ -293,12 +315,12 @@ def layer_localisation(
         for cx, cy, cs in boxes[i + 1:i + group]:
             second.append((*hit(cx, cy, cs), *uniform(px, py, ps, ps, cs)))
 
-    def summary(rows: list[tuple[float, float, float, float]]) -> dict[str, Any]:
+    def summary(rows: list[tuple[float, ...]]) -> dict[str, Any]:
         if not rows:
             return {"n": 0}
         a = np.asarray(rows, dtype=np.float64).mean(0)
         return {"n": len(rows), "hit": float(a[0]), "tumour_area": float(a[1]), "random_hit": float(a[2]),
-                "random_tumour_area": float(a[3])}
+                "random_tumour_area": float(a[3]), "random_tissue_hit": float(a[4])}
 
     return {"layer1": summary(first), "layer2_on_tumour": summary(second)}
 
