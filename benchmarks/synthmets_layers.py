@@ -44,15 +44,15 @@ DEFAULT_RUNS = ("synthmets_30min.json", "synthmets_30min_s1.json", "synthmets_30
                 "synthmets_30min_treemil_epyc_s0.json", "synthmets_30min_treemil_epyc_s1_idle.json",
                 "synthmets_30min_treemil_epyc_s2.json", "synthmets_30min_treemil_epyc_s3.json")
 LAYERS = ("layer1", "layer2_on_tumour")
-THUMBNAILS: dict[tuple[str, int], tuple[Any, float]] = {}
-"""Each test slide's grey-filtered view, read once for all the runs."""
+THUMBNAILS: dict[str, tuple[Any, float]] = {}
+"""Each test slide's grey-filtered view by its path, read once for all the runs."""
 
 
 class LayersError(ValueError):
     """The run cannot be scored layer by layer (another architecture, slides missing)."""
 
 
-def test_slides(root: Path) -> dict[tuple[str, int], Slide]:
+def held_out_slides(root: Path) -> dict[tuple[str, int], Slide]:
     """The ``test`` and ``test_large`` slides of a ``synthmets.py`` data folder, by ``(file name, size)``: what
     a run's predictions record (the two splits reuse the names)."""
     slides: dict[tuple[str, int], Slide] = {}
@@ -96,7 +96,7 @@ def score_run(result: dict[str, Any], source: str, root: Path | None, seed: int)
     if magnet is None:
         raise LayersError(f"{source}: no MagNet in this run")
     check_architecture(magnet["settings"]["config"], source)
-    slides = test_slides(root or Path(result["data"]["root"]))
+    slides = held_out_slides(root or Path(result["data"]["root"]))
     per_slide = []
     for pred in magnet["predictions"]:
         if pred["label"] != 1:
@@ -107,12 +107,11 @@ def score_run(result: dict[str, Any], source: str, root: Path | None, seed: int)
                               "data folder")
         if not slide.sidecar.is_file():
             raise LayersError(f"{source}: {slide.sidecar} is missing; regenerate the data with benchmarks/synthmets.py")
-        key = (Path(slide.path).name, slide.size)
-        if key not in THUMBNAILS:
+        if slide.path not in THUMBNAILS:
             with open_slide(slide.path) as src:
                 rgb, view_ds, _ = tissue_view(src, 1024)
-            THUMBNAILS[key] = (rgb, view_ds)
-        loc = layer_localisation(slide, pred["extra"]["final_boxes"], seed=seed, thumbnail=THUMBNAILS[key])
+            THUMBNAILS[slide.path] = (rgb, view_ds)
+        loc = layer_localisation(slide, pred["extra"]["final_boxes"], seed=seed, thumbnail=THUMBNAILS[slide.path])
         per_slide.append({"slide": Path(slide.path).name, "category": slide.category, **loc})
     by_category = {c: pool([r for r in per_slide if r["category"] == c])
                    for c in sorted({r["category"] for r in per_slide})}
