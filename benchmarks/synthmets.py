@@ -54,6 +54,7 @@ from baselines.common import (  # noqa: E402
     data_key,
     jsonable,
     load_split,
+    ratio_ceiling,
 )
 
 from magnet_zoo.synth import GENERATOR_VERSION, generate_dataset  # noqa: E402
@@ -173,15 +174,6 @@ def targets(methods: dict[str, Any], loc: dict[str, Any] | None) -> dict[str, An
         if key in thresholds and math.isfinite(row["value"]):
             row["met"] = row["value"] >= thresholds[key]
     return out
-
-
-def ratio_ceiling(group: dict[str, Any]) -> float:
-    """``1 / random_hit`` of a localisation group: the largest ``hit / random_hit`` that patches of these sides
-    can reach (every one on tumour). Computed from ``random_hit`` when the group comes from an older JSON."""
-    if "ratio_ceiling" in group:
-        return group["ratio_ceiling"]
-    random_hit = group.get("random_hit", math.nan)
-    return 1.0 / random_hit if random_hit and math.isfinite(random_hit) else math.nan
 
 
 def fmt(v: Any, digits: int = 3) -> str:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from baselines.common import data_key  # noqa: E402
+from baselines.common import data_key, finite_or_none, ratio_ceiling  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_RUNS = ("synthmets_30min.json", "synthmets_30min_s1.json", "synthmets_30min_centred_s0.json",
@@ -75,7 +75,7 @@ def magnet_row(result: dict[str, Any], source: str) -> dict[str, Any]:
         "auroc_micro": per_cat.get("micro", {}).get("auroc"),
         "auroc_itc": per_cat.get("itc", {}).get("auroc"),
         "loc_micro_ratio": by_cat.get("micro", {}).get("ratio"),
-        "loc_micro_ceiling": ceiling(by_cat.get("micro", {})),
+        "loc_micro_ceiling": finite_or_none(ratio_ceiling(by_cat.get("micro", {}))),
         "loc_all_ratio": loc.get("all", {}).get("ratio"),
         "values_fed": magnet["summary"]["cost"]["values_fed_mean"],
         "budget_min": (settings["trainer"].get("budget_s") or 0) / 60 or None,
@@ -84,12 +84,6 @@ def magnet_row(result: dict[str, Any], source: str) -> dict[str, Any]:
         "also_running": result.get("also_running"),
         "command": magnet.get("command"),
     }
-
-
-def ceiling(group: dict[str, Any]) -> float | None:
-    """The largest ``hit / random_hit`` the group's final patches could reach (all on tumour): ``1 / random_hit``."""
-    random_hit = group.get("random_hit")
-    return 1.0 / random_hit if random_hit else None
 
 
 def summarise(runs: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:

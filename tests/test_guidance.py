@@ -99,6 +99,44 @@ def test_guidance_trains_only_the_inner_attention_towards_the_scores():
         assert corr > 0.7, (row, corr)
 
 
+@pytest.mark.slow
+def test_first_layer_guidance_trains_the_slide_level_attention_towards_windows_over_the_whole_slide():
+    fetchers = _fetchers()
+    net = _model(attention_tissue_only=True).train()
+    _red_scorer(net)
+    out = net(fetchers)
+    loss = guidance_loss(net, out, fetchers, layers=[1], grid=16).attention
+    loss.backward()
+    assert sum(float(p.grad.abs().sum()) for p in net.layers[0].parameters()) > 0
+    assert all(p.grad is None for p in net.layers[1].parameters())  # only the layers asked for
+    assert all(p.grad is None for p in (*net.classifier.parameters(), *net.aux_heads.parameters()))
+
+    layer = net.layers[0]
+    opt = torch.optim.Adam(layer.parameters(), lr=3e-3)
+    first = float(loss.detach())
+    for _ in range(40):
+        opt.zero_grad()
+        loss = guidance_loss(net, out, fetchers, layers=[1], grid=16).attention
+        loss.backward()
+        opt.step()
+    assert float(loss.detach()) < first - 0.2
+    # the windows cover each slide's square canvas; the first layer's logits over them follow the scores
+    win = window_scores(net, fetchers, [[Square(0, 0, 1500)]] * 2, grid=16)
+    views = torch.stack([f.fetch([Square(0, 0, 1500)], net.config.input_size).images for f in fetchers])
+    with torch.no_grad():
+        pooled = torch.nn.functional.adaptive_avg_pool2d(layer.attention_logits(views), 16)
+    for i in range(2):
+        for g in range(layer.num_stacks):
+            m = win.tissue[i, 0].flatten()
+            w, got = win.scores[i, 0].flatten()[m], pooled[i, g].flatten()[m]
+            corr = float(torch.corrcoef(torch.stack([w, got]))[0, 1])
+            assert corr > 0.7, (i, g, corr)
+    # with both layers and a grid per layer, both get the gradient
+    net.zero_grad()
+    guidance_loss(net, out, fetchers, layers=[1, 2], grid=[16, 8]).attention.backward()
+    assert all(sum(float(p.grad.abs().sum()) for p in net.layers[k].parameters() if p.grad is not None) > 0
+               for k in (0, 1))
+
 
 def test_guidance_runs_on_exploring_trees_and_limits_slides():
     fetchers = _fetchers()
@@ -115,7 +153,9 @@ def test_guidance_runs_on_exploring_trees_and_limits_slides():
     with pytest.raises(ValueError, match="temperature"):
         guidance_loss(net, tree, fetchers, temperature=0)
     with pytest.raises(ValueError, match="guided layers"):
-        guidance_loss(net, tree, fetchers, layers=[1])
+        guidance_loss(net, tree, fetchers, layers=[0])
+    with pytest.raises(ValueError, match="guided layers"):
+        guidance_loss(net, tree, fetchers, layers=[net.config.num_layers + 1])
 
 
 def test_window_mil_trains_the_head_on_each_slides_best_window():

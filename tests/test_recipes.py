@@ -63,6 +63,18 @@ def test_unknown_recipes_fields_and_bad_values_are_named():
         parse_recipe_overrides(["lrr=1"])
 
 
+def test_guidance_layers_and_grids_are_read_from_json_and_checked():
+    recipe = Recipe.from_dict({"name": "g", "guidance_weight": 1.0, "guidance_layers": [1, 2],
+                               "guidance_grid": [16, 8]})
+    assert recipe.guidance_layers == (1, 2) and recipe.guidance_grid == (16, 8)
+    assert Recipe.from_dict(recipe.to_dict()) == recipe
+    assert get_recipe("learn_to_look").guidance_layers == ()  # default: every layer after the first
+    for bad in ({"guidance_layers": [0]}, {"guidance_layers": [2, 2]}, {"guidance_grid": []},
+                {"guidance_grid": [1]}):
+        with pytest.raises(ConfigError, match="guidance_"):
+            get_recipe("learn_to_look", **bad)
+
+
 def test_train_config_builds_the_network_with_the_recipes_settings_then_the_runs():
     cfg = TrainConfig(recipe="learn_to_look", model_overrides={"max_scale": 0.5})
     settings = cfg.model_settings()

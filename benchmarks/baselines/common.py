@@ -157,6 +157,16 @@ def finite_or_none(value: float) -> float | None:
     return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
 
 
+def ratio_ceiling(group: dict[str, Any]) -> float:
+    """``1 / random_hit`` of a localisation group: the largest ``hit / random_hit`` that patches of these sides
+    can reach (every one on tumour); NaN where random placement never hits. Computed from ``random_hit`` when
+    the group comes from a JSON older than its ``ratio_ceiling`` entry."""
+    if group.get("ratio_ceiling") is not None:
+        return group["ratio_ceiling"]
+    random_hit = group.get("random_hit")
+    return 1.0 / random_hit if random_hit and math.isfinite(random_hit) else math.nan
+
+
 def jsonable(obj: Any) -> Any:
     """``obj`` with NaN/inf replaced by ``None`` and numpy scalars made plain, recursively."""
     if isinstance(obj, dict):

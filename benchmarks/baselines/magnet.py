@@ -241,6 +241,11 @@ class _Integral:
         t = self.table
         return (r1 - r0) * (c1 - c0), int(t[r1, c1] - t[r0, c1] - t[r1, c0] + t[r0, c0])
 
+    def hit(self, x: float, y: float, side: float) -> tuple[float, float]:
+        """Whether the square overlaps the mask (1.0 / 0.0), and the share of its cells that are set."""
+        cells, set_cells = self.count(x, y, side)
+        return float(set_cells > 0), (set_cells / cells if cells else 0.0)
+
 
 def tumour_integral(slide: Slide, mask_side: int = 2048) -> _Integral:
     """The summed-area table of ``slide``'s tumour mask (from its sidecar), ``mask_side`` cells on its long side."""
@@ -283,9 +288,7 @@ def layer_localisation(
     if len(boxes) % group:
         raise ValueError(f"{len(boxes)} final boxes do not come in (identity, learned) pairs")
 
-    def hit(x: float, y: float, side: float) -> tuple[float, float]:
-        cells, tumour = integral.count(x, y, side)
-        return float(tumour > 0), (tumour / cells if cells else 0.0)
+    hit = integral.hit
 
     def uniform(x0: float, y0: float, room_w: float, room_h: float, side: float) -> tuple[float, float, float]:
         """Mean hit and tumour share of squares placed uniformly in the room, and the hit of squares centred
@@ -338,9 +341,7 @@ def slide_localisation(
     ty, tx = np.nonzero(rgb.any(axis=-1))
     rng = np.random.default_rng([seed, zlib.crc32(Path(slide.path).name.encode()), slide.width])
 
-    def hit(x: float, y: float, side: float) -> tuple[float, float]:
-        cells, tumour = integral.count(x, y, side)
-        return float(tumour > 0), (tumour / cells if cells else 0.0)
+    hit = integral.hit
 
     found = [hit(*b) for b in boxes]
     rand_hits, rand_frac, tis_hits = [], [], []

@@ -5,7 +5,8 @@ samples. That gradient says "move" only when the crop already overlaps the evide
 respond to it with a smooth slope; on SynthMets, whose tumours differ from normal tissue in texture only,
 it never did (docs/synthmets_magnet.md: final patches on tumour no more often than random tissue crops).
 
-What: for every node entering a guided layer (a region the layer above chose), the region is read once
+What: for every node entering a guided layer (a region the layer above chose; for the first layer, the
+whole slide's square canvas), the region is read once
 at ``grid * S / 2`` pixels (``S``: the final patch size) and cut into a ``grid x grid`` set of
 overlapping windows of ``S`` pixels, one centred on each cell, each covering a quarter of the region's
 side: the size of a mid-range crop. The last layer's auxiliary head scores every window (eval mode, no
@@ -18,6 +19,12 @@ gradient). Two losses follow (:func:`guidance_loss`):
   patches alone show it.
 
 Nothing here uses a tumour mask: the target is the MagNet's own head, which learns from slide labels.
+
+By default only the layers after the first are guided. The first layer can be guided too (``layers``
+with 1; a finer ``grid`` there, e.g. 16, keeps its windows near the head's resolution): its 56 px view of
+the whole slide is coarse, but a supervised probe finds SynthMets tumours in it
+(``benchmarks/synthmets_visibility.py``), so what the head finds at full resolution is something the first
+map can learn to point at.
 At inference nothing changes: the attention runs alone, and the values fed to the networks are the same.
 
 Cost: one extra read per guided node and ``grid**2`` head evaluations per node (training only); the
@@ -35,6 +42,7 @@ import torch.nn.functional as F
 from magnet_zoo.nn.fetcher import RegionFetcher, Square
 from magnet_zoo.nn.magnet import MagNet, MagNetOutput
 from magnet_zoo.nn.magnify import TISSUE_LEVEL
+from magnet_zoo.nn.tree import root_square
 
 MIN_TISSUE = 0.5
 """A cell takes part in the target when at least this share of its pixels is tissue."""
@@ -130,7 +138,7 @@ def guidance_loss(
     fetchers: Sequence[RegionFetcher],
     labels: torch.Tensor | None = None,
     *,
-    grid: int = 8,
+    grid: int | Sequence[int] = 8,
     temperature: float = 1.0,
     slides: int | None = None,
     layers: Sequence[int] | None = None,
@@ -139,8 +147,10 @@ def guidance_loss(
     on its windows.
 
     ``output`` is a forward pass over ``fetchers`` (attended or exploring); ``slides`` uses only its first
-    slides; ``layers`` defaults to every layer after the first that has learned patches (the first
-    layer's view is the whole slide, far too coarse for the texture the head reads).
+    slides; ``layers`` defaults to every layer after the first; with layer 1 among them, the first layer is
+    guided from windows over each slide's square canvas (its attention reads the same whole-slide view as
+    the forward pass). ``grid`` is one value for every guided layer or one per entry of ``layers`` (the
+    last repeats).
 
     * ``attention``: per learned (node, patch) of a guided layer, the attention logits averaged over the
       ``grid x grid`` cells, ``log_softmax`` over the cells that are mostly tissue, against
@@ -156,18 +166,25 @@ def guidance_loss(
     head = scoring_head(model)
     b = len(fetchers) if slides is None else min(slides, len(fetchers))
     guided = list(range(2, cfg.num_layers + 1)) if layers is None else list(layers)
+    grids = [grid] if isinstance(grid, int) else [int(g) for g in grid]
+    if not grids:
+        raise ValueError("grid needs at least one value")
     zero = next(model.parameters()).new_zeros(())
     attention, terms = zero, 0
     best_score = torch.full((b,), float("-inf"))
     best_pixels: list[torch.Tensor | None] = [None] * b
-    for k in guided:
-        if not 2 <= k <= cfg.num_layers:
-            raise ValueError(f"guided layers must be in 2..{cfg.num_layers}, got {k}")
+    for j, k in enumerate(guided):
+        if not 1 <= k <= cfg.num_layers:
+            raise ValueError(f"guided layers must be in 1..{cfg.num_layers}, got {k}")
         layer = model.layers[k - 1]
-        squares = [
-            [Square(n.box[0], n.box[1], n.box[2]) for n in tree if n.layer == k - 1] for tree in output.trees[:b]
-        ]
-        win = window_scores(model, fetchers[:b], squares, grid)
+        g = grids[min(j, len(grids) - 1)]
+        if k == 1:
+            squares = [[root_square(*f.slide_size)] for f in fetchers[:b]]
+        else:
+            squares = [
+                [Square(n.box[0], n.box[1], n.box[2]) for n in tree if n.layer == k - 1] for tree in output.trees[:b]
+            ]
+        win = window_scores(model, fetchers[:b], squares, g)
         if labels is not None:
             flat = win.scores.flatten(1).masked_fill(~win.tissue.flatten(1), float("-inf"))
             top, where = flat.max(1)
@@ -179,7 +196,13 @@ def guidance_loss(
             continue
         index = layer.node_index
         scores, tissue = win.scores.index_select(1, index), win.tissue.index_select(1, index)  # (b, G, g, g)
-        logits = F.adaptive_avg_pool2d(layer.attention_logits(output.crops[k - 1][:b].detach()), grid).flatten(2)
+        if k == 1:  # the whole-slide view, read as the forward pass reads it
+            device = win.scores.device
+            views = torch.stack([f.fetch(sq, cfg.input_size).images.to(device) for f, sq in zip(fetchers[:b], squares,
+                                                                                            strict=True)])
+        else:
+            views = output.crops[k - 1][:b].detach()
+        logits = F.adaptive_avg_pool2d(layer.attention_logits(views), g).flatten(2)
         keep = tissue.flatten(2).any(-1)
         if not bool(keep.any()):
             continue

@@ -115,6 +115,11 @@ class Recipe:
     """Weight of head-guided attention (:mod:`magnet_zoo.train.guidance`; 0: off)."""
     guidance_temperature: float = 1.0
     guidance_slides: int = 4
+    guidance_layers: tuple[int, ...] = ()
+    """The layers whose attention is guided (empty: every layer after the first). With 1 the first layer is
+    guided too, from windows over the whole slide."""
+    guidance_grid: tuple[int, ...] = (8,)
+    """Windows per side over each guided region, per entry of ``guidance_layers`` (the last repeats)."""
     head_pretrain_windows: int = 0
     """Random tissue windows per training slide, read once, to pre-train the last auxiliary head on
     (:mod:`magnet_zoo.train.head_pretrain`; 0: off)."""
@@ -142,6 +147,8 @@ class Recipe:
     def __post_init__(self) -> None:
         for name in ("jitter", "scale_target", "revive_at", "head_pretrain_side"):
             object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
+        for name in ("guidance_layers", "guidance_grid"):
+            object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
         # JSON gives lists where MagNetConfig's per-layer fields hold tuples: a recipe read back compares equal.
         overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(self.model_overrides).items()}
         object.__setattr__(self, "model_overrides", overrides)
@@ -172,6 +179,11 @@ class Recipe:
             raise ConfigError(
                 f"recipe {self.name!r}: recentre_on must be one of {RECENTRE_ON}, got {self.recentre_on!r}"
             )
+        if any(k < 1 for k in self.guidance_layers) or len(set(self.guidance_layers)) != len(self.guidance_layers):
+            raise ConfigError(f"recipe {self.name!r}: guidance_layers must be distinct layer numbers >= 1, "
+                              f"got {list(self.guidance_layers)}")
+        if not self.guidance_grid or any(g < 2 for g in self.guidance_grid):
+            raise ConfigError(f"recipe {self.name!r}: guidance_grid needs values >= 2, got {list(self.guidance_grid)}")
         if self.head_warmup_trees < 1:
             raise ConfigError(f"recipe {self.name!r}: head_warmup_trees must be >= 1")
         if self.explore_trees == 1 or self.explore_trees < 0:

@@ -1,0 +1,79 @@
+"""The SynthMets visibility probe (benchmarks/synthmets_visibility.py): its views, masks and scores."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import synthmets_visibility as vis  # noqa: E402
+from baselines.common import load_split  # noqa: E402
+
+from magnet_zoo.synth import generate_dataset  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """Two tiny splits: macro and normal slides (macro tumours are large enough to show in a small view)."""
+    root = tmp_path_factory.mktemp("synthmets")
+    for split, seed in (("train", 1), ("val", 2)):
+        generate_dataset(root / split, n=4, size=2048, seed=seed, categories=("macro", "normal"), split=split,
+                         progress=False, workers=1)
+    return root
+
+
+def test_views_and_masks_line_up_pixel_for_pixel(data):
+    views = vis.read_views(load_split(data / "val" / "labels.csv", "val"), 32)
+    assert views.rgb.shape == (4, 32, 32, 3) and views.tissue.shape == views.tumour.shape == (4, 32, 32)
+    for slide, tumour, tissue in zip(views.slides, views.tumour, views.tissue, strict=True):
+        assert tumour.any() == bool(slide.label)  # normal slides get an empty mask, macro slides a region
+        assert tissue.any() and not tissue.all()  # grey-filtered glass is black; tissue is not
+        if slide.label:  # the tumour lies on tissue, not on glass
+            assert (tumour & tissue).sum() >= 0.5 * tumour.sum()
+
+
+def test_score_rewards_a_map_that_marks_the_tumour_and_not_a_flat_one(data):
+    views = vis.read_views(load_split(data / "val" / "labels.csv", "val"), 32)
+    oracle = vis.score(views.tumour.astype(np.float32), views)
+    assert oracle["pixel_auroc"] == pytest.approx(1.0) and oracle["argmax_hit"] == pytest.approx(1.0)
+    assert 0 < oracle["random_tissue_hit"] < 1 and oracle["ratio"] == pytest.approx(1 / oracle["random_tissue_hit"])
+    flat = vis.score(np.zeros(views.tumour.shape, np.float32), views)
+    assert flat["pixel_auroc"] == pytest.approx(0.5)  # every pixel tied
+    inverse = vis.score(-views.tumour.astype(np.float32), views)
+    assert inverse["pixel_auroc"] < 0.5 and inverse["argmax_hit"] == 0.0
+    assert set(oracle["categories"]) == {"macro"}
+    with pytest.raises(vis.VisibilityError, match="shape"):
+        vis.score(np.zeros((1, 32, 32), np.float32), views)
+
+
+def test_non_square_slides_are_refused_with_the_reason(data):
+    (slide, *_) = load_split(data / "val" / "labels.csv", "val")
+    wide = vis.Slide(slide.path, slide.label, slide.category, slide.width + 1, slide.height, "val")
+    with pytest.raises(vis.VisibilityError, match="not square"):
+        vis.read_views([wide], 32)
+
+
+def test_the_script_writes_one_row_per_view_size(data, tmp_path):
+    out = tmp_path / "vis.json"
+    subprocess.run([sys.executable, str(BENCH / "synthmets_visibility.py"), "--data", str(data), "--sizes", "16",
+                    "32", "--steps", "3", "--batch", "4", "--crop", "16", "--threads", "1", "--out", str(out)],
+                   check=True, capture_output=True, text=True, timeout=600)
+    result = json.loads(out.read_text())
+    assert [r["size"] for r in result["rows"]] == [16, 32]
+    assert result["rows"][0]["level0_px_per_view_px"] == pytest.approx(2048 / 16)
+    for row in result["rows"]:
+        assert 0 <= row["val"]["pixel_auroc"] <= 1 and row["val"]["slides"] == 2
+    assert result["machine"]["cpu_count"] >= 1 and result["also_running"] == "nothing"
+    assert "| 32 | 64 | 32 |" in out.with_suffix(".md").read_text()
+
+
+def test_a_missing_split_says_how_to_make_it(tmp_path):
+    with pytest.raises(vis.VisibilityError, match="synthmets.py"):
+        vis.main(["--data", str(tmp_path), "--out", str(tmp_path / "v.json")])
