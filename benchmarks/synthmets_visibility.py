@@ -6,8 +6,9 @@ tissue in texture only (their mean colour is matched), and texture averages away
 covers hundreds of level-0 pixels. This script measures how much of the tumour is left in the view: for
 each view size it trains a small fully convolutional network *with the tumour mask* (supervision no
 MagNet has) to mark tumour pixels, on the ``train`` slides' views, and scores it on the ``val`` slides.
-What that network cannot find, an attention map learnt from slide labels cannot find either (for the same
-view and a similar receptive field), so this is an upper bound on what the first layer could learn.
+What the probe finds on held-out slides is in the view: where it localises, a blind first layer is not
+why a MagNet's first attention does not. (Where it fails, a larger probe might still succeed: the scores
+are a lower bound on what each view shows, and only for the probe's 17-pixel receptive field.)
 
 Two scores per view size, on tissue pixels only (the grey filter blacks glass out):
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -281,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     out = {
         "what": "supervised per-pixel tumour probe on whole-slide views: an upper bound on what a first attention "
         "map with that view can see",
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "command": shlex.join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "data": {"root": str(args.data), "train": len(splits["train"]), "val": len(splits["val"]),
                  "slide_side": side},
         "probe": {"layers": "3x3 convs, dilations 1-2-4-1, 32 channels, 1x1 to a logit; receptive field 17 view px",

@@ -6,11 +6,11 @@ respond to it with a smooth slope; on SynthMets, whose tumours differ from norma
 it never did (docs/synthmets_magnet.md: final patches on tumour no more often than random tissue crops).
 
 What: for every node entering a guided layer (a region the layer above chose; for the first layer, the
-whole slide's square canvas), the region is read once
-at ``grid * S / 2`` pixels (``S``: the final patch size) and cut into a ``grid x grid`` set of
-overlapping windows of ``S`` pixels, one centred on each cell, each covering a quarter of the region's
-side: the size of a mid-range crop. The last layer's auxiliary head scores every window (eval mode, no
-gradient). Two losses follow (:func:`guidance_loss`):
+whole slide's square canvas), the region is read once at ``grid * S / 2`` pixels (``S``: the final patch
+size) and cut into a ``grid x grid`` set of overlapping windows of ``S`` pixels, one centred on each cell,
+each covering ``2 / grid`` of the region's side (a quarter at the default grid of 8: the size of a
+mid-range crop). The last layer's auxiliary head scores every window (eval mode, no gradient). Two losses
+follow (:func:`guidance_loss`):
 
 * the layer's attention logits, averaged over the same cells, are trained towards
   ``softmax(scores / temperature)`` over the cells that are mostly tissue (cross-entropy);
@@ -25,6 +25,7 @@ with 1; a finer ``grid`` there, e.g. 16, keeps its windows near the head's resol
 the whole slide is coarse, but a supervised probe finds SynthMets tumours in it
 (``benchmarks/synthmets_visibility.py``), so what the head finds at full resolution is something the first
 map can learn to point at.
+
 At inference nothing changes: the attention runs alone, and the values fed to the networks are the same.
 
 Cost: one extra read per guided node and ``grid**2`` head evaluations per node (training only); the
