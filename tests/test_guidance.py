@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from magnet_zoo.nn.fetcher import Square
-from magnet_zoo.train.guidance import _windows, guidance_loss, window_scores
+from magnet_zoo.train.guidance import _standardised, _windows, guidance_loss, window_scores
 from magnet_zoo.train.warmup import warmup_step
 from magnet_zoo.wsi import ArraySource, SlideFetcher
 from tests.conftest import micro_magnet, tissue_image
@@ -136,6 +136,27 @@ def test_first_layer_guidance_trains_the_slide_level_attention_towards_windows_o
     guidance_loss(net, out, fetchers, layers=[1, 2], grid=[16, 8]).attention.backward()
     assert all(sum(float(p.grad.abs().sum()) for p in net.layers[k].parameters() if p.grad is not None) > 0
                for k in (0, 1))
+
+
+def test_a_standardised_target_does_not_follow_the_heads_logit_scale():
+    fetchers = _fetchers()
+    net = _model().train()
+    out = net(fetchers)
+    head = net.aux_heads[str(net.config.num_layers)]
+    pull = {}  # the gradient's norm on the attention stacks: how hard the target pulls the maps
+    for scale in (20.0, 0.2):  # a confident head, and the same head with logits a hundred times closer
+        head.patch_logits = lambda patches, k=scale: k * patches[:, :, 0].mean((-1, -2))
+        for standardise in (False, True):
+            net.zero_grad()
+            guidance_loss(net, out, fetchers, layers=[1, 2], grid=[16, 8], standardise=standardise).attention.backward()
+            pull[scale, standardise] = sum(float(p.grad.norm()) ** 2 for layer in net.layers
+                                           for p in layer.parameters() if p.grad is not None) ** 0.5
+    assert pull[20.0, True] == pytest.approx(pull[0.2, True], rel=1e-3)
+    assert pull[0.2, False] < 0.5 * pull[20.0, False]  # without it, a flat head gives a flat target: little pull
+    scores = torch.tensor([[[1.0, 2.0, 3.0, 100.0]]])
+    allowed = torch.tensor([[[True, True, True, False]]])
+    z = _standardised(scores, allowed)
+    torch.testing.assert_close(z[..., :3], torch.tensor([[[-1.2247, 0.0, 1.2247]]]), atol=1e-4, rtol=0)
 
 
 def test_guidance_runs_on_exploring_trees_and_limits_slides():

@@ -69,6 +69,7 @@ def test_guidance_layers_and_grids_are_read_from_json_and_checked():
     assert recipe.guidance_layers == (1, 2) and recipe.guidance_grid == (16, 8)
     assert Recipe.from_dict(recipe.to_dict()) == recipe
     assert get_recipe("learn_to_look").guidance_layers == ()  # default: every layer after the first
+    assert not get_recipe("learn_to_look").guidance_standardise
     for bad in ({"guidance_layers": [0]}, {"guidance_layers": [2, 2]}, {"guidance_grid": []},
                 {"guidance_grid": [1]}):
         with pytest.raises(ConfigError, match="guidance_"):

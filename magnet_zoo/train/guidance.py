@@ -13,7 +13,11 @@ mid-range crop). The last layer's auxiliary head scores every window (eval mode,
 follow (:func:`guidance_loss`):
 
 * the layer's attention logits, averaged over the same cells, are trained towards
-  ``softmax(scores / temperature)`` over the cells that are mostly tissue (cross-entropy);
+  ``softmax(scores / temperature)`` over the cells that are mostly tissue (cross-entropy); with
+  ``standardise`` the scores are first centred and divided by their spread over those cells, so that the
+  target's sharpness does not follow the head's logit scale (a head whose window logits differ by a few
+  tenths gives a target within 2 % of uniform entropy at temperature 1: the map is taught to cover the
+  tissue, not where the head fires);
 * the head itself is trained on each slide's best window against the slide label (multiple-instance
   learning with max pooling), so that it sees many more candidate regions per step than the final
   patches alone show it.
@@ -119,6 +123,15 @@ def window_scores(
     )
 
 
+def _standardised(scores: torch.Tensor, allowed: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``(scores - mean) / std`` along the last axis, both taken over the ``allowed`` entries only."""
+    w = allowed.to(scores.dtype)
+    n = w.sum(-1, keepdim=True).clamp_min(1.0)
+    mean = (scores * w).sum(-1, keepdim=True) / n
+    var = (((scores - mean) ** 2) * w).sum(-1, keepdim=True) / n
+    return (scores - mean) / (var.sqrt() + eps)
+
+
 @dataclass
 class GuidanceTerms:
     """The two training signals of :func:`guidance_loss` (scalars)."""
@@ -143,6 +156,7 @@ def guidance_loss(
     temperature: float = 1.0,
     slides: int | None = None,
     layers: Sequence[int] | None = None,
+    standardise: bool = False,
 ) -> GuidanceTerms:
     """Train the guided layers' attention towards the head's window scores, and (with ``labels``) the head
     on its windows.
@@ -155,7 +169,8 @@ def guidance_loss(
 
     * ``attention``: per learned (node, patch) of a guided layer, the attention logits averaged over the
       ``grid x grid`` cells, ``log_softmax`` over the cells that are mostly tissue, against
-      ``softmax(scores / temperature)`` over the same cells. Only the attention stacks get this gradient.
+      ``softmax(scores / temperature)`` over the same cells (``standardise``: ``(scores - mean) / std`` over
+      them in place of ``scores``). Only the attention stacks get this gradient.
     * ``window_mil``: per slide, the window with the largest score over all its guided regions (tissue
       only) is scored again with gradient, and its logit is trained towards the slide label (binary
       cross-entropy): multiple-instance learning with max pooling, the recipe that
@@ -208,7 +223,10 @@ def guidance_loss(
         if not bool(keep.any()):
             continue
         allowed = tissue.flatten(2) | ~keep.unsqueeze(-1)  # rows without tissue are dropped below
-        target = torch.softmax((scores.flatten(2) / temperature).masked_fill(~allowed, float("-inf")), -1)
+        target_scores = scores.flatten(2)
+        if standardise:
+            target_scores = _standardised(target_scores, allowed)
+        target = torch.softmax((target_scores / temperature).masked_fill(~allowed, float("-inf")), -1)
         logp = torch.log_softmax(logits.masked_fill(~allowed, float("-inf")), -1)
         per = -(target * logp.masked_fill(~allowed, 0.0)).sum(-1)
         attention = attention + per[keep].mean()

@@ -120,6 +120,9 @@ class Recipe:
     guided too, from windows over the whole slide."""
     guidance_grid: tuple[int, ...] = (8,)
     """Windows per side over each guided region, per entry of ``guidance_layers`` (the last repeats)."""
+    guidance_standardise: bool = False
+    """Standardise each region's window scores over its tissue cells before ``guidance_temperature`` (the
+    target's sharpness then does not follow the head's logit scale)."""
     head_pretrain_windows: int = 0
     """Random tissue windows per training slide, read once, to pre-train the last auxiliary head on
     (:mod:`magnet_zoo.train.head_pretrain`; 0: off)."""
