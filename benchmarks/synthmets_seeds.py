@@ -42,10 +42,21 @@ class SeedsError(ValueError):
     """The runs cannot be compared (other data, no MagNet)."""
 
 
+RECIPE_FLAGS = {"--guidance-temperature": "guidance_temperature", "--head-pretrain": "head_pretrain_windows"}
+"""``synthmets.py`` options that set a recipe field and that the reference runs leave at their defaults."""
+
+
 def recipe_fields(command: str) -> list[str]:
-    """The ``--recipe-field KEY=VALUE`` items of a ``synthmets.py`` command line, in order."""
+    """The recipe changes of a ``synthmets.py`` command line, in order: its ``--recipe-field KEY=VALUE`` items,
+    and the options of :data:`RECIPE_FLAGS` as ``field=value``."""
     words = shlex.split(command)
-    return [words[i + 1] for i, w in enumerate(words[:-1]) if w == "--recipe-field"]
+    out = []
+    for i, w in enumerate(words[:-1]):
+        if w == "--recipe-field":
+            out.append(words[i + 1])
+        elif w in RECIPE_FLAGS:
+            out.append(f"{RECIPE_FLAGS[w]}={words[i + 1]}")
+    return out
 
 
 def magnet_row(result: dict[str, Any], source: str) -> dict[str, Any]:

@@ -81,3 +81,17 @@ def test_synthmets_recipe_fields_reach_the_magnet_recipe():
     assert recipe.model_overrides["paradoxical_reference"] == "constant"
     with pytest.raises(SystemExit, match="--recipe-field expects KEY=VALUE"):
         synthmets.magnet_options(synthmets.parse_args(["--recipe-field", "clip_per_group"]), budget_s=None)
+
+
+def test_the_seeds_table_names_each_runs_recipe_changes_flags_included():
+    import synthmets
+    from synthmets_seeds import RECIPE_FLAGS, recipe_fields
+
+    command = ("python benchmarks/synthmets.py --guidance 1 --guidance-temperature 0.5 --recipe-field "
+               "'guidance_layers=[1,2]' --head-pretrain 32 --magnet-seed 1")
+    assert recipe_fields(command) == ["guidance_temperature=0.5", "guidance_layers=[1,2]", "head_pretrain_windows=32"]
+    assert recipe_fields("python benchmarks/synthmets.py --guidance 1 --magnet-seed 1") == []
+    # each flag the table names sets the recipe field it is named after
+    for flag, field in RECIPE_FLAGS.items():
+        recipe = synthmets.magnet_options(synthmets.parse_args([flag, "7"]), budget_s=60.0).resolved_recipe()
+        assert getattr(recipe, field) == 7
