@@ -14,8 +14,15 @@ not follow the head). This script scores both on a trained checkpoint, on the he
   squares of the same sides centred on random tissue pixels;
 * agreement: the share of first-layer crops that contain the centre of the head's best window.
 
+With ``--fit-student N`` each checkpoint is scored twice: as trained, and after ``N`` further steps that
+train *only* its first layer's attention stacks on the guidance loss (the head frozen as the teacher, no
+other loss, ``--fit-split`` slides; their labels are not used). If the student then follows the teacher,
+what kept it from doing so in training was the rest of the loop; if it does not, the first layer cannot
+learn the head's judgement from its 56 px view in that many steps.
+
     python benchmarks/synthmets_teacher.py --models /tmp/mz/ckpt_guide1_s0 --data /tmp/synthmets
     python benchmarks/synthmets_teacher.py --models CKPT --data /tmp/synthmets_quick --split val --out /tmp/t.json
+    python benchmarks/synthmets_teacher.py --models CKPT --fit-student 300 --standardise --temperature 0.5
 
 Prints a table and writes ``--out`` (JSON) and the same name with ``.md``.
 """
@@ -44,7 +51,7 @@ from baselines.magnet import tumour_integral  # noqa: E402
 
 from magnet_zoo.hub.checkpoint import load_checkpoint_dir  # noqa: E402
 from magnet_zoo.nn.tree import root_square  # noqa: E402
-from magnet_zoo.train.guidance import window_scores  # noqa: E402
+from magnet_zoo.train.guidance import guidance_loss, window_scores  # noqa: E402
 from magnet_zoo.wsi import SlideFetcher, open_slide  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -102,19 +109,59 @@ def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {"slides": len(rows), **mean}
 
 
-def score_model(path: Path, slides: Sequence[Slide], grid: int) -> dict[str, Any]:
+def fit_student(model: Any, slides: Sequence[Slide], *, steps: int, grid: int, temperature: float,
+                standardise: bool, lr: float = 3e-3, batch: int = 8, seed: int = 0) -> list[float]:
+    """Train only the first layer's attention stacks on the first-layer guidance loss over ``slides`` (random
+    batches; the rest of the model frozen, in eval mode). Returns the loss per step."""
+    layer = model.layers[0]
+    model.eval()
+    layer.train()  # the stacks' batch statistics as in training; everything else as at inference
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in layer.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(layer.parameters(), lr=lr)
+    rng = np.random.default_rng(seed)
+    sources = [open_slide(s.path) for s in slides]
+    losses = []
+    try:
+        for _ in range(steps):
+            pick = rng.choice(len(sources), size=min(batch, len(sources)), replace=False)
+            fetchers = [SlideFetcher(sources[i], model.config.grey_threshold) for i in pick]
+            loss = guidance_loss(model, None, fetchers, layers=[1], grid=grid, temperature=temperature,
+                                 standardise=standardise).attention
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+    finally:
+        for src in sources:
+            src.close()
+    model.eval()
+    return losses
+
+
+def score_model(path: Path, slides: Sequence[Slide], grid: int, fit: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Teacher, student and agreement of one checkpoint on ``slides``; with ``fit`` (``fit_student``'s keyword
+    arguments and ``slides`` to fit on) after fitting its student alone."""
     model = load_checkpoint_dir(path).eval()
     cfg = model.config
     if cfg.num_layers not in cfg.active_aux_layers or cfg.aux_pooling == "mean":
         raise TeacherError(f"{path}: the last layer's auxiliary head must score patches one by one "
                            f"(aux_pooling {cfg.aux_pooling!r}, aux_layers {tuple(cfg.aux_layers)})")
+    fitted: dict[str, Any] = {}
+    if fit:
+        fit = dict(fit)
+        losses = fit_student(model, fit.pop("slides"), grid=grid, **fit)
+        first_last = [float(np.mean(losses[:10])), float(np.mean(losses[-10:]))]
+        fitted = {"fit_student": {**fit, "loss_first_last": first_last}}
     per_slide = []
     for s in slides:
         row = score_slide(model, s, grid)
         per_slide.append({"slide": Path(s.path).name, "category": s.category, **row})
     by_cat = {c: summarise([r for r in per_slide if r["category"] == c])
               for c in sorted({r["category"] for r in per_slide})}
-    return {"model": str(path), "all": summarise(per_slide), "categories": by_cat, "slides": per_slide}
+    return {"model": str(path), **fitted, "all": summarise(per_slide), "categories": by_cat, "slides": per_slide}
 
 
 def _fmt(v: Any, nd: int = 2, suffix: str = "") -> str:
@@ -126,8 +173,11 @@ def table(results: Sequence[dict[str, Any]]) -> str:
              "first-layer crops on tumour | random on tissue | ratio | crops holding the head's best window |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for res in results:
+        label = Path(res["model"]).name
+        if "fit_student" in res:
+            label += f", student refit {res['fit_student']['steps']} steps"
         for name, s in (("all", res["all"]), *res["categories"].items()):
-            lines.append(f"| {Path(res['model']).name} | {name} | {s['slides']} | {_fmt(s['teacher'])} | "
+            lines.append(f"| {label} | {name} | {s['slides']} | {_fmt(s['teacher'])} | "
                          f"{_fmt(s['teacher_random'])} | {_fmt(s['teacher_ratio'], 1, 'x')} | {_fmt(s['student'])} | "
                          f"{_fmt(s['student_random'])} | {_fmt(s['student_ratio'], 1, 'x')} | "
                          f"{_fmt(s['agreement'])} |")
@@ -141,6 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=Path("/tmp/synthmets"), help="a synthmets.py data folder")
     ap.add_argument("--split", default="test", help="which split's tumour slides to score (default test)")
     ap.add_argument("--grid", type=int, default=16, help="windows per side over the slide (the guidance grid)")
+    ap.add_argument("--fit-student", type=int, default=0, metavar="N",
+                    help="also score each checkpoint after N steps training its first layer alone on the guidance")
+    ap.add_argument("--fit-split", default="train", help="slides the student is refitted on (default train)")
+    ap.add_argument("--temperature", type=float, default=1.0, help="guidance temperature of the refit")
+    ap.add_argument("--standardise", action="store_true", help="standardised guidance target in the refit")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--also-running", default="", help="what else shared the machine (written in the JSON)")
     ap.add_argument("--out", type=Path, default=RESULTS / "synthmets_teacher.json")
@@ -153,6 +208,13 @@ def main(argv: list[str] | None = None) -> int:
     if not slides:
         raise TeacherError(f"{csv_path} holds no tumour slide")
     results = [score_model(path, slides, args.grid) for path in args.models]
+    if args.fit_student:
+        fit_csv = args.data / args.fit_split / "labels.csv"
+        if not fit_csv.is_file():
+            raise TeacherError(f"no {fit_csv} to refit the student on")
+        fit = {"slides": load_split(fit_csv, args.fit_split), "steps": args.fit_student,
+               "temperature": args.temperature, "standardise": args.standardise}
+        results += [score_model(path, slides, args.grid, fit) for path in args.models]
     md = table(results)
     print(md)
     out = {"command": shlex.join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),

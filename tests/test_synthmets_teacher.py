@@ -80,3 +80,29 @@ def test_a_head_that_pools_its_patches_is_refused(data, tmp_path):
     ckpt = save_pretrained(micro_magnet(aux_pooling="mean"), tmp_path / "mean")
     with pytest.raises(teacher.TeacherError, match="aux_pooling"):
         teacher.score_model(ckpt, load_split(data / "test" / "labels.csv", "test"), 8)
+
+
+def test_refitting_the_student_trains_the_first_layer_alone(data):
+    model = micro_magnet(aux_pooling="max").eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    slides = load_split(data / "test" / "labels.csv", "test")
+    losses = teacher.fit_student(model, slides, steps=3, grid=8, temperature=0.5, standardise=True, batch=2)
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    after = model.state_dict()
+    changed = {k.split(".")[0] + "." + k.split(".")[1] for k in before
+               if before[k].dtype.is_floating_point and not torch.equal(before[k], after[k])}
+    assert changed == {"layers.0"}  # the first layer's stacks (weights and batch statistics), nothing else
+    assert not model.training
+
+
+def test_guidance_without_a_forward_pass_guides_the_first_layer_only(data):
+    from magnet_zoo.train.guidance import guidance_loss
+    from magnet_zoo.wsi import SlideFetcher, open_slide
+
+    model = micro_magnet(aux_pooling="max")
+    (slide, *_) = load_split(data / "test" / "labels.csv", "test")
+    with open_slide(slide.path) as src:
+        fetchers = [SlideFetcher(src, 15)]
+        assert torch.isfinite(guidance_loss(model, None, fetchers, layers=[1], grid=8).attention)
+        with pytest.raises(ValueError, match="needs the forward pass"):
+            guidance_loss(model, None, fetchers, layers=[1, 2], grid=8)

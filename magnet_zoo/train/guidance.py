@@ -148,7 +148,7 @@ class GuidanceTerms:
 
 def guidance_loss(
     model: MagNet,
-    output: MagNetOutput,
+    output: MagNetOutput | None,
     fetchers: Sequence[RegionFetcher],
     labels: torch.Tensor | None = None,
     *,
@@ -161,7 +161,8 @@ def guidance_loss(
     """Train the guided layers' attention towards the head's window scores, and (with ``labels``) the head
     on its windows.
 
-    ``output`` is a forward pass over ``fetchers`` (attended or exploring); ``slides`` uses only its first
+    ``output`` is a forward pass over ``fetchers`` (attended or exploring; ``None`` when only the first
+    layer is guided, whose regions and views come from the fetchers alone); ``slides`` uses only its first
     slides; ``layers`` defaults to every layer after the first; with layer 1 among them, the first layer is
     guided from windows over each slide's square canvas (its attention reads the same whole-slide view as
     the forward pass). ``grid`` is one value for every guided layer or one per entry of ``layers`` (the
@@ -197,6 +198,8 @@ def guidance_loss(
         if k == 1:
             squares = [[root_square(*f.slide_size)] for f in fetchers[:b]]
         else:
+            if output is None:
+                raise ValueError(f"guiding layer {k} needs the forward pass's output (its regions and crops)")
             squares = [
                 [Square(n.box[0], n.box[1], n.box[2]) for n in tree if n.layer == k - 1] for tree in output.trees[:b]
             ]
