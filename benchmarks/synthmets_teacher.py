@@ -16,7 +16,9 @@ not follow the head). This script scores both on a trained checkpoint, on the he
 
 With ``--fit-student N`` each checkpoint is scored twice: as trained, and after ``N`` further steps that
 train *only* its first layer's attention stacks on the guidance loss (the head frozen as the teacher, no
-other loss, ``--fit-split`` slides; their labels are not used). If the student then follows the teacher,
+other loss, ``--fit-split`` slides; their labels are not used, or only to keep the tumour slides with
+``--fit-positives``: on a normal slide the head's best window is by definition not tumour, so the target
+there teaches the map what the head's favourite *normal* tissue looks like). If the student then follows the teacher,
 what kept it from doing so in training was the rest of the loop; if it does not, the first layer cannot
 learn the head's judgement from its 56 px view in that many steps.
 
@@ -113,6 +115,8 @@ def fit_student(model: Any, slides: Sequence[Slide], *, steps: int, grid: int, t
                 standardise: bool, lr: float = 3e-3, batch: int = 8, seed: int = 0) -> list[float]:
     """Train only the first layer's attention stacks on the first-layer guidance loss over ``slides`` (random
     batches; the rest of the model frozen, in eval mode). Returns the loss per step."""
+    from tqdm.auto import tqdm
+
     layer = model.layers[0]
     model.eval()
     layer.train()  # the stacks' batch statistics as in training; everything else as at inference
@@ -125,7 +129,7 @@ def fit_student(model: Any, slides: Sequence[Slide], *, steps: int, grid: int, t
     sources = [open_slide(s.path) for s in slides]
     losses = []
     try:
-        for _ in range(steps):
+        for _ in tqdm(range(steps), desc="refitting the first layer", unit="step", mininterval=10):
             pick = rng.choice(len(sources), size=min(batch, len(sources)), replace=False)
             fetchers = [SlideFetcher(sources[i], model.config.grey_threshold) for i in pick]
             loss = guidance_loss(model, None, fetchers, layers=[1], grid=grid, temperature=temperature,
@@ -152,7 +156,9 @@ def score_model(path: Path, slides: Sequence[Slide], grid: int, fit: dict[str, A
     fitted: dict[str, Any] = {}
     if fit:
         fit = dict(fit)
-        losses = fit_student(model, fit.pop("slides"), grid=grid, **fit)
+        fit_slides, positives_only = fit.pop("slides"), fit.pop("positives_only", False)
+        losses = fit_student(model, fit_slides, grid=grid, **fit)
+        fit["positives_only"] = positives_only
         first_last = [float(np.mean(losses[:10])), float(np.mean(losses[-10:]))]
         fitted = {"fit_student": {**fit, "loss_first_last": first_last}}
     per_slide = []
@@ -175,7 +181,8 @@ def table(results: Sequence[dict[str, Any]]) -> str:
     for res in results:
         label = Path(res["model"]).name
         if "fit_student" in res:
-            label += f", student refit {res['fit_student']['steps']} steps"
+            fs = res["fit_student"]
+            label += f", student refit {fs['steps']} steps" + (" on tumour slides" if fs.get("positives_only") else "")
         for name, s in (("all", res["all"]), *res["categories"].items()):
             lines.append(f"| {label} | {name} | {s['slides']} | {_fmt(s['teacher'])} | "
                          f"{_fmt(s['teacher_random'])} | {_fmt(s['teacher_ratio'], 1, 'x')} | {_fmt(s['student'])} | "
@@ -194,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fit-student", type=int, default=0, metavar="N",
                     help="also score each checkpoint after N steps training its first layer alone on the guidance")
     ap.add_argument("--fit-split", default="train", help="slides the student is refitted on (default train)")
+    ap.add_argument("--fit-positives", action="store_true", help="refit on the tumour slides of --fit-split only")
     ap.add_argument("--temperature", type=float, default=1.0, help="guidance temperature of the refit")
     ap.add_argument("--standardise", action="store_true", help="standardised guidance target in the refit")
     ap.add_argument("--threads", type=int, default=2)
@@ -212,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         fit_csv = args.data / args.fit_split / "labels.csv"
         if not fit_csv.is_file():
             raise TeacherError(f"no {fit_csv} to refit the student on")
-        fit = {"slides": load_split(fit_csv, args.fit_split), "steps": args.fit_student,
+        fit_slides = [s for s in load_split(fit_csv, args.fit_split) if s.label or not args.fit_positives]
+        fit = {"slides": fit_slides, "steps": args.fit_student, "positives_only": args.fit_positives,
                "temperature": args.temperature, "standardise": args.standardise}
         results += [score_model(path, slides, args.grid, fit) for path in args.models]
     md = table(results)
