@@ -27,6 +27,19 @@ def _red_scorer(net):
     head.patch_logits = lambda patches: 20 * patches[:, :, 0].mean((-1, -2))
 
 
+def _optimise(layer, loss_fn, steps: int = 40) -> tuple[float, float]:
+    """Adam on ``layer``'s parameters alone against ``loss_fn()``; the first and the last loss."""
+    opt = torch.optim.Adam(layer.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses[0], losses[-1]
+
+
 def test_windows_are_centred_on_their_cells():
     grid, size = 4, 8
     cells = torch.arange(grid * grid, dtype=torch.float32).view(1, 1, grid, grid)
@@ -75,14 +88,8 @@ def test_guidance_trains_only_the_inner_attention_towards_the_scores():
 
     # optimised on the guidance alone, the layer's attention comes to agree with the scorer
     layer = net.layers[1]
-    opt = torch.optim.Adam(layer.parameters(), lr=3e-3)
-    first = float(loss.detach())
-    for _ in range(40):
-        opt.zero_grad()
-        loss = guidance_loss(net, out, fetchers).attention
-        loss.backward()
-        opt.step()
-    assert float(loss.detach()) < first - 0.2
+    first, last = _optimise(layer, lambda: guidance_loss(net, out, fetchers).attention)
+    assert last < first - 0.2
     squares = [[Square(n.box[0], n.box[1], n.box[2]) for n in tree if n.layer == 1] for tree in out.trees]
     win = window_scores(net, fetchers, squares, grid=8)
     scores, tissue = win.scores, win.tissue
@@ -112,14 +119,8 @@ def test_first_layer_guidance_trains_the_slide_level_attention_towards_windows_o
     assert all(p.grad is None for p in (*net.classifier.parameters(), *net.aux_heads.parameters()))
 
     layer = net.layers[0]
-    opt = torch.optim.Adam(layer.parameters(), lr=3e-3)
-    first = float(loss.detach())
-    for _ in range(40):
-        opt.zero_grad()
-        loss = guidance_loss(net, out, fetchers, layers=[1], grid=16).attention
-        loss.backward()
-        opt.step()
-    assert float(loss.detach()) < first - 0.2
+    first, last = _optimise(layer, lambda: guidance_loss(net, out, fetchers, layers=[1], grid=16).attention)
+    assert last < first - 0.2
     # the windows cover each slide's square canvas; the first layer's logits over them follow the scores
     win = window_scores(net, fetchers, [[Square(0, 0, 1500)]] * 2, grid=16)
     views = torch.stack([f.fetch([Square(0, 0, 1500)], net.config.input_size).images for f in fetchers])
