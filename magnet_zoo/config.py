@@ -113,6 +113,15 @@ class MagNetConfig:
     dropout: float = 0.0
 
     grey_threshold: int = 15
+    view_oversample: int = 1
+    """How the whole-slide view ``I`` of the first layer is made: ``1`` (the paper) reads it at
+    ``input_size`` and grey-filters it, so an object smaller than a view pixel is averaged with the glass
+    around it, comes out grey and is blacked out; ``k > 1`` reads it at ``k x input_size``, grey-filters it
+    there and area-averages ``k x k`` blocks, so the glass is black *before* the averaging and a small
+    object leaves a dark but coloured pixel (the FindIt 1 % object leaves none at ``1`` and a trace at
+    ``4``: ``benchmarks/findit_visibility.py``). Costs ``k^2 x input_size^2`` pixels read, once per slide
+    (none when ``k x input_size`` is layer 1's ``I'``, which is then pooled); the attention still sees
+    ``input_size^2`` values. Not in the paper."""
     loss_paradoxical: bool = True
     loss_auxiliary: bool = True
     loss_classifier: bool = True
@@ -153,6 +162,10 @@ class MagNetConfig:
     def output_size(self, layer: int) -> int:
         """Side of the crops that magnifying layer ``layer`` (1-based) produces."""
         return self.final_patch_size if layer == self.num_layers else self.input_size
+
+    def view_read_size(self) -> int:
+        """Side at which the first layer's whole-slide view is read (then area-averaged to ``input_size``)."""
+        return self.input_size * self.view_oversample
 
     def iprime_size(self, layer: int) -> int:
         """Side of ``I'``, the view layer ``layer`` samples its crops from."""
@@ -231,6 +244,9 @@ class MagNetConfig:
             )
         if self.attention_temperature <= 0:
             raise ConfigError(f"attention_temperature must be > 0, got {self.attention_temperature}")
+        if self.view_oversample < 1:
+            raise ConfigError(f"view_oversample must be >= 1 (1 reads the view at input_size), "
+                              f"got {self.view_oversample}")
         if not 0 <= self.grey_threshold <= 255:
             raise ConfigError(f"grey_threshold must be in [0, 255], got {self.grey_threshold}")
         if len(self.labels) != 2:

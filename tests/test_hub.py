@@ -249,6 +249,11 @@ def test_inconsistent_or_foreign_config_is_refused(saved, tmp_path):
     (ckpt / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"io\.input_size = 112 but model\.input_size = 56"):
         load_pretrained(ckpt)
+    config["io"]["input_size"] = 56
+    config["io"]["view_oversample"] = 4  # the view read differently from the network's config
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"io\.view_oversample = 4 but model\.view_oversample = 1"):
+        load_pretrained(ckpt)
     (ckpt / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
     with pytest.raises(CheckpointError, match="not a magnet_zoo checkpoint"):
         load_pretrained(ckpt)
@@ -624,6 +629,18 @@ def _check_card(card, *, where: str) -> None:
     assert "magnet-zoo" in (data.tags or []), where
     assert "not for clinical use" in card.text.lower(), where
     assert "## I/O contract" in card.text and "## Training data" in card.text, where
+
+
+def test_the_io_table_says_how_an_oversampled_view_is_read():
+    from magnet_zoo.factory import create_model
+    from magnet_zoo.hub.card import io_table
+    from magnet_zoo.hub.checkpoint import io_contract
+
+    plain = io_contract(create_model("magnet2_micro", pretrained=False))
+    over = io_contract(create_model("magnet2_micro", pretrained=False, view_oversample=4))
+    assert plain["view_oversample"] == 1 and over["view_oversample"] == 4
+    assert "read at" not in io_table(plain)
+    assert "read at 224x224, grey-filtered, then averaged over 4x4 blocks" in io_table(over)
 
 
 def test_saved_card_is_a_valid_hub_card(saved):

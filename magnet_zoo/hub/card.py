@@ -261,6 +261,13 @@ def _table(rows: Sequence[tuple[str, str]]) -> str:
     return "\n".join(f"| {k} | {v} |" for k, v in rows)
 
 
+def _oversampled(k: Any, size: Any) -> str:
+    """The view row's note for ``view_oversample`` (nothing for the paper's 1)."""
+    if not isinstance(k, int) or k <= 1 or not isinstance(size, int):
+        return ""
+    return f" (read at {k * size}x{k * size}, grey-filtered, then averaged over {k}x{k} blocks)"
+
+
 def io_table(io: Mapping[str, Any]) -> str:
     """Rows of the I/O contract table from a checkpoint's ``io`` dict (see ``checkpoint.io_contract``)."""
     labels = io.get("labels", ["?", "?"])
@@ -268,7 +275,8 @@ def io_table(io: Mapping[str, Any]) -> str:
     final = io.get("final_patch_size")
     rows = [
         ("input", str(io.get("input", "an RGB whole-slide image"))),
-        ("view `I`", f"{size}x{size}: the whole slide (or ROI), longer side resized to {size}, black padding"),
+        ("view `I`", f"{size}x{size}: the whole slide (or ROI), longer side resized to {size}, black padding"
+                     + _oversampled(io.get("view_oversample", 1), size)),
         ("`I'` factor", f"{io.get('iprime_factor')}x the size of the crops a layer produces"),
         ("final patches", f"{final}x{final}, {io.get('num_final_patches', '?')} per slide"),
         ("grey filter", f"pixels whose R, G, B differ pairwise by less than {io.get('grey_threshold')} become black"),

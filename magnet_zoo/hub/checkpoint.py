@@ -75,6 +75,7 @@ def io_contract(model: MagNet, slide_mpp: float | None = None) -> dict[str, Any]
         "final_patch_size": cfg.final_patch_size,
         "num_final_patches": cfg.num_final_patches,
         "grey_threshold": cfg.grey_threshold,
+        "view_oversample": cfg.view_oversample,
         "pixel_range": "RGB uint8 from the slide, scaled to [0, 1]; each backbone then normalises its input",
         "normalisation": normalisation,
         "slide_mpp": None if slide_mpp is None else float(slide_mpp),
@@ -91,6 +92,7 @@ def _check_io(io: Mapping[str, Any], config: MagNetConfig, source: Path) -> None
         "iprime_factor": config.iprime_factor,
         "final_patch_size": config.final_patch_size,
         "grey_threshold": config.grey_threshold,
+        "view_oversample": config.view_oversample,
         "labels": list(config.labels),
     }
     wrong = [f"io.{k} = {io[k]!r} but model.{k} = {v!r}" for k, v in expected.items() if k in io and io[k] != v]

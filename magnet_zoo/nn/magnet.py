@@ -2,7 +2,8 @@
 
 Per slide, with ``L`` layers and ``P_l`` patches per node at layer ``l``:
 
-1. The fetcher reads the slide's square canvas at ``input_size`` (``I``, 56x56) and at layer 1's
+1. The fetcher reads the slide's square canvas at ``input_size`` (``I``, 56x56; with
+   ``view_oversample = k`` at ``k`` times that, grey-filtered, then area-averaged) and at layer 1's
    ``I'`` size (112x112), from the coarsest pyramid level that still has enough pixels.
 2. Layer ``l`` runs one Branch stack per (node, patch) on each node's ``I`` -> entmax-1.5 ->
    ``theta`` -> samples a crop from the node's ``I'`` (differentiable in ``theta``). For ``l < L`` each
@@ -136,6 +137,24 @@ class MagNet(nn.Module):
         images = torch.stack([got.images.to(device) for got in results])
         return images, [got.levels for got in results], [got.pixels_read for got in results]
 
+    def whole_slide_view(
+        self, fetchers: Sequence[RegionFetcher], device: torch.device, iprime: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[int]]:
+        """The first layer's view ``I`` of each slide's square canvas, ``(B, 1, 3, input_size, input_size)``,
+        and the pixels read for it: read at ``input_size``, or with ``view_oversample = k > 1`` read at
+        ``k x input_size``, grey-filtered by the fetcher there and area-averaged (layer 1's ``I'`` is reused
+        when it has that size: pass it as ``iprime``)."""
+        cfg = self.config
+        size = cfg.view_read_size()
+        if iprime is not None and cfg.view_oversample > 1 and iprime.shape[-1] == size:
+            image, read = iprime, [0] * len(fetchers)
+        else:
+            image, _, read = self._fetch(fetchers, [[root_square(*f.slide_size)] for f in fetchers], size, device)
+        if cfg.view_oversample > 1:
+            b = image.shape[0]
+            image = F.avg_pool2d(image.flatten(0, 1), cfg.view_oversample).view(b, 1, 3, cfg.input_size, cfg.input_size)
+        return image, read
+
     def counts(self) -> dict[str, Any]:
         """Images and values fed to the networks per slide (independent of the slide)."""
         cfg = self.config
@@ -172,9 +191,9 @@ class MagNet(nn.Module):
 
         roots = [root_square(*f.slide_size) for f in fetchers]
         squares = [[r] for r in roots]
-        image, levels0, px_a = self._fetch(fetchers, squares, cfg.input_size, device)
-        iprime, levels, px_b = self._fetch(fetchers, squares, cfg.iprime_size(1), device)
-        pixels_read = [a + c for a, c in zip(px_a, px_b, strict=True)]
+        iprime, levels, pixels_read = self._fetch(fetchers, squares, cfg.iprime_size(1), device)
+        image, px_view = self.whole_slide_view(fetchers, device, iprime)
+        pixels_read = [a + c for a, c in zip(pixels_read, px_view, strict=True)]
         names = [[ROOT_NAME] for _ in range(b)]
         trees: list[list[RoiNode]] = [
             [

@@ -346,7 +346,7 @@ def collate_samples(samples: Sequence[SlideSample]) -> SlideBatch:
 class SlideDataset(Dataset):
     """Slides of a CSV; ``dataset[(index, orientation)]`` opens the slide and reads its whole-slide views.
 
-    ``sizes`` are the view sizes read ahead (``input_size`` and layer 1's ``I'`` of the model:
+    ``sizes`` are the view sizes read ahead (``I``'s read size and layer 1's ``I'`` of the model:
     :func:`prefetch_sizes`). An int key means orientation 0.
     """
 
@@ -386,8 +386,9 @@ class SlideDataset(Dataset):
 
 
 def prefetch_sizes(config: Any) -> tuple[int, int]:
-    """The view sizes a MagNet reads of the whole slide: ``I`` and layer 1's ``I'``."""
-    return (int(config.input_size), int(config.iprime_size(1)))
+    """The view sizes a MagNet reads of the whole slide: ``I`` (at ``view_oversample`` times ``input_size``)
+    and layer 1's ``I'``."""
+    return (int(config.view_read_size()), int(config.iprime_size(1)))
 
 
 # --------------------------------------------------------------------------- order and orientation

@@ -217,8 +217,7 @@ def guidance_loss(
         scores, tissue = win.scores.index_select(1, index), win.tissue.index_select(1, index)  # (b, G, g, g)
         if k == 1:  # the whole-slide view, read as the forward pass reads it
             device = win.scores.device
-            views = torch.stack([f.fetch(sq, cfg.input_size).images.to(device) for f, sq in zip(fetchers[:b], squares,
-                                                                                            strict=True)])
+            views = model.whole_slide_view(fetchers[:b], device)[0]
         else:
             views = output.crops[k - 1][:b].detach()
         logits = F.adaptive_avg_pool2d(layer.attention_logits(views), g).flatten(2)
