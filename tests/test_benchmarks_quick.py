@@ -187,16 +187,22 @@ def test_gpu_script_dry_run(tmp_path):
 
 def test_findit_visibility_counts_the_object_pixels_the_first_view_keeps(tmp_path):
     out = tmp_path / "vis.json"
-    run_script("findit_visibility.py", "--n", "3", "--views", "56", "168", "--out", str(out))
+    run_script("findit_visibility.py", "--n", "3", "--views", "56", "168", "--oversample", "1", "4",
+               "--out", str(out))
     result = read_json(out)
     check_machine(result)
-    rows = {(r["object_frac"], r["view"]): r for r in result["rows"]}
-    assert set(rows) == {(0.03, 56), (0.03, 168), (0.01, 56), (0.01, 168)}
+    rows = {(r["object_frac"], r["view"], r["oversample"]): r for r in result["rows"]}
+    assert set(rows) == {(f, v, k) for f in (0.03, 0.01) for v in (56, 168) for k in (1, 4)}
     # the 3 % object leaves a few pixels in the 56 px view; the 1 % object none (averaged into the grey
     # background, then grey-filtered), until the view is three times larger
-    assert rows[(0.03, 56)]["visible_min"] > 0 and rows[(0.01, 56)]["images_with_none"] == 3
-    assert rows[(0.01, 168)]["visible_min"] > 0
-    assert rows[(0.03, 168)]["visible_median"] > rows[(0.03, 56)]["visible_median"]
+    assert rows[(0.03, 56, 1)]["visible_min"] > 0 and rows[(0.01, 56, 1)]["images_with_none"] == 3
+    assert rows[(0.01, 56, 1)]["brightest_median"] is None
+    assert rows[(0.01, 168, 1)]["visible_min"] > 0
+    assert rows[(0.03, 168, 1)]["visible_median"] > rows[(0.03, 56, 1)]["visible_median"]
+    # or the view is read 4x larger and grey-filtered before the averaging: a dim trace, a few pixels
+    one = rows[(0.01, 56, 4)]
+    assert one["images_with_none"] == 0 and one["visible_max"] <= 4
+    assert 0 < one["brightest_median"] < rows[(0.01, 168, 1)]["brightest_median"]
 
 
 @pytest.mark.slow
