@@ -27,6 +27,22 @@ def _red_scorer(net):
     head.patch_logits = lambda patches: 20 * patches[:, :, 0].mean((-1, -2))
 
 
+def _scored_forward():
+    """The two test slides, a tissue-only micro MagNet whose last head is :func:`_red_scorer`, its forward."""
+    fetchers = _fetchers()
+    net = _model(attention_tissue_only=True).train()
+    _red_scorer(net)
+    return fetchers, net, net(fetchers)
+
+
+def _assert_logits_follow(scores: torch.Tensor, logits: torch.Tensor, tissue: torch.Tensor) -> None:
+    """Row by row (one guided view each, ``(rows, windows)``), the attention logits over the tissue windows
+    correlate with the scorer's window scores."""
+    for row, (w, g, m) in enumerate(zip(scores, logits, tissue, strict=True)):
+        corr = float(torch.corrcoef(torch.stack([w[m], g[m]]))[0, 1])
+        assert corr > 0.7, (row, corr)
+
+
 def _optimise(layer, loss_fn, steps: int = 40) -> tuple[float, float]:
     """Adam on ``layer``'s parameters alone against ``loss_fn()``; the first and the last loss."""
     opt = torch.optim.Adam(layer.parameters(), lr=3e-3)
@@ -75,10 +91,7 @@ def test_window_scores_mark_glass_cells():
 
 @pytest.mark.slow
 def test_guidance_trains_only_the_inner_attention_towards_the_scores():
-    fetchers = _fetchers()
-    net = _model(attention_tissue_only=True).train()
-    _red_scorer(net)
-    out = net(fetchers)
+    fetchers, net, out = _scored_forward()
     loss = guidance_loss(net, out, fetchers).attention
     assert torch.isfinite(loss) and float(loss.detach()) > 0
     loss.backward()
@@ -96,22 +109,13 @@ def test_guidance_trains_only_the_inner_attention_towards_the_scores():
     with torch.no_grad():
         pooled = torch.nn.functional.adaptive_avg_pool2d(layer.attention_logits(out.crops[1]), 8)
     node = layer.node_index
-    mask = tissue.index_select(1, node).flatten(2)
-    want = scores.index_select(1, node).flatten(2)
-    got = pooled.flatten(2)
-    for row in range(mask.shape[0] * mask.shape[1]):  # per guided view: logits follow the scores
-        m = mask.flatten(0, 1)[row]
-        w, g = want.flatten(0, 1)[row][m], got.flatten(0, 1)[row][m]
-        corr = float(torch.corrcoef(torch.stack([w, g]))[0, 1])
-        assert corr > 0.7, (row, corr)
+    _assert_logits_follow(scores.index_select(1, node).flatten(2).flatten(0, 1), pooled.flatten(2).flatten(0, 1),
+                          tissue.index_select(1, node).flatten(2).flatten(0, 1))
 
 
 @pytest.mark.slow
 def test_first_layer_guidance_trains_the_slide_level_attention_towards_windows_over_the_whole_slide():
-    fetchers = _fetchers()
-    net = _model(attention_tissue_only=True).train()
-    _red_scorer(net)
-    out = net(fetchers)
+    fetchers, net, out = _scored_forward()
     loss = guidance_loss(net, out, fetchers, layers=[1], grid=16).attention
     loss.backward()
     assert sum(float(p.grad.abs().sum()) for p in net.layers[0].parameters()) > 0
@@ -123,15 +127,12 @@ def test_first_layer_guidance_trains_the_slide_level_attention_towards_windows_o
     assert last < first - 0.2
     # the windows cover each slide's square canvas; the first layer's logits over them follow the scores
     win = window_scores(net, fetchers, [[Square(0, 0, 1500)]] * 2, grid=16)
-    views = torch.stack([f.fetch([Square(0, 0, 1500)], net.config.input_size).images for f in fetchers])
+    views, _ = net.whole_slide_view(fetchers, torch.device("cpu"))
     with torch.no_grad():
         pooled = torch.nn.functional.adaptive_avg_pool2d(layer.attention_logits(views), 16)
-    for i in range(2):
-        for g in range(layer.num_stacks):
-            m = win.tissue[i, 0].flatten()
-            w, got = win.scores[i, 0].flatten()[m], pooled[i, g].flatten()[m]
-            corr = float(torch.corrcoef(torch.stack([w, got]))[0, 1])
-            assert corr > 0.7, (i, g, corr)
+    per_stack = layer.num_stacks  # every stack of the slide's view against the same windows
+    _assert_logits_follow(win.scores[:, 0].flatten(1).repeat_interleave(per_stack, 0),
+                          pooled.flatten(2).flatten(0, 1), win.tissue[:, 0].flatten(1).repeat_interleave(per_stack, 0))
     # with both layers and a grid per layer, both get the gradient
     net.zero_grad()
     guidance_loss(net, out, fetchers, layers=[1, 2], grid=[16, 8]).attention.backward()
