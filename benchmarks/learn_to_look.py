@@ -277,6 +277,20 @@ def grid(name: str) -> list[dict[str, Any]]:
             r("learn_to_look_centred + view_oversample 4 + geometry frame, object 1%",
               cfg={**centred, "geometry": "frame"}, st=st, task={"object_frac": 0.01}, seeds=(1, 3, 0)),
         ]
+    if name == "issue14-box":
+        # The 1 % misses (seeds 1 and 3 of issue14-view) hold both first-layer boxes about a box beside the object:
+        # a first-layer box held larger early (the lower scale bound annealed from 0.3 or 0.2 of the view to the
+        # config's 0.1 over the first half, recipe field min_scale_start) still holds the object, so the second
+        # layer can learn to find it and recentring can pull the box onto it before it shrinks. Chosen on seeds 1
+        # and 3, with seed 0 (found the object) as the check that nothing breaks.
+        centred = {"attention_init": ("random", "uniform"), "attention_padding": "replicate", "view_oversample": 4}
+        st = {"recentre_weight": 1.0, "jitter": (0.0, 0.2)}
+        return [
+            r("learn_to_look_centred + view_oversample 4 + layer-1 min_scale 0.3 -> 0.1, object 1%", cfg=centred,
+              st={**st, "min_scale_start": (0.3, 0.1)}, task={"object_frac": 0.01}, seeds=(1, 3, 0)),
+            r("learn_to_look_centred + view_oversample 4 + layer-1 min_scale 0.2 -> 0.1, object 1%", cfg=centred,
+              st={**st, "min_scale_start": (0.2, 0.1)}, task={"object_frac": 0.01}, seeds=(1, 3, 0)),
+        ]
     if name == "issue14-seeds":
         # The flat-start second layer and the recipe on seeds 3 and 4, then two more single switches.
         entries = {e["name"]: e for e in grid("issue14")}
@@ -492,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--grid", default="target",
                     help="target | onepct | cpu | fixes | geometry | issue14 | issue14-seeds | issue14-last"
-                         " | issue14-centre | issue14-look | issue14-combine | issue14-view | explore | search | final"
+                         " | issue14-centre | issue14-look | issue14-combine | issue14-view | issue14-box | explore | search | final"
                          " | ablations | patches")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--override-seeds", action="store_true",

@@ -82,6 +82,13 @@ class Recipe:
     """Anneal the entmax temperature from this to the config's (``None``: no anneal)."""
     anneal_frac: float = 0.3
     """Share of training over which the anneals run (cosine)."""
+    min_scale_start: tuple[float, ...] = ()
+    """Per layer (the last entry repeats): anneal the scale clamp's *lower* bound from this to the config's
+    ``min_scale`` over ``min_scale_frac`` (empty: no anneal; an entry at or below ``min_scale`` leaves that
+    layer alone). A first-layer box held large early still holds a small object that the first map points
+    beside, so the next layer can learn to find it before the box shrinks (docs/learn_to_look.md)."""
+    min_scale_frac: float = 0.5
+    """Share of training over which the lower bound falls (cosine)."""
     jitter: tuple[float, ...] = ()
     """Per layer (the last entry repeats): noise on the learned crop centres at the start (normalised
     units of the layer's view), falling to zero over ``jitter_frac`` (empty: none)."""
@@ -148,7 +155,7 @@ class Recipe:
     drawn from the training policy, max-pooled (:func:`magnet_zoo.train.exploration.mil_inference`)."""
 
     def __post_init__(self) -> None:
-        for name in ("jitter", "scale_target", "revive_at", "head_pretrain_side"):
+        for name in ("jitter", "min_scale_start", "scale_target", "revive_at", "head_pretrain_side"):
             object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
         for name in ("guidance_layers", "guidance_grid"):
             object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
@@ -170,10 +177,13 @@ class Recipe:
             raise ConfigError(f"recipe {self.name!r}: batch_size must be >= 1, got {self.batch_size}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"recipe {self.name!r}: schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        for name in ("warmup", "anneal_frac", "jitter_frac", "head_warmup"):
+        for name in ("warmup", "anneal_frac", "jitter_frac", "min_scale_frac", "head_warmup"):
             value = getattr(self, name)
-            if not 0 <= value < 1 and not (name in ("anneal_frac", "jitter_frac") and value == 1):
+            if not 0 <= value < 1 and not (name in ("anneal_frac", "jitter_frac", "min_scale_frac") and value == 1):
                 raise ConfigError(f"recipe {self.name!r}: {name} must be in [0, 1), got {value}")
+        if any(not 0 < v <= 1 for v in self.min_scale_start):
+            raise ConfigError(f"recipe {self.name!r}: min_scale_start entries must be in (0, 1] (shares of the "
+                              f"layer's view side), got {list(self.min_scale_start)}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ConfigError(f"recipe {self.name!r}: grad_clip must be > 0 or None, got {self.grad_clip}")
         if self.recentre_weight < 0:

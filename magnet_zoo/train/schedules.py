@@ -38,6 +38,16 @@ def set_max_scale(model: MagNet, value: float) -> None:
         layer.max_scale = value
 
 
+def set_min_scale(model: MagNet, starts: Sequence[float], t: float) -> None:
+    """Set every layer's lower scale bound: from ``starts`` per layer (the last entry repeats; the config's
+    ``min_scale`` where that is larger) to the config's ``min_scale`` along a cosine as ``t`` goes from 0 to 1,
+    never above the layer's current upper bound."""
+    floor = model.config.min_scale
+    for i, layer in enumerate(model.layers):
+        start = max(starts[min(i, len(starts) - 1)], floor) if starts else floor
+        layer.min_scale = min(cosine(t, start, floor), layer.max_scale)
+
+
 def set_temperature(model: MagNet, value: float) -> None:
     for layer in model.layers:
         layer.temperature = value
@@ -60,6 +70,8 @@ def apply_progress(model: MagNet, recipe: Any, progress: float) -> None:
         set_max_scale(model, cosine(progress / frac, recipe.max_scale_start, cfg.max_scale))
     if recipe.temperature_start is not None:
         set_temperature(model, cosine(progress / frac, recipe.temperature_start, cfg.attention_temperature))
+    if recipe.min_scale_start:
+        set_min_scale(model, recipe.min_scale_start, progress / max(recipe.min_scale_frac, 1e-12))
     set_crop_jitter(model, recipe.jitter, progress / max(recipe.jitter_frac, 1e-12))
 
 
@@ -69,13 +81,16 @@ def apply_final(model: MagNet) -> None:
     set_max_scale(model, cfg.max_scale)
     set_temperature(model, cfg.attention_temperature)
     for layer in model.layers:
+        layer.min_scale = cfg.min_scale
         layer.jitter = 0.0
 
 
 def anneals_done(recipe: Any, progress: float) -> bool:
     """Whether the network now runs with its final settings (a 'best' checkpoint must)."""
     annealing = recipe.max_scale_start is not None or recipe.temperature_start is not None
-    return not annealing or progress >= recipe.anneal_frac
+    if annealing and progress < recipe.anneal_frac:
+        return False
+    return not recipe.min_scale_start or progress >= recipe.min_scale_frac
 
 
 def scale_prior(model: MagNet, affines: list[Any], targets: Sequence[float]) -> torch.Tensor:
