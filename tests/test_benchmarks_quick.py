@@ -205,6 +205,39 @@ def test_findit_visibility_counts_the_object_pixels_the_first_view_keeps(tmp_pat
     assert 0 < one["brightest_median"] < rows[(0.01, 168, 1)]["brightest_median"]
 
 
+def test_findit_heads_patches_hold_the_object_where_the_diagnostic_says(tmp_path):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import numpy as np
+        from findit_heads import final_patches
+
+        from magnet_zoo.tasks.findit import FindItSpec
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    spec = FindItSpec(object_frac=0.03)
+    rng = np.random.default_rng(0)
+    for seed in range(4):
+        patches, label = final_patches(spec, seed, 0.1, "uniform", rng)
+        assert patches.shape == (4, 3, 56, 56) and label in (0, 1)
+        for frozen in (patches[0], patches[2]):  # the object's colour (blue > red > green), inside every box
+            purple = (frozen[2] > frozen[0] + 0.1) & (frozen[0] > frozen[1])
+            assert purple.sum() >= 10
+        centred, _ = final_patches(spec, seed, 0.1, "centre", rng)
+        purple = (centred[0][2] > centred[0][0] + 0.1) & (centred[0][0] > centred[0][1])
+        ys, xs = purple.nonzero(as_tuple=True)
+        assert abs(xs.float().mean() - 27.5) < 3 and abs(ys.float().mean() - 27.5) < 3
+
+    out = tmp_path / "heads.json"
+    result = run_script("findit_heads.py", "--settings", "0.03:0.1", "--seeds", "0", "--steps", "3", "--pool", "4",
+                        "--n-eval", "4", "--out", str(out))
+    doc = read_json(out)
+    check_machine(doc)
+    (row,) = doc["rows"]
+    assert row["steps"] == 3 and row["pool"] == 4 and row["object_px_in_frozen_patch"] == pytest.approx(16.8)
+    assert is_probability(row["accuracy"]) and len(row["loss_every_20_steps"]) == 1
+    assert "| 3% | 0.1 | uniform | 16.8 | 0 |" in result.stdout
+
+
 @pytest.mark.slow
 def test_findit_tiny_seeds_reports_each_seed_of_the_learn_test_setting(tmp_path):
     out = tmp_path / "tiny.json"
