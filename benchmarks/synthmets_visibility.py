@@ -18,7 +18,14 @@ Two scores per view size, on tissue pixels only (the grey filter blacks glass ou
   tumour? Its hit rate against the tumour share of the tissue (a crop centre drawn on random tissue hits
   that often): the localisation a first layer with that view could reach.
 
+With ``--supervision slide`` the map is trained from the slide labels alone, as the recipe's attention
+MIL trains a MagNet's first map (:mod:`magnet_zoo.train.attention_mil`: its logits pooled over the view's
+tissue into one slide logit), and ``--net attention`` makes it the MagNet's own attention network: the
+same scores then say whether slide labels can teach that network, at that view size, where the tumour is.
+
     python benchmarks/synthmets_visibility.py --data /tmp/synthmets            # views of 56, 112, 224, 448
+    python benchmarks/synthmets_visibility.py --sizes 56 --supervision slide --net attention \
+        --out benchmarks/results/synthmets_visibility_mil.json
     python benchmarks/synthmets_visibility.py --data /tmp/synthmets_quick --sizes 56 112 --steps 20 --out /tmp/v.json
 
 Needs the ``train`` and ``val`` splits of a ``synthmets.py`` data folder (slides and sidecars). Prints a
@@ -48,7 +55,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine_info  # noqa: E402
 from baselines.common import Slide, jsonable, load_split, whole_slide_view  # noqa: E402
 
+from magnet_zoo.nn.branch import BranchStack  # noqa: E402
 from magnet_zoo.synth.mask import tumour_mask  # noqa: E402
+from magnet_zoo.train.attention_mil import top_share_mean  # noqa: E402
 from magnet_zoo.train.metrics import auroc  # noqa: E402
 from magnet_zoo.wsi import open_slide  # noqa: E402
 
@@ -104,8 +113,56 @@ class Probe(nn.Sequential):
         super().__init__(*layers)
 
 
+class AttentionNet(nn.Module):
+    """The MagNet's own first-layer attention network (one :class:`~magnet_zoo.nn.branch.BranchStack`,
+    replicate padding, random init) on views scaled to ``[0, 1]`` as a MagNet reads them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack = BranchStack(1, init="random", padding="replicate")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stack((x + 1.0) / 2.0)
+
+
+NETS = {"probe": Probe, "attention": AttentionNet}
+
+
 def _normalise(rgb: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(rgb).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def train_mil(views: Views, net: str, *, steps: int, batch: int, seed: int, top: float) -> tuple[nn.Module, list[float]]:
+    """Fit a map from the *slide labels* alone (no mask): each whole view's logits, pooled over its tissue as
+    attention MIL pools them (:func:`magnet_zoo.train.attention_mil.top_share_mean`), trained towards the
+    slide's label with BCE; batches balanced between tumour and normal slides. Returns the loss curve."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    rgb, tissue = _normalise(views.rgb), torch.from_numpy(views.tissue)
+    labels = torch.tensor([float(s.label) for s in views.slides])
+    pos = (labels > 0).nonzero().squeeze(1)
+    neg = (labels == 0).nonzero().squeeze(1)
+    if len(pos) == 0 or len(neg) == 0:
+        raise VisibilityError("slide supervision needs tumour and normal training slides")
+    model = NETS[net]()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(steps):
+        half = batch // 2
+        idx = torch.cat([pos[torch.randint(len(pos), (half,), generator=gen)],
+                         neg[torch.randint(len(neg), (batch - half,), generator=gen)]])
+        x, m = rgb[idx], tissue[idx]
+        if bool(torch.randint(2, (1,), generator=gen)):
+            x, m = x.flip(-1), m.flip(-1)
+        if bool(torch.randint(2, (1,), generator=gen)):
+            x, m = x.flip(-2), m.flip(-2)
+        pooled = top_share_mean(model(x)[:, 0], m, top)
+        loss = nn.functional.binary_cross_entropy_with_logits(pooled, labels[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return model, losses
 
 
 def train_probe(views: Views, *, steps: int, crop: int, batch: int, seed: int) -> tuple[Probe, list[float]]:
@@ -155,7 +212,7 @@ def train_probe(views: Views, *, steps: int, crop: int, batch: int, seed: int) -
 
 
 @torch.no_grad()
-def probe_maps(model: Probe, views: Views) -> np.ndarray:
+def probe_maps(model: nn.Module, views: Views) -> np.ndarray:
     """The probe's ``(N, S, S)`` tumour logits for every view."""
     model.eval()
     return torch.cat([model(_normalise(views.rgb[i:i + 8]))[:, 0] for i in range(0, len(views.slides), 8)]).numpy()
@@ -239,6 +296,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--crop", type=int, default=48, help="training window side, in view pixels")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--supervision", choices=("mask", "slide"), default="mask",
+                    help="train on the tumour masks (default), or on the slide labels alone as attention MIL does")
+    ap.add_argument("--net", choices=sorted(NETS), default="probe",
+                    help="the 17-px probe (default) or the MagNet's attention network (BranchStack)")
+    ap.add_argument("--top", type=float, default=0.02,
+                    help="with --supervision slide: share of tissue pixels pooled into the slide logit")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-train", type=int, default=None, help="use at most this many training slides")
     ap.add_argument("--also-running", default="", help="what else shared the machine (written in the JSON)")
@@ -262,7 +325,13 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         train, val = read_views(splits["train"], size), read_views(splits["val"], size)
         read_s = time.perf_counter() - t0
-        model, losses = train_probe(train, steps=args.steps, crop=args.crop, batch=args.batch, seed=args.seed)
+        if args.supervision == "slide":
+            model, losses = train_mil(train, args.net, steps=args.steps, batch=args.batch, seed=args.seed,
+                                      top=args.top)
+        elif args.net == "probe":
+            model, losses = train_probe(train, steps=args.steps, crop=args.crop, batch=args.batch, seed=args.seed)
+        else:
+            raise VisibilityError("--net attention is for --supervision slide (the mask probe is the 17-px net)")
         row = {
             "size": size,
             "level0_px_per_view_px": side / size,
@@ -280,15 +349,26 @@ def main(argv: list[str] | None = None) -> int:
 
     md = table(rows, categories)
     print(md)
+    if args.supervision == "mask":
+        what = ("supervised per-pixel tumour probe on whole-slide views: an upper bound on what a first attention "
+                "map with that view can see")
+        loss = "BCE on tissue pixels, tumour pixels weighted by the class balance (at most 100)"
+    else:
+        what = ("a map trained from slide labels alone (attention MIL): where it rises on held-out slides is what "
+                "attention MIL can teach a first attention map with that view")
+        loss = (f"BCE of the mean of each view's top {args.top:g} share of tissue logits against the slide label "
+                "(balanced batches of whole views, random flips)")
+    layers = {"probe": "3x3 convs, dilations 1-2-4-1, 32 channels, 1x1 to a logit; receptive field 17 view px",
+              "attention": "the MagNet's BranchStack (three Branches, 1x1 to a logit), replicate padding"}[args.net]
     out = {
-        "what": "supervised per-pixel tumour probe on whole-slide views: an upper bound on what a first attention "
-        "map with that view can see",
+        "what": what,
         "command": shlex.join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "data": {"root": str(args.data), "train": len(splits["train"]), "val": len(splits["val"]),
                  "slide_side": side},
-        "probe": {"layers": "3x3 convs, dilations 1-2-4-1, 32 channels, 1x1 to a logit; receptive field 17 view px",
-                  "steps": args.steps, "crop": args.crop, "batch": args.batch, "seed": args.seed,
-                  "loss": "BCE on tissue pixels, tumour pixels weighted by the class balance (at most 100)"},
+        "probe": {"net": args.net, "supervision": args.supervision, "layers": layers,
+                  "steps": args.steps, "crop": args.crop if args.supervision == "mask" else None,
+                  "top": args.top if args.supervision == "slide" else None,
+                  "batch": args.batch, "seed": args.seed, "loss": loss},
         "rows": rows,
         "machine": machine_info(),
         "also_running": args.also_running or "nothing",
@@ -296,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(jsonable(out), indent=1, allow_nan=False) + "\n")
     args.out.with_suffix(".md").write_text(
-        f"# SynthMets: what a whole-slide view shows of the tumour\n\n`{out['command']}`\n\n{md}\n"
+        f"# SynthMets: what a whole-slide view shows of the tumour\n\n{what}.\n\n`{out['command']}`\n\n{md}\n"
     )
     print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
     return 0

@@ -77,3 +77,21 @@ def test_the_script_writes_one_row_per_view_size(data, tmp_path):
 def test_a_missing_split_says_how_to_make_it(tmp_path):
     with pytest.raises(vis.VisibilityError, match="synthmets.py"):
         vis.main(["--data", str(tmp_path), "--out", str(tmp_path / "v.json")])
+
+
+def test_slide_supervision_trains_the_attention_network_from_labels_alone(data):
+    views = vis.read_views(load_split(data / "train" / "labels.csv", "train"), 32)
+    assert {s.label for s in views.slides} == {0, 1}
+    model, losses = vis.train_mil(views, "attention", steps=30, batch=4, seed=0, top=0.05)
+    assert isinstance(model, vis.AttentionNet) and len(losses) == 30
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])  # the pooled slide logit learns the training labels
+    maps = vis.probe_maps(model, views)
+    assert maps.shape == (4, 32, 32) and np.isfinite(maps).all()
+    normal_only = vis.Views(views.rgb[:0], views.tissue[:0], views.tumour[:0], [])
+    with pytest.raises(vis.VisibilityError, match="tumour and normal"):
+        vis.train_mil(normal_only, "probe", steps=1, batch=2, seed=0, top=0.05)
+
+
+def test_the_mask_probe_is_the_only_net_for_mask_supervision(data, tmp_path):
+    with pytest.raises(vis.VisibilityError, match="--net attention"):
+        vis.main(["--data", str(data), "--sizes", "16", "--net", "attention", "--out", str(tmp_path / "v.json")])

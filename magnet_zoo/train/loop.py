@@ -76,7 +76,7 @@ from magnet_zoo.train.sources import TrainData, Validator
 
 logger = logging.getLogger(__name__)
 
-EXTRA_TERMS = ("guidance", "window_mil", "scale_prior", "explore", "recentre")
+EXTRA_TERMS = ("guidance", "window_mil", "scale_prior", "explore", "recentre", "attention_mil")
 
 
 @dataclass
@@ -204,12 +204,14 @@ class TrainLoop:
             self._restore(resume_state)
         self.ddp: nn.Module = self.model
         if self.info.enabled:
-            heads_first = recipe.head_warmup or recipe.guidance_weight or recipe.head_pretrain_windows
-            if heads_first:
+            outside = (recipe.head_warmup or recipe.guidance_weight or recipe.head_pretrain_windows
+                       or recipe.attention_mil_weight)
+            if outside:
                 raise ConfigError(
-                    "head warm-up, head guidance and head pre-training run outside DistributedDataParallel's "
-                    "forward and are not supported under torchrun yet; train on one process, or set "
-                    "head_warmup=0, guidance_weight=0, head_pretrain_windows=0"
+                    "head warm-up, head guidance, head pre-training and attention MIL run outside "
+                    "DistributedDataParallel's forward and are not supported under torchrun yet; train on one "
+                    "process, or set head_warmup=0, guidance_weight=0, head_pretrain_windows=0, "
+                    "attention_mil_weight=0"
                 )
             from torch.nn.parallel import DistributedDataParallel
 
@@ -432,6 +434,11 @@ class TrainLoop:
         labels = batch.labels.to(device)
         extra: dict[str, float] = {}
         out = None
+        if recipe.attention_mil_weight:  # on the batch's own slides, before exploration repeats them
+            from magnet_zoo.train.attention_mil import attention_mil_loss
+
+            mil, _ = attention_mil_loss(model, fetchers, labels, top=recipe.attention_mil_top)
+            extra["attention_mil"] = float(mil.detach())
         with autocast(device, self.dtype):
             if self.warm:
                 from magnet_zoo.train.warmup import warmup_step
@@ -479,6 +486,8 @@ class TrainLoop:
                     pull = recentre_loss(model, out, labels, positives_only=recipe.recentre_on == "positive")
                     extra["recentre"] = float(pull.detach())
                     loss = loss + recipe.recentre_weight * pull
+        if recipe.attention_mil_weight:
+            loss = loss + recipe.attention_mil_weight * mil
         return loss, {**terms.as_floats(), **extra}, (out, labels)
 
     def _guidance(self, out: Any, fetchers: Any, labels: torch.Tensor, extra: dict[str, float]) -> torch.Tensor:

@@ -130,6 +130,12 @@ class Recipe:
     guidance_standardise: bool = False
     """Standardise each region's window scores over its tissue cells before ``guidance_temperature`` (the
     target's sharpness then does not follow the head's logit scale)."""
+    attention_mil_weight: float = 0.0
+    """Weight of attention MIL (:mod:`magnet_zoo.train.attention_mil`; 0: off): each learned first-layer
+    map, pooled over the whole-slide view's tissue, trained as a slide classifier from the label, from the
+    first step (head warm-up included). For multiple-instance tasks (SynthMets), not FindIt."""
+    attention_mil_top: float = 0.02
+    """Share of the view's tissue pixels whose largest logits are averaged into the slide logit."""
     head_pretrain_windows: int = 0
     """Random tissue windows per training slide, read once, to pre-train the last auxiliary head on
     (:mod:`magnet_zoo.train.head_pretrain`; 0: off)."""
@@ -186,6 +192,9 @@ class Recipe:
                               f"layer's view side), got {list(self.min_scale_start)}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ConfigError(f"recipe {self.name!r}: grad_clip must be > 0 or None, got {self.grad_clip}")
+        if self.attention_mil_weight < 0 or not 0 < self.attention_mil_top <= 1:
+            raise ConfigError(f"recipe {self.name!r}: need attention_mil_weight >= 0 and attention_mil_top in "
+                              f"(0, 1], got {self.attention_mil_weight} and {self.attention_mil_top}")
         if self.recentre_weight < 0:
             raise ConfigError(f"recipe {self.name!r}: recentre_weight must be >= 0, got {self.recentre_weight}")
         if self.recentre_on not in RECENTRE_ON:

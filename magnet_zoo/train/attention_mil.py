@@ -1,0 +1,69 @@
+"""Attention MIL: the first attention map trained as a weakly supervised detector from slide labels.
+
+On a multiple-instance task (SynthMets, CAMELYON: a slide is positive when *some* region holds tumour)
+the first layer's map over the whole-slide view can be asked the slide's question directly. Each learned
+map's logits are pooled over the view's tissue into one slide logit, the mean of its top ``top`` share
+of tissue pixels (``top -> 0``: max pooling; ``1``: mean pooling), and trained towards the slide label
+with binary cross-entropy. A positive slide then needs a few high logits somewhere, a negative slide
+none anywhere: where the map rises is where the label's evidence is, learnt at the map's own 56 px
+resolution, from the first step, without waiting for the heads (DESIGN.md section 6: the first layer
+otherwise learns only through the crops' geometry, and on SynthMets never did). The crop's attention
+(``softmax`` or ``entmax`` over the same logits) is unchanged by a shift of the logits, so the pooled
+level costs the crop nothing; only the map's shape matters there.
+
+Recipe fields ``attention_mil_weight`` (0: off) and ``attention_mil_top``. Only the first layer's
+attention stacks get this gradient. Not for tasks where both classes carry an object to find (FindIt):
+there the negative class's object must be looked at too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from magnet_zoo.nn.fetcher import RegionFetcher
+from magnet_zoo.nn.magnet import MagNet
+
+
+def top_share_mean(logits: torch.Tensor, mask: torch.Tensor | None, top: float) -> torch.Tensor:
+    """``(..., H, W)`` logits -> ``(...)``: the mean of each map's largest ``ceil(top * n)`` logits among
+    its ``n`` pixels where ``mask`` is true (every pixel without a mask; a map with no masked-in pixel
+    pools over all of them)."""
+    if not 0 < top <= 1:
+        raise ValueError(f"top must be in (0, 1], got {top}")
+    flat = logits.flatten(-2)
+    if mask is None:
+        keep = torch.ones_like(flat, dtype=torch.bool)
+    else:
+        if mask.shape != logits.shape:
+            raise ValueError(f"mask of shape {tuple(mask.shape)} for logits of shape {tuple(logits.shape)}")
+        keep = mask.flatten(-2)
+        keep = keep | ~keep.any(-1, keepdim=True)
+    n = keep.sum(-1)
+    k = torch.clamp(torch.ceil(top * n.float()).long(), min=1)
+    ordered = flat.masked_fill(~keep, float("-inf")).sort(-1, descending=True).values
+    ranks = torch.arange(flat.shape[-1], device=flat.device)
+    chosen = ranks < k.unsqueeze(-1)
+    return torch.where(chosen, ordered, torch.zeros_like(ordered)).sum(-1) / k.to(flat.dtype)
+
+
+def attention_mil_loss(
+    model: MagNet, fetchers: Sequence[RegionFetcher], labels: torch.Tensor, *, top: float = 0.02
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Binary cross-entropy of each learned first-layer map's pooled logit (:func:`top_share_mean` over the
+    whole-slide view's tissue, or the whole view with ``attention_tissue_only`` off) against the slide
+    labels, averaged over slides and maps; and the pooled logits ``(B, G)``. Reads each slide's view as the
+    forward pass does; runs in fp32."""
+    layer = model.layers[0]
+    if layer.num_stacks == 0:
+        raise ValueError("attention MIL needs a first layer with learned attention")
+    device = next(model.parameters()).device
+    view = model.whole_slide_view(fetchers, device)[0]
+    with torch.autocast(device.type, enabled=False):
+        logits = layer.attention_logits(view.float())
+    mask = layer.tissue_mask(view) if model.config.attention_tissue_only else None
+    pooled = top_share_mean(logits, mask, top)
+    y = labels.to(device=pooled.device, dtype=pooled.dtype).view(-1, 1).expand_as(pooled)
+    return F.binary_cross_entropy_with_logits(pooled, y), pooled

@@ -1,0 +1,118 @@
+"""Attention MIL (``magnet_zoo.train.attention_mil``): the first map trained from slide labels alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import micro_magnet, tissue_image
+
+from magnet_zoo.config import ConfigError
+from magnet_zoo.train import Recipe, SourceData, TrainConfig, fit, get_recipe
+from magnet_zoo.train.attention_mil import attention_mil_loss, top_share_mean
+from magnet_zoo.wsi import ArraySource, SlideFetcher
+
+
+def test_top_share_mean_runs_from_max_to_mean_over_the_mask_only():
+    logits = torch.tensor([[[1.0, 2.0], [3.0, 10.0]]])  # (1, 2, 2)
+    mask = torch.tensor([[[True, True], [True, False]]])  # 10 is glass
+    assert float(top_share_mean(logits, mask, 0.01)) == pytest.approx(3.0)  # the largest on tissue
+    assert float(top_share_mean(logits, mask, 1.0)) == pytest.approx(2.0)  # the tissue mean
+    assert float(top_share_mean(logits, mask, 0.5)) == pytest.approx(2.5)  # ceil(0.5 * 3) = 2 largest
+    assert float(top_share_mean(logits, None, 0.25)) == pytest.approx(10.0)
+    nothing = torch.zeros_like(mask)
+    assert float(top_share_mean(logits, nothing, 1.0)) == pytest.approx(4.0)  # no tissue: every pixel
+    batch = torch.randn(3, 2, 5, 5)
+    assert top_share_mean(batch, batch > 0, 0.1).shape == (3, 2)
+    with pytest.raises(ValueError, match="top"):
+        top_share_mean(logits, mask, 0.0)
+    with pytest.raises(ValueError, match="shape"):
+        top_share_mean(logits, mask[:, :1], 0.5)
+
+
+def test_only_the_first_layers_attention_gets_the_gradient():
+    img = tissue_image(1500, 1500)
+    fetchers = [SlideFetcher(ArraySource(img), 15), SlideFetcher(ArraySource(img[::-1].copy()), 15)]
+    net = micro_magnet(attention_tissue_only=True).train()
+    loss, pooled = attention_mil_loss(net, fetchers, torch.tensor([1.0, 0.0]), top=0.05)
+    assert pooled.shape == (2, net.layers[0].num_stacks)
+    loss.backward()
+    first = [p for p in net.layers[0].parameters() if p.requires_grad]
+    assert first and all(p.grad is not None for p in first)
+    assert any(float(p.grad.abs().sum()) > 0 for p in first)
+    others = [p for name, p in net.named_parameters() if not name.startswith("layers.0.")]
+    assert all(p.grad is None or float(p.grad.abs().sum()) == 0 for p in others)
+
+
+def _spotted(seed: int, spot: bool) -> tuple[np.ndarray, tuple[int, int] | None]:
+    """Tissue; with ``spot`` a dark-blue square (a 'tumour') at a random place on it, and its centre."""
+    rng = np.random.default_rng(seed)
+    img = tissue_image(1200, 1200, seed=seed)
+    if not spot:
+        return img, None
+    while True:
+        y, x = (int(v) for v in rng.integers(300, 900, size=2))
+        if (img[y, x] < 240).all():
+            break
+    img[y - 60:y + 60, x - 60:x + 60] = (60, 40, 140)
+    return img, (y, x)
+
+
+def test_the_map_learns_to_peak_on_the_evidence_from_slide_labels_alone():
+    """Positive slides hold a small dark square somewhere on their tissue, negative slides none. Trained only
+    on the pooled slide logit, the first map's highest tissue pixel moves onto the square of held-out
+    slides (before training it is there no more often than chance)."""
+    def fetchers(seeds, spots):
+        made = [_spotted(s, p) for s, p in zip(seeds, spots, strict=True)]
+        return [SlideFetcher(ArraySource(img), 15) for img, _ in made], [c for _, c in made]
+
+    train_f, _ = fetchers(range(12), [i % 2 == 0 for i in range(12)])
+    labels = torch.tensor([float(i % 2 == 0) for i in range(12)])
+    test_f, centres = fetchers(range(100, 106), [True] * 6)
+    net = micro_magnet(attention_tissue_only=True).train()
+    layer = net.layers[0]
+
+    def hits() -> int:
+        layer.eval()
+        with torch.no_grad():
+            view = net.whole_slide_view(test_f, torch.device("cpu"))[0]
+            logits = layer.attention_logits(view)[:, 0]
+            tissue = layer.tissue_mask(view)[:, 0]
+        layer.train()
+        n = 0
+        for m, t, (y, x) in zip(logits, tissue, centres, strict=True):
+            r, c = divmod(int(m.masked_fill(~t, float("-inf")).argmax()), m.shape[-1])
+            side = 1200 / m.shape[-1]  # level-0 px per view px (square slides: no padding)
+            n += abs((r + 0.5) * side - y) <= 90 and abs((c + 0.5) * side - x) <= 90
+        return n
+
+    before = hits()
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        idx = torch.randperm(12, generator=gen)[:6].tolist()
+        loss, _ = attention_mil_loss(net, [train_f[i] for i in idx], labels[idx], top=0.02)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = hits()
+    assert before <= 2 and after >= 5, (before, after)
+
+
+def test_the_recipe_field_is_validated_and_the_loop_logs_the_term():
+    with pytest.raises(ConfigError, match="attention_mil"):
+        get_recipe("learn_to_look", attention_mil_weight=-1.0)
+    with pytest.raises(ConfigError, match="attention_mil"):
+        get_recipe("learn_to_look", attention_mil_top=0.0)
+    recipe = get_recipe("learn_to_look", attention_mil_weight=1.0, attention_mil_top=0.05, steps=4, batch_size=2,
+                        head_warmup=0.5)
+    assert Recipe.from_dict(recipe.to_dict()) == recipe
+    sources = [ArraySource(_spotted(s, s % 2 == 0)[0]) for s in range(4)]
+    config = TrainConfig(device="cpu", amp="off", threads=2, progress=False, baseline_eval=False, save_every=0,
+                         log_every=1, tensorboard=False)
+    result = fit(micro_magnet(attention_tissue_only=True), SourceData(sources, [1, 0, 1, 0]), config, recipe)
+    assert len(result.log) == 4  # two steps of head warm-up, two attended: the term in every one
+    assert all(np.isfinite(row["attention_mil"]) and row["attention_mil"] > 0 for row in result.log)
+    plain = fit(micro_magnet(attention_tissue_only=True), SourceData(sources, [1, 0, 1, 0]), config,
+                recipe.replace(attention_mil_weight=0.0))
+    assert all(row.get("attention_mil", 0) == 0 for row in plain.log)
