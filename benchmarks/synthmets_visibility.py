@@ -132,7 +132,8 @@ def _normalise(rgb: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(rgb).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-def train_mil(views: Views, net: str, *, steps: int, batch: int, seed: int, top: float) -> tuple[nn.Module, list[float]]:
+def train_mil(views: Views, net: str, *, steps: int, batch: int, seed: int,
+              top: float) -> tuple[nn.Module, list[float]]:
     """Fit a map from the *slide labels* alone (no mask): each whole view's logits, pooled over its tissue as
     attention MIL pools them (:func:`magnet_zoo.train.attention_mil.top_share_mean`), trained towards the
     slide's label with BCE; batches balanced between tumour and normal slides. Returns the loss curve."""
