@@ -23,9 +23,14 @@ MIL trains a MagNet's first map (:mod:`magnet_zoo.train.attention_mil`: its logi
 tissue into one slide logit), and ``--net attention`` makes it the MagNet's own attention network: the
 same scores then say whether slide labels can teach that network, at that view size, where the tumour is.
 
+With ``--checkpoint DIR`` nothing is trained: a trained MagNet's own first-layer attention logits (its
+learned maps averaged) on the validation slides' views, read as the MagNet reads them, are scored the
+same way: did training teach that map where the tumour is?
+
     python benchmarks/synthmets_visibility.py --data /tmp/synthmets            # views of 56, 112, 224, 448
     python benchmarks/synthmets_visibility.py --sizes 56 --supervision slide --net attention \
         --out benchmarks/results/synthmets_visibility_mil.json
+    python benchmarks/synthmets_visibility.py --checkpoint /tmp/mz/ckpt --out /tmp/first_map.json
     python benchmarks/synthmets_visibility.py --data /tmp/synthmets_quick --sizes 56 112 --steps 20 --out /tmp/v.json
 
 Needs the ``train`` and ``val`` splits of a ``synthmets.py`` data folder (slides and sidecars). Prints a
@@ -213,6 +218,25 @@ def train_probe(views: Views, *, steps: int, crop: int, batch: int, seed: int) -
 
 
 @torch.no_grad()
+def first_layer_maps(model: Any, views: Views) -> np.ndarray:
+    """A MagNet's ``(N, S, S)`` first-layer attention logits (its learned maps averaged) for each slide's
+    whole-slide view, read by the MagNet itself (``S`` must be its ``input_size``)."""
+    from magnet_zoo.wsi import SlideFetcher
+
+    if model.config.input_size != views.rgb.shape[1]:
+        raise VisibilityError(f"the model's first view is {model.config.input_size} px, the views "
+                              f"{views.rgb.shape[1]} px: pass --sizes {model.config.input_size}")
+    model.eval()
+    layer = model.layers[0]
+    maps = []
+    for slide in views.slides:
+        with open_slide(slide.path) as source:
+            view = model.whole_slide_view([SlideFetcher(source, model.config.grey_threshold)], torch.device("cpu"))[0]
+        maps.append(layer.attention_logits(view)[0].mean(0))
+    return torch.stack(maps).numpy()
+
+
+@torch.no_grad()
 def probe_maps(model: nn.Module, views: Views) -> np.ndarray:
     """The probe's ``(N, S, S)`` tumour logits for every view."""
     model.eval()
@@ -301,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="train on the tumour masks (default), or on the slide labels alone as attention MIL does")
     ap.add_argument("--net", choices=sorted(NETS), default="probe",
                     help="the 17-px probe (default) or the MagNet's attention network (BranchStack)")
+    ap.add_argument("--checkpoint", default=None,
+                    help="score this trained MagNet's first-layer map (a folder or registered name) instead of "
+                    "training a probe")
     ap.add_argument("--top", type=float, default=0.02,
                     help="with --supervision slide: share of tissue pixels pooled into the slide logit")
     ap.add_argument("--threads", type=int, default=2)
@@ -326,19 +353,27 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         train, val = read_views(splits["train"], size), read_views(splits["val"], size)
         read_s = time.perf_counter() - t0
-        if args.supervision == "slide":
-            model, losses = train_mil(train, args.net, steps=args.steps, batch=args.batch, seed=args.seed,
-                                      top=args.top)
-        elif args.net == "probe":
-            model, losses = train_probe(train, steps=args.steps, crop=args.crop, batch=args.batch, seed=args.seed)
+        if args.checkpoint:
+            from magnet_zoo.hub import load_pretrained
+
+            model, losses = load_pretrained(args.checkpoint, device="cpu"), []
+            maps = {"train": first_layer_maps(model, train), "val": first_layer_maps(model, val)}
         else:
-            raise VisibilityError("--net attention is for --supervision slide (the mask probe is the 17-px net)")
+            if args.supervision == "slide":
+                model, losses = train_mil(train, args.net, steps=args.steps, batch=args.batch, seed=args.seed,
+                                          top=args.top)
+            elif args.net == "probe":
+                model, losses = train_probe(train, steps=args.steps, crop=args.crop, batch=args.batch,
+                                            seed=args.seed)
+            else:
+                raise VisibilityError("--net attention is for --supervision slide (the mask probe is the 17-px net)")
+            maps = {"train": probe_maps(model, train), "val": probe_maps(model, val)}
         row = {
             "size": size,
             "level0_px_per_view_px": side / size,
             "um_per_view_px": side / size * LEVEL0_MPP,
-            "train": score(probe_maps(model, train), train),
-            "val": score(probe_maps(model, val), val),
+            "train": score(maps["train"], train),
+            "val": score(maps["val"], val),
             "loss_first_last": [float(np.mean(losses[:20])), float(np.mean(losses[-20:]))] if losses else None,
             "seconds": {"read": round(read_s, 1), "total": round(time.perf_counter() - t0, 1)},
         }
@@ -350,7 +385,11 @@ def main(argv: list[str] | None = None) -> int:
 
     md = table(rows, categories)
     print(md)
-    if args.supervision == "mask":
+    if args.checkpoint:
+        what = (f"the first-layer attention map of the trained MagNet {args.checkpoint} (its learned maps "
+                "averaged), scored as the probes are")
+        loss = None
+    elif args.supervision == "mask":
         what = ("supervised per-pixel tumour probe on whole-slide views: an upper bound on what a first attention "
                 "map with that view can see")
         loss = "BCE on tissue pixels, tumour pixels weighted by the class balance (at most 100)"
@@ -366,7 +405,9 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "data": {"root": str(args.data), "train": len(splits["train"]), "val": len(splits["val"]),
                  "slide_side": side},
-        "probe": {"net": args.net, "supervision": args.supervision, "layers": layers,
+        "probe": {"net": "checkpoint" if args.checkpoint else args.net,
+                  "checkpoint": args.checkpoint, "supervision": None if args.checkpoint else args.supervision,
+                  "layers": "the checkpoint's first attention layer" if args.checkpoint else layers,
                   "steps": args.steps, "crop": args.crop if args.supervision == "mask" else None,
                   "top": args.top if args.supervision == "slide" else None,
                   "batch": args.batch, "seed": args.seed, "loss": loss},

@@ -95,3 +95,20 @@ def test_slide_supervision_trains_the_attention_network_from_labels_alone(data):
 def test_the_mask_probe_is_the_only_net_for_mask_supervision(data, tmp_path):
     with pytest.raises(vis.VisibilityError, match="--net attention"):
         vis.main(["--data", str(data), "--sizes", "16", "--net", "attention", "--out", str(tmp_path / "v.json")])
+
+
+def test_a_trained_magnets_own_first_map_is_read_from_its_own_views(data):
+    import torch
+
+    from magnet_zoo.factory import create_model
+
+    views = vis.read_views(load_split(data / "val" / "labels.csv", "val"), 32)
+    torch.manual_seed(0)
+    model = create_model("magnet2_micro", input_size=32, final_patch_size=32, gru_hidden=8, mlp_hidden=(8,))
+    maps = vis.first_layer_maps(model, views)
+    assert maps.shape == (4, 32, 32) and np.isfinite(maps).all()
+    assert not model.training  # scored as used: BatchNorm on its running statistics
+    assert len({float(m.std()) for m in maps}) == 4  # each slide's own view, not one map for all
+    assert 0 <= vis.score(maps, views)["pixel_auroc"] <= 1
+    with pytest.raises(vis.VisibilityError, match="--sizes 56"):
+        vis.first_layer_maps(create_model("magnet2_micro", final_patch_size=32), views)
