@@ -116,3 +116,56 @@ def test_the_recipe_field_is_validated_and_the_loop_logs_the_term():
     plain = fit(micro_magnet(attention_tissue_only=True), SourceData(sources, [1, 0, 1, 0]), config,
                 recipe.replace(attention_mil_weight=0.0))
     assert all(row.get("attention_mil", 0) == 0 for row in plain.log)
+
+
+@pytest.fixture(scope="module")
+def slide_files(tmp_path_factory):
+    """Four small SynthMets slides on disk (macro and normal): ``(paths, labels)``."""
+    import csv
+
+    from magnet_zoo.synth import generate_dataset
+
+    root = tmp_path_factory.mktemp("attention_pretrain")
+    table = generate_dataset(root, n=4, size=2048, seed=1, categories=("macro", "normal"), progress=False, workers=1)
+    rows = list(csv.DictReader(table.open()))
+    return [str(root / r["path"]) for r in rows], [int(r["label"]) for r in rows]
+
+
+def test_pretraining_reads_each_view_as_the_forward_does_and_trains_the_first_layer_only(slide_files):
+    from magnet_zoo.train.attention_mil import pretrain_attention, read_views
+    from magnet_zoo.wsi import SlideFetcher, open_slide
+
+    paths, labels = slide_files
+    assert set(labels) == {0, 1}
+    net = micro_magnet(attention_tissue_only=True)
+    views = read_views(net, paths)
+    assert views.shape == (4, 1, 3, 56, 56)
+    with open_slide(paths[2]) as src:
+        torch.testing.assert_close(views[2], net.whole_slide_view([SlideFetcher(src, 15)], torch.device("cpu"))[0][0])
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    done = pretrain_attention(net, paths, labels, steps=5, lr=1e-2, top=0.1, seed=0, batch=4)
+    assert done["steps"] == 5 and done["slides"] == 4 and np.isfinite(done["loss_last_50"])
+    changed = {k for k, v in net.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("layers.0.stacks.") for k in changed)
+    assert pretrain_attention(net, paths, labels, steps=0, lr=1e-2, top=0.1, seed=0) == {"seconds": 0.0, "steps": 0}
+    with pytest.raises(ValueError, match="both classes"):
+        pretrain_attention(net, paths[:1], [1], steps=1, lr=1e-2, top=0.1, seed=0)
+
+
+def test_the_loop_runs_the_phase_once_and_refuses_data_without_files(slide_files, tmp_path):
+    from magnet_zoo.train import SlideData
+    from magnet_zoo.train.data import SlideRecord
+
+    with pytest.raises(ConfigError, match="attention_pretrain_steps"):
+        get_recipe("learn_to_look", attention_pretrain_steps=-1)
+    recipe = get_recipe("learn_to_look", attention_pretrain_steps=3, attention_mil_top=0.1, steps=2, batch_size=2)
+    config = TrainConfig(device="cpu", amp="off", threads=2, progress=False, baseline_eval=False, save_every=0,
+                         log_every=1, tensorboard=False)
+    paths, labels = slide_files
+    records = [SlideRecord(p, y, "macro" if y else "normal") for p, y in zip(paths, labels, strict=True)]
+    result = fit(micro_magnet(attention_tissue_only=True), SlideData(records, num_workers=0), config, recipe)
+    assert result.attention_pretrain["steps"] == 3 and result.attention_pretrain["slides"] == 4
+    assert result.global_step == 2
+    sources = [ArraySource(_spotted(s, s % 2 == 0)[0]) for s in range(2)]
+    with pytest.raises(ConfigError, match="must be slides"):
+        fit(micro_magnet(), SourceData(sources, [1, 0]), config, recipe)

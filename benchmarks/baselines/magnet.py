@@ -129,6 +129,7 @@ def train_magnet(
     record = {
         "seconds": result.seconds,
         "head_pretrain": result.head_pretrain,
+        "attention_pretrain": result.attention_pretrain,
         "steps": result.global_step,
         "stopped_by": "budget" if result.stopped_by == "time_limit" else result.stopped_by,
         "best_step": best["step"],

@@ -11,20 +11,28 @@ otherwise learns only through the crops' geometry, and on SynthMets never did). 
 (``softmax`` or ``entmax`` over the same logits) is unchanged by a shift of the logits, so the pooled
 level costs the crop nothing; only the map's shape matters there.
 
-Recipe fields ``attention_mil_weight`` (0: off) and ``attention_mil_top``. Only the first layer's
-attention stacks get this gradient. Not for tasks where both classes carry an object to find (FindIt):
+Recipe fields ``attention_mil_weight`` (0: off) and ``attention_mil_top``; ``attention_pretrain_steps``
+runs the same training as a phase before the loop, on every training slide's view read once
+(:func:`pretrain_attention`, like head pre-training: its time counts against the run's time limit). Only
+the first layer's attention stacks get this gradient. Not for tasks where both classes carry an object to find (FindIt):
 there the negative class's object must be looked at too.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Sequence
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from magnet_zoo.nn.fetcher import RegionFetcher
 from magnet_zoo.nn.magnet import MagNet
+
+logger = logging.getLogger(__name__)
 
 
 def top_share_mean(logits: torch.Tensor, mask: torch.Tensor | None, top: float) -> torch.Tensor:
@@ -67,3 +75,70 @@ def attention_mil_loss(
     pooled = top_share_mean(logits, mask, top)
     y = labels.to(device=pooled.device, dtype=pooled.dtype).view(-1, 1).expand_as(pooled)
     return F.binary_cross_entropy_with_logits(pooled, y), pooled
+
+
+def read_views(model: MagNet, paths: Sequence[str]) -> torch.Tensor:
+    """``(N, 1, 3, S, S)``: each slide's first-layer view, read by ``model`` as its forward pass reads it."""
+    from magnet_zoo.wsi import SlideFetcher, open_slide
+
+    views = []
+    for path in paths:
+        with open_slide(path) as source:
+            views.append(model.whole_slide_view([SlideFetcher(source, model.config.grey_threshold)],
+                                                torch.device("cpu"))[0][0])
+    return torch.stack(views)
+
+
+def pretrain_attention(
+    model: MagNet,
+    paths: Sequence[str],
+    labels: Sequence[int],
+    *,
+    steps: int,
+    lr: float,
+    top: float,
+    seed: int,
+    batch: int = 32,
+) -> dict[str, Any]:
+    """Attention MIL as a phase before the loop: every training slide's first-layer view is read once, and
+    the first layer's attention stacks alone are trained on them with :func:`top_share_mean` pooling and
+    binary cross-entropy, ``steps`` steps of ``batch`` views, half from each class, each batch in one random
+    D4 orientation (Adam at ``lr``). Returns what it did (seconds, reading seconds, steps, losses)."""
+    from magnet_zoo.train.head_pretrain import d4
+
+    if steps <= 0:
+        return {"seconds": 0.0, "steps": 0}
+    layer = model.layers[0]
+    if layer.num_stacks == 0:
+        raise ValueError("attention pre-training needs a first layer with learned attention")
+    y = torch.tensor([float(v) for v in labels])
+    pos, neg = (y > 0).nonzero().squeeze(1), (y == 0).nonzero().squeeze(1)
+    if len(pos) == 0 or len(neg) == 0:
+        raise ValueError("attention pre-training needs training slides of both classes")
+    start = time.perf_counter()
+    views = read_views(model, paths)
+    read_s = time.perf_counter() - start
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed + 41)
+    opt = torch.optim.Adam(layer.stacks.parameters(), lr=lr)
+    tissue_only = model.config.attention_tissue_only
+    half = batch // 2
+    losses = []
+    layer.train()
+    for _ in range(steps):
+        idx = torch.cat([pos[torch.randint(len(pos), (half,), generator=gen)],
+                         neg[torch.randint(len(neg), (batch - half,), generator=gen)]])
+        x = d4(views[idx], int(torch.randint(0, 8, (1,), generator=gen))).to(device)
+        logits = layer.attention_logits(x.float())
+        pooled = top_share_mean(logits, layer.tissue_mask(x) if tissue_only else None, top)
+        loss = F.binary_cross_entropy_with_logits(pooled, y[idx].to(pooled).view(-1, 1).expand_as(pooled))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    seconds = time.perf_counter() - start
+    first, last = float(np.mean(losses[:50])), float(np.mean(losses[-50:]))
+    logger.info("attention pre-training: %d views read in %.0f s, %d steps, loss %.3f -> %.3f (%.0f s)",
+                len(paths), read_s, steps, first, last, seconds)
+    return {"seconds": seconds, "read_seconds": read_s, "slides": len(paths), "steps": steps,
+            "loss_first_50": first, "loss_last_50": last}

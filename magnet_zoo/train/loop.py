@@ -99,6 +99,7 @@ class TrainResult:
     """Training-loss rows every ``log_every`` steps (step, seconds, lr, loss terms, mean scale per layer)."""
     revived: list[dict[str, Any]] = field(default_factory=list)
     head_pretrain: dict[str, Any] = field(default_factory=dict)
+    attention_pretrain: dict[str, Any] = field(default_factory=dict)
     stopped_by: str = "steps"
     """``steps``, ``time_limit`` or ``early_stopping``."""
     seconds: float = 0.0
@@ -170,6 +171,7 @@ class TrainLoop:
         self.log_sums: dict[str, float] = {}
         self.log_count = 0
         self.pretrain: dict[str, Any] | None = None
+        self.attention_pretrain: dict[str, Any] | None = None
         self.stopped_by = "steps"
         self.warm = False
         self.exploring = False
@@ -205,13 +207,13 @@ class TrainLoop:
         self.ddp: nn.Module = self.model
         if self.info.enabled:
             outside = (recipe.head_warmup or recipe.guidance_weight or recipe.head_pretrain_windows
-                       or recipe.attention_mil_weight)
+                       or recipe.attention_mil_weight or recipe.attention_pretrain_steps)
             if outside:
                 raise ConfigError(
                     "head warm-up, head guidance, head pre-training and attention MIL run outside "
                     "DistributedDataParallel's forward and are not supported under torchrun yet; train on one "
                     "process, or set head_warmup=0, guidance_weight=0, head_pretrain_windows=0, "
-                    "attention_mil_weight=0"
+                    "attention_mil_weight=0, attention_pretrain_steps=0"
                 )
             from torch.nn.parallel import DistributedDataParallel
 
@@ -345,6 +347,7 @@ class TrainLoop:
             "stale_evals": self.stale_evals,
             "best_score": list(self.best_score) if self.best_score is not None else None,
             "pretrain": self.pretrain,
+            "attention_pretrain": self.attention_pretrain,
             "reviver": self.reviver.state_dict(),
             "explore": self.explore.get_state(),
             "model": dict(self.model.state_dict()),
@@ -382,6 +385,7 @@ class TrainLoop:
         best = state.get("best_score")
         self.best_score = (float(best[0]), float(best[1])) if best is not None else None
         self.pretrain = state.get("pretrain")
+        self.attention_pretrain = state.get("attention_pretrain")
         self.reviver.load_state_dict(state["reviver"])
         self.explore.set_state(state["explore"].to(torch.uint8))
         restore_rng_state(state["rng"][self.info.rank])
@@ -670,6 +674,20 @@ class TrainLoop:
         )
         self._save_state()
 
+    def _attention_pretrain(self) -> None:
+        recipe = self.recipe
+        if self.attention_pretrain is not None or not recipe.attention_pretrain_steps:
+            return
+        from magnet_zoo.train.attention_mil import pretrain_attention
+
+        if not hasattr(self.data, "paths"):
+            raise ConfigError("attention pre-training reads each slide's view from its file: the data must be slides")
+        self.attention_pretrain = pretrain_attention(
+            self.model, self.data.paths, self.data.labels, steps=recipe.attention_pretrain_steps, lr=recipe.lr,
+            top=recipe.attention_mil_top, seed=self.config.seed,
+        )
+        self._save_state()
+
     def _log_step(self, terms: dict[str, float], out: Any, lr: float) -> None:
         for key, value in terms.items():
             self.log_sums[key] = self.log_sums.get(key, 0.0) + value
@@ -761,6 +779,7 @@ class TrainLoop:
         cfg = self.config
         self._segment_start = time.perf_counter()
         self._head_pretrain()
+        self._attention_pretrain()
         if self.global_step == 0 and cfg.baseline_eval and not self.history and self.validator is not None:
             self._evaluation(trained=False)
         bar = tqdm(total=self.total_steps, initial=self.global_step, desc=f"train ({self.recipe.name})", unit="step",
@@ -801,6 +820,7 @@ class TrainLoop:
             log=self.log,
             revived=self.revived,
             head_pretrain=self.pretrain or {},
+            attention_pretrain=self.attention_pretrain or {},
             stopped_by=reason,
             seconds=self.seconds(),
             recipe=self.recipe.to_dict(),

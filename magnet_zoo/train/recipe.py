@@ -136,6 +136,9 @@ class Recipe:
     first step (head warm-up included). For multiple-instance tasks (SynthMets), not FindIt."""
     attention_mil_top: float = 0.02
     """Share of the view's tissue pixels whose largest logits are averaged into the slide logit."""
+    attention_pretrain_steps: int = 0
+    """Attention MIL as a phase before the first step: steps of 32 first-layer views (every training slide's
+    view read once, balanced classes, D4, Adam at ``lr``; 0: off). Needs slide files."""
     head_pretrain_windows: int = 0
     """Random tissue windows per training slide, read once, to pre-train the last auxiliary head on
     (:mod:`magnet_zoo.train.head_pretrain`; 0: off)."""
@@ -192,6 +195,9 @@ class Recipe:
                               f"layer's view side), got {list(self.min_scale_start)}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ConfigError(f"recipe {self.name!r}: grad_clip must be > 0 or None, got {self.grad_clip}")
+        if self.attention_pretrain_steps < 0:
+            raise ConfigError(f"recipe {self.name!r}: attention_pretrain_steps must be >= 0, got "
+                              f"{self.attention_pretrain_steps}")
         if self.attention_mil_weight < 0 or not 0 < self.attention_mil_top <= 1:
             raise ConfigError(f"recipe {self.name!r}: need attention_mil_weight >= 0 and attention_mil_top in "
                               f"(0, 1], got {self.attention_mil_weight} and {self.attention_mil_top}")
