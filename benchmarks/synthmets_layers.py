@@ -44,7 +44,7 @@ DEFAULT_RUNS = ("synthmets_30min.json", "synthmets_30min_s1.json", "synthmets_30
                 "synthmets_30min_treemil_epyc_s0.json", "synthmets_30min_treemil_epyc_s1_idle.json",
                 "synthmets_30min_treemil_epyc_s2.json", "synthmets_30min_treemil_epyc_s3.json",
                 "synthmets_30min_guide1_s0.json", "synthmets_30min_guide1z_s0.json",
-                "synthmets_30min_attmil_s0.json", "synthmets_30min_attmil_s1.json")
+                "synthmets_30min_attmil_s0.json", "synthmets_30min_attpre_s0.json")
 LAYERS = ("layer1", "layer2_on_tumour")
 THUMBNAILS: dict[str, tuple[Any, float]] = {}
 """Each test slide's grey-filtered view by its path, read once for all the runs."""

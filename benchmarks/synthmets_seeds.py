@@ -34,7 +34,7 @@ DEFAULT_RUNS = ("synthmets_30min.json", "synthmets_30min_s1.json", "synthmets_30
                 "synthmets_30min_treemil_epyc_s0.json", "synthmets_30min_treemil_epyc_s1_idle.json",
                 "synthmets_30min_treemil_epyc_s2.json", "synthmets_30min_treemil_epyc_s3.json",
                 "synthmets_30min_guide1_s0.json", "synthmets_30min_guide1z_s0.json",
-                "synthmets_30min_attmil_s0.json", "synthmets_30min_attmil_s1.json")
+                "synthmets_30min_attmil_s0.json", "synthmets_30min_attpre_s0.json")
 BASELINES = ("mean_rgb", "thumbnail_cnn", "dense_mil")
 COLUMNS = ("auroc", "auroc_macro", "auroc_micro", "auroc_itc", "loc_micro_ratio", "loc_micro_ceiling",
            "loc_all_ratio")

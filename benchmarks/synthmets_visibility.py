@@ -243,10 +243,18 @@ def probe_maps(model: nn.Module, views: Views) -> np.ndarray:
     return torch.cat([model(_normalise(views.rgb[i:i + 8]))[:, 0] for i in range(0, len(views.slides), 8)]).numpy()
 
 
+def tissue_edge(tissue: np.ndarray) -> np.ndarray:
+    """``(S, S)`` bool: the tissue pixels with a non-tissue 4-neighbour or on the view's border."""
+    padded = np.pad(tissue, 1, constant_values=False)
+    inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return tissue & ~inner
+
+
 def score(maps: np.ndarray, views: Views) -> dict[str, Any]:
     """Of ``(N, S, S)`` tumour scores for the views: pixel AUROC (tumour pixels of tumour slides against
-    tissue of normal slides; overall and per category) and the argmax hit rate on tumour slides against the
-    tumour share of their tissue."""
+    tissue of normal slides; overall and per category), the argmax hit rate on tumour slides against the
+    tumour share of their tissue, and how often the argmax sits on the tissue's edge (:func:`tissue_edge`)
+    against the edge's share of the tissue (a map drawn to the tissue/glass boundary shows there)."""
     if maps.shape != views.tumour.shape:
         raise VisibilityError(f"maps of shape {maps.shape} for views of shape {views.tumour.shape}")
     normal = [i for i, s in enumerate(views.slides) if not s.label]
@@ -262,7 +270,13 @@ def score(maps: np.ndarray, views: Views) -> dict[str, Any]:
         pos = [maps[i][views.tumour[i] & views.tissue[i]] for i in idx]
         pos_px = np.concatenate(pos) if pos else np.zeros(0)
         hits, shares, visible = [], [], 0
+        on_edge, edge_shares = [], []
         for i in idx:
+            if views.tissue[i].any():
+                edge = tissue_edge(views.tissue[i])
+                masked = np.where(views.tissue[i], maps[i], -np.inf)
+                on_edge.append(float(edge.flat[int(np.argmax(masked))]))
+                edge_shares.append(float(edge.sum()) / float(views.tissue[i].sum()))
             on = views.tumour[i] & views.tissue[i]
             if not on.any():  # the tumour left no tissue pixel in this view (ITC at small sizes)
                 hits.append(0.0)
@@ -279,7 +293,9 @@ def score(maps: np.ndarray, views: Views) -> dict[str, Any]:
         area = auroc(scores, labels) if len(pos_px) and len(negatives) else float("nan")
         return {"slides": len(idx), "slides_with_tumour_pixels": visible, "tumour_pixels": int(len(pos_px)),
                 "pixel_auroc": area, "argmax_hit": hit, "random_tissue_hit": share,
-                "ratio": hit / share if share > 0 else None}
+                "ratio": hit / share if share > 0 else None,
+                "argmax_on_edge": float(np.mean(on_edge)) if on_edge else float("nan"),
+                "edge_share": float(np.mean(edge_shares)) if edge_shares else float("nan")}
 
     out.update(summary(every))
     for cat, idx in sorted(by_cat.items()):
@@ -296,7 +312,7 @@ def table(rows: list[dict[str, Any]], categories: Sequence[str]) -> str:
     head = ("| view px | level-0 px per view px | µm per view px | pixel AUROC | "
             + " | ".join(f"{c} AUROC" for c in categories)
             + " | argmax on tumour | random tissue pixel | ratio | "
-            + " | ".join(f"{c} ratio" for c in categories) + " |")
+            + " | ".join(f"{c} ratio" for c in categories) + " | argmax on tissue edge | edge share of tissue |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         s = r["val"]
@@ -306,7 +322,8 @@ def table(rows: list[dict[str, Any]], categories: Sequence[str]) -> str:
             f"{_fmt(s['pixel_auroc'])} | "
             + " | ".join(_fmt(cats.get(c, {}).get("pixel_auroc")) for c in categories)
             + f" | {_fmt(s['argmax_hit'])} | {_fmt(s['random_tissue_hit'])} | {_fmt(s['ratio'], 1)} | "
-            + " | ".join(_fmt(cats.get(c, {}).get("ratio"), 1) for c in categories) + " |"
+            + " | ".join(_fmt(cats.get(c, {}).get("ratio"), 1) for c in categories)
+            + f" | {_fmt(s.get('argmax_on_edge'))} | {_fmt(s.get('edge_share'))} |"
         )
     return "\n".join(lines)
 

@@ -169,3 +169,34 @@ def test_the_loop_runs_the_phase_once_and_refuses_data_without_files(slide_files
     sources = [ArraySource(_spotted(s, s % 2 == 0)[0]) for s in range(2)]
     with pytest.raises(ConfigError, match="must be slides"):
         fit(micro_magnet(), SourceData(sources, [1, 0]), config, recipe)
+
+
+def test_attention_mil_only_leaves_the_first_map_to_the_mil_term_alone(monkeypatch):
+    import magnet_zoo.train.attention_mil as attention_mil
+
+    with pytest.raises(ConfigError, match="attention_mil_only"):
+        get_recipe("learn_to_look", attention_mil_only=True)
+    real = attention_mil.attention_mil_loss
+
+    def no_gradient(*args, **kwargs):  # the MIL term, connected to the stacks but with a zero gradient
+        loss, pooled = real(*args, **kwargs)
+        return 0.0 * loss, pooled
+
+    monkeypatch.setattr(attention_mil, "attention_mil_loss", no_gradient)
+    sources = [ArraySource(_spotted(s, s % 2 == 0)[0]) for s in range(4)]
+    config = TrainConfig(device="cpu", amp="off", threads=2, progress=False, baseline_eval=False, save_every=0,
+                         log_every=1, tensorboard=False)
+    moved = {}
+    for only in (False, True):
+        recipe = get_recipe("learn_to_look", attention_mil_weight=1.0, attention_mil_only=only, steps=3,
+                            batch_size=2, revive_at=())
+        torch.manual_seed(0)
+        net = micro_magnet(attention_tissue_only=True)
+        before = {k: v.detach().clone() for k, v in net.named_parameters()}  # parameters: norms' statistics move
+        fit(net, SourceData(sources, [1, 0, 1, 0]), config, recipe)
+        moved[only] = {k for k, v in net.named_parameters() if not torch.equal(v, before[k])}
+        assert all(p.requires_grad for p in net.parameters())  # restored after every step
+    first = {k for k in moved[False] if k.startswith("layers.0.stacks.")}
+    assert first, "the heads' losses move the first map through the crops"
+    assert not any(k.startswith("layers.0.stacks.") for k in moved[True])
+    assert any(k.startswith("layers.1.") or k.startswith("classifier") for k in moved[True])

@@ -53,6 +53,24 @@ def test_score_rewards_a_map_that_marks_the_tumour_and_not_a_flat_one(data):
         vis.score(np.zeros((1, 32, 32), np.float32), views)
 
 
+def test_the_tissue_edge_and_a_map_drawn_to_it():
+    tissue = np.zeros((6, 6), bool)
+    tissue[1:5, 1:6] = True  # touches the view's right border
+    edge = vis.tissue_edge(tissue)
+    assert edge[1, 1] and edge[4, 3] and edge[2, 5]  # glass above/left/below, the view's border
+    assert not edge[2, 2] and not edge[3, 4] and not edge[0, 0]  # inside; glass is never edge
+    assert edge.sum() == 20 - 6
+
+
+def test_score_reports_when_the_argmax_sits_on_the_tissue_edge(data):
+    views = vis.read_views(load_split(data / "val" / "labels.csv", "val"), 32)
+    edges = np.stack([vis.tissue_edge(t) for t in views.tissue]).astype(np.float32)
+    drawn = vis.score(edges, views)
+    assert drawn["argmax_on_edge"] == 1.0 and 0 < drawn["edge_share"] < 1
+    inside = vis.score(-edges, views)
+    assert inside["argmax_on_edge"] == 0.0 and inside["edge_share"] == drawn["edge_share"]
+
+
 def test_non_square_slides_are_refused_with_the_reason(data):
     (slide, *_) = load_split(data / "val" / "labels.csv", "val")
     wide = vis.Slide(slide.path, slide.label, slide.category, slide.width + 1, slide.height, "val")

@@ -11,7 +11,9 @@ otherwise learns only through the crops' geometry, and on SynthMets never did). 
 (``softmax`` or ``entmax`` over the same logits) is unchanged by a shift of the logits, so the pooled
 level costs the crop nothing; only the map's shape matters there.
 
-Recipe fields ``attention_mil_weight`` (0: off) and ``attention_mil_top``; ``attention_pretrain_steps``
+Recipe fields ``attention_mil_weight`` (0: off) and ``attention_mil_top``; ``attention_mil_only`` makes it
+the first map's only teacher (:func:`first_map_frozen` around the forward of every other loss);
+``attention_pretrain_steps``
 runs the same training as a phase before the loop, on every training slide's view read once
 (:func:`pretrain_attention`, like head pre-training: its time counts against the run's time limit). Only
 the first layer's attention stacks get this gradient. Not for tasks where both classes carry an object to find (FindIt):
@@ -20,9 +22,10 @@ there the negative class's object must be looked at too.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -75,6 +78,21 @@ def attention_mil_loss(
     pooled = top_share_mean(logits, mask, top)
     y = labels.to(device=pooled.device, dtype=pooled.dtype).view(-1, 1).expand_as(pooled)
     return F.binary_cross_entropy_with_logits(pooled, y), pooled
+
+
+@contextlib.contextmanager
+def first_map_frozen(model: MagNet, frozen: bool = True) -> Iterator[None]:
+    """Within the block, the first layer's attention stacks take no gradient (``requires_grad`` off and
+    restored after): a forward run here builds no path to them. Recipe field ``attention_mil_only``."""
+    stacks = model.layers[0].stacks
+    params = [p for p in stacks.parameters() if p.requires_grad] if frozen and stacks is not None else []
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def read_views(model: MagNet, paths: Sequence[str]) -> torch.Tensor:

@@ -438,12 +438,14 @@ class TrainLoop:
         labels = batch.labels.to(device)
         extra: dict[str, float] = {}
         out = None
+        frozen = contextlib.nullcontext()
         if recipe.attention_mil_weight:  # on the batch's own slides, before exploration repeats them
-            from magnet_zoo.train.attention_mil import attention_mil_loss
+            from magnet_zoo.train.attention_mil import attention_mil_loss, first_map_frozen
 
             mil, _ = attention_mil_loss(model, fetchers, labels, top=recipe.attention_mil_top)
             extra["attention_mil"] = float(mil.detach())
-        with autocast(device, self.dtype):
+            frozen = first_map_frozen(model, recipe.attention_mil_only)
+        with frozen, autocast(device, self.dtype):
             if self.warm:
                 from magnet_zoo.train.warmup import warmup_step
 

@@ -136,6 +136,10 @@ class Recipe:
     first step (head warm-up included). For multiple-instance tasks (SynthMets), not FindIt."""
     attention_mil_top: float = 0.02
     """Share of the view's tissue pixels whose largest logits are averaged into the slide logit."""
+    attention_mil_only: bool = False
+    """The first layer's attention stacks learn from attention MIL alone: the forward that feeds the heads'
+    losses (and every other term) runs with those parameters frozen, so the crops' geometry no longer pulls
+    the first map (needs ``attention_mil_weight``)."""
     attention_pretrain_steps: int = 0
     """Attention MIL as a phase before the first step: steps of 32 first-layer views (every training slide's
     view read once, balanced classes, D4, Adam at ``lr``; 0: off). Needs slide files."""
@@ -198,6 +202,9 @@ class Recipe:
         if self.attention_pretrain_steps < 0:
             raise ConfigError(f"recipe {self.name!r}: attention_pretrain_steps must be >= 0, got "
                               f"{self.attention_pretrain_steps}")
+        if self.attention_mil_only and not self.attention_mil_weight:
+            raise ConfigError(f"recipe {self.name!r}: attention_mil_only needs attention_mil_weight > 0 (the first "
+                              "map would learn nothing)")
         if self.attention_mil_weight < 0 or not 0 < self.attention_mil_top <= 1:
             raise ConfigError(f"recipe {self.name!r}: need attention_mil_weight >= 0 and attention_mil_top in "
                               f"(0, 1], got {self.attention_mil_weight} and {self.attention_mil_top}")
