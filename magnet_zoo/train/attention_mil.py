@@ -13,11 +13,10 @@ level costs the crop nothing; only the map's shape matters there.
 
 Recipe fields ``attention_mil_weight`` (0: off) and ``attention_mil_top``; ``attention_mil_only`` makes it
 the first map's only teacher (:func:`first_map_frozen` around the forward of every other loss);
-``attention_pretrain_steps``
-runs the same training as a phase before the loop, on every training slide's view read once
-(:func:`pretrain_attention`, like head pre-training: its time counts against the run's time limit). Only
-the first layer's attention stacks get this gradient. Not for tasks where both classes carry an object to find (FindIt):
-there the negative class's object must be looked at too.
+``attention_pretrain_steps`` runs the same training as a phase before the loop, on every training slide's
+view read once (:func:`pretrain_attention`, like head pre-training: its time counts against the run's time
+limit). Only the first layer's attention stacks get this gradient. Not for tasks where both classes carry
+an object to find (FindIt): there the negative class's object must be looked at too.
 """
 
 from __future__ import annotations
