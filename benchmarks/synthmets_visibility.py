@@ -120,11 +120,12 @@ class Probe(nn.Sequential):
 
 class AttentionNet(nn.Module):
     """The MagNet's own first-layer attention network (one :class:`~magnet_zoo.nn.branch.BranchStack`,
-    replicate padding, random init) on views scaled to ``[0, 1]`` as a MagNet reads them."""
+    random init; ``replicate`` padding by default, ``zeros`` as the registered models) on views scaled to
+    ``[0, 1]`` as a MagNet reads them."""
 
-    def __init__(self) -> None:
+    def __init__(self, padding: str = "replicate") -> None:
         super().__init__()
-        self.stack = BranchStack(1, init="random", padding="replicate")
+        self.stack = BranchStack(1, init="random", padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.stack((x + 1.0) / 2.0)
@@ -137,11 +138,13 @@ def _normalise(rgb: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(rgb).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-def train_mil(views: Views, net: str, *, steps: int, batch: int, seed: int,
-              top: float) -> tuple[nn.Module, list[float]]:
+def train_mil(views: Views, net: str, *, steps: int, batch: int, seed: int, top: float, lr: float = 1e-3,
+              flips: bool = True, padding: str = "replicate") -> tuple[nn.Module, list[float]]:
     """Fit a map from the *slide labels* alone (no mask): each whole view's logits, pooled over its tissue as
     attention MIL pools them (:func:`magnet_zoo.train.attention_mil.top_share_mean`), trained towards the
-    slide's label with BCE; batches balanced between tumour and normal slides. Returns the loss curve."""
+    slide's label with BCE; batches balanced between tumour and normal slides, each randomly mirrored unless
+    ``flips`` is off (the training loop's attention MIL does not mirror); Adam at ``lr``; ``padding`` is the
+    attention network's (``--net attention`` only). Returns the loss curve."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     rgb, tissue = _normalise(views.rgb), torch.from_numpy(views.tissue)
@@ -150,17 +153,17 @@ def train_mil(views: Views, net: str, *, steps: int, batch: int, seed: int,
     neg = (labels == 0).nonzero().squeeze(1)
     if len(pos) == 0 or len(neg) == 0:
         raise VisibilityError("slide supervision needs tumour and normal training slides")
-    model = NETS[net]()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model = AttentionNet(padding) if net == "attention" else NETS[net]()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     losses = []
     for _ in range(steps):
         half = batch // 2
         idx = torch.cat([pos[torch.randint(len(pos), (half,), generator=gen)],
                          neg[torch.randint(len(neg), (batch - half,), generator=gen)]])
         x, m = rgb[idx], tissue[idx]
-        if bool(torch.randint(2, (1,), generator=gen)):
+        if flips and bool(torch.randint(2, (1,), generator=gen)):
             x, m = x.flip(-1), m.flip(-1)
-        if bool(torch.randint(2, (1,), generator=gen)):
+        if flips and bool(torch.randint(2, (1,), generator=gen)):
             x, m = x.flip(-2), m.flip(-2)
         pooled = top_share_mean(model(x)[:, 0], m, top)
         loss = nn.functional.binary_cross_entropy_with_logits(pooled, labels[idx])
@@ -347,6 +350,11 @@ def main(argv: list[str] | None = None) -> int:
                     "training a probe")
     ap.add_argument("--top", type=float, default=0.02,
                     help="with --supervision slide: share of tissue pixels pooled into the slide logit")
+    ap.add_argument("--lr", type=float, default=1e-3, help="with --supervision slide: Adam's learning rate")
+    ap.add_argument("--no-flips", action="store_true",
+                    help="with --supervision slide: no random mirroring (as the training loop's attention MIL)")
+    ap.add_argument("--padding", choices=("replicate", "zeros"), default="replicate",
+                    help="with --net attention: the 3x3 convolutions' padding (zeros: as the registered models)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-train", type=int, default=None, help="use at most this many training slides")
     ap.add_argument("--also-running", default="", help="what else shared the machine (written in the JSON)")
@@ -378,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if args.supervision == "slide":
                 model, losses = train_mil(train, args.net, steps=args.steps, batch=args.batch, seed=args.seed,
-                                          top=args.top)
+                                          top=args.top, lr=args.lr, flips=not args.no_flips,
+                                          padding=args.padding)
             elif args.net == "probe":
                 model, losses = train_probe(train, steps=args.steps, crop=args.crop, batch=args.batch,
                                             seed=args.seed)
@@ -414,9 +423,10 @@ def main(argv: list[str] | None = None) -> int:
         what = ("a map trained from slide labels alone (attention MIL): where it rises on held-out slides is what "
                 "attention MIL can teach a first attention map with that view")
         loss = (f"BCE of the mean of each view's top {args.top:g} share of tissue logits against the slide label "
-                "(balanced batches of whole views, random flips)")
+                f"(balanced batches of whole views, {'no' if args.no_flips else 'random'} flips, Adam {args.lr:g})")
     layers = {"probe": "3x3 convs, dilations 1-2-4-1, 32 channels, 1x1 to a logit; receptive field 17 view px",
-              "attention": "the MagNet's BranchStack (three Branches, 1x1 to a logit), replicate padding"}[args.net]
+              "attention": f"the MagNet's BranchStack (three Branches, 1x1 to a logit), {args.padding} padding",
+              }[args.net]
     out = {
         "what": what,
         "command": shlex.join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
@@ -427,7 +437,10 @@ def main(argv: list[str] | None = None) -> int:
                   "layers": "the checkpoint's first attention layer" if args.checkpoint else layers,
                   "steps": args.steps, "crop": args.crop if args.supervision == "mask" else None,
                   "top": args.top if args.supervision == "slide" else None,
-                  "batch": args.batch, "seed": args.seed, "loss": loss},
+                  "batch": args.batch, "seed": args.seed, "loss": loss,
+                  "lr": args.lr if args.supervision == "slide" else None,
+                  "flips": not args.no_flips if args.supervision == "slide" else None,
+                  "padding": args.padding if args.net == "attention" else None},
         "rows": rows,
         "machine": machine_info(),
         "also_running": args.also_running or "nothing",

@@ -110,6 +110,35 @@ def test_slide_supervision_trains_the_attention_network_from_labels_alone(data):
         vis.train_mil(normal_only, "probe", steps=1, batch=2, seed=0, top=0.05)
 
 
+def test_slide_supervision_honours_padding_learning_rate_and_flips(data):
+    import torch
+    from torch import nn
+
+    views = vis.read_views(load_split(data / "train" / "labels.csv", "train"), 32)
+    pads = {m.padding_mode for m in vis.AttentionNet("zeros").modules() if isinstance(m, nn.Conv2d)}
+    assert pads == {"zeros"}
+    assert "replicate" in {m.padding_mode for m in vis.AttentionNet().modules() if isinstance(m, nn.Conv2d)}
+    frozen, _ = vis.train_mil(views, "attention", steps=3, batch=4, seed=0, top=0.05, lr=0.0, padding="zeros")
+    torch.manual_seed(0)
+    fresh = vis.AttentionNet("zeros")
+    for a, b in zip(frozen.parameters(), fresh.parameters(), strict=True):
+        assert torch.equal(a, b)  # Adam at lr 0 leaves the weights as initialised (BatchNorm's buffers move)
+    # without flips the first loss is that of the unmirrored balanced batch, reproduced by hand
+    _, losses = vis.train_mil(views, "attention", steps=1, batch=4, seed=0, top=0.05, flips=False)
+    labels = torch.tensor([float(s.label) for s in views.slides])
+    pos, neg = (labels == 1).nonzero().squeeze(1), (labels == 0).nonzero().squeeze(1)
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.cat([pos[torch.randint(len(pos), (2,), generator=gen)],
+                     neg[torch.randint(len(neg), (2,), generator=gen)]])
+    torch.manual_seed(0)
+    net = vis.AttentionNet()
+    rgb = torch.from_numpy(views.rgb).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    with torch.no_grad():
+        pooled = vis.top_share_mean(net(rgb[idx])[:, 0], torch.from_numpy(views.tissue)[idx], 0.05)
+        want = nn.functional.binary_cross_entropy_with_logits(pooled, labels[idx]).item()
+    assert losses[0] == pytest.approx(want, rel=1e-5)
+
+
 def test_the_mask_probe_is_the_only_net_for_mask_supervision(data, tmp_path):
     with pytest.raises(vis.VisibilityError, match="--net attention"):
         vis.main(["--data", str(data), "--sizes", "16", "--net", "attention", "--out", str(tmp_path / "v.json")])
