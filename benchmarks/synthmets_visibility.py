@@ -119,13 +119,13 @@ class Probe(nn.Sequential):
 
 
 class AttentionNet(nn.Module):
-    """The MagNet's own first-layer attention network (one :class:`~magnet_zoo.nn.branch.BranchStack`,
-    random init; ``replicate`` padding by default, ``zeros`` as the registered models) on views scaled to
-    ``[0, 1]`` as a MagNet reads them."""
+    """The MagNet's own first-layer attention network (one :class:`~magnet_zoo.nn.branch.BranchStack`;
+    ``random`` init by default, ``uniform`` as the registered models; ``replicate`` padding by default,
+    ``zeros`` as the registered models) on views scaled to ``[0, 1]`` as a MagNet reads them."""
 
-    def __init__(self, padding: str = "replicate") -> None:
+    def __init__(self, padding: str = "replicate", init: str = "random") -> None:
         super().__init__()
-        self.stack = BranchStack(1, init="random", padding=padding)
+        self.stack = BranchStack(1, init=init, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.stack((x + 1.0) / 2.0)
@@ -139,12 +139,12 @@ def _normalise(rgb: np.ndarray) -> torch.Tensor:
 
 
 def train_mil(views: Views, net: str, *, steps: int, batch: int, seed: int, top: float, lr: float = 1e-3,
-              flips: bool = True, padding: str = "replicate") -> tuple[nn.Module, list[float]]:
+              flips: bool = True, padding: str = "replicate", init: str = "random") -> tuple[nn.Module, list[float]]:
     """Fit a map from the *slide labels* alone (no mask): each whole view's logits, pooled over its tissue as
     attention MIL pools them (:func:`magnet_zoo.train.attention_mil.top_share_mean`), trained towards the
     slide's label with BCE; batches balanced between tumour and normal slides, each randomly mirrored unless
-    ``flips`` is off (the training loop's attention MIL does not mirror); Adam at ``lr``; ``padding`` is the
-    attention network's (``--net attention`` only). Returns the loss curve."""
+    ``flips`` is off (the training loop's attention MIL does not mirror); Adam at ``lr``; ``padding`` and
+    ``init`` are the attention network's (``--net attention`` only). Returns the loss curve."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     rgb, tissue = _normalise(views.rgb), torch.from_numpy(views.tissue)
@@ -153,7 +153,7 @@ def train_mil(views: Views, net: str, *, steps: int, batch: int, seed: int, top:
     neg = (labels == 0).nonzero().squeeze(1)
     if len(pos) == 0 or len(neg) == 0:
         raise VisibilityError("slide supervision needs tumour and normal training slides")
-    model = AttentionNet(padding) if net == "attention" else NETS[net]()
+    model = AttentionNet(padding, init) if net == "attention" else NETS[net]()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     losses = []
     for _ in range(steps):
@@ -275,10 +275,10 @@ def score(maps: np.ndarray, views: Views) -> dict[str, Any]:
         hits, shares, visible = [], [], 0
         on_edge, edge_shares = [], []
         for i in idx:
+            top = int(np.argmax(np.where(views.tissue[i], maps[i], -np.inf)))  # the top tissue pixel, flat
             if views.tissue[i].any():
                 edge = tissue_edge(views.tissue[i])
-                masked = np.where(views.tissue[i], maps[i], -np.inf)
-                on_edge.append(float(edge.flat[int(np.argmax(masked))]))
+                on_edge.append(float(edge.flat[top]))
                 edge_shares.append(float(edge.sum()) / float(views.tissue[i].sum()))
             on = views.tumour[i] & views.tissue[i]
             if not on.any():  # the tumour left no tissue pixel in this view (ITC at small sizes)
@@ -286,9 +286,7 @@ def score(maps: np.ndarray, views: Views) -> dict[str, Any]:
                 shares.append(0.0)
                 continue
             visible += 1
-            masked = np.where(views.tissue[i], maps[i], -np.inf)
-            r, c = np.unravel_index(int(np.argmax(masked)), masked.shape)
-            hits.append(float(views.tumour[i][r, c]))
+            hits.append(float(views.tumour[i].flat[top]))
             shares.append(float(on.sum()) / float(views.tissue[i].sum()))
         hit, share = float(np.mean(hits)) if hits else float("nan"), float(np.mean(shares)) if shares else float("nan")
         scores = np.concatenate([pos_px, negatives])
@@ -355,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --supervision slide: no random mirroring (as the training loop's attention MIL)")
     ap.add_argument("--padding", choices=("replicate", "zeros"), default="replicate",
                     help="with --net attention: the 3x3 convolutions' padding (zeros: as the registered models)")
+    ap.add_argument("--init", choices=("random", "uniform"), default="random",
+                    help="with --net attention: its initialisation (uniform: the last 1x1 conv starts near zero, "
+                         "as the registered models' attention_init)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-train", type=int, default=None, help="use at most this many training slides")
     ap.add_argument("--also-running", default="", help="what else shared the machine (written in the JSON)")
@@ -387,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.supervision == "slide":
                 model, losses = train_mil(train, args.net, steps=args.steps, batch=args.batch, seed=args.seed,
                                           top=args.top, lr=args.lr, flips=not args.no_flips,
-                                          padding=args.padding)
+                                          padding=args.padding, init=args.init)
             elif args.net == "probe":
                 model, losses = train_probe(train, steps=args.steps, crop=args.crop, batch=args.batch,
                                             seed=args.seed)
@@ -425,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         loss = (f"BCE of the mean of each view's top {args.top:g} share of tissue logits against the slide label "
                 f"(balanced batches of whole views, {'no' if args.no_flips else 'random'} flips, Adam {args.lr:g})")
     layers = {"probe": "3x3 convs, dilations 1-2-4-1, 32 channels, 1x1 to a logit; receptive field 17 view px",
-              "attention": f"the MagNet's BranchStack (three Branches, 1x1 to a logit), {args.padding} padding",
+              "attention": f"the MagNet's BranchStack (three Branches, 1x1 to a logit), {args.padding} padding, "
+                           f"{args.init} init",
               }[args.net]
     out = {
         "what": what,
@@ -440,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
                   "batch": args.batch, "seed": args.seed, "loss": loss,
                   "lr": args.lr if args.supervision == "slide" else None,
                   "flips": not args.no_flips if args.supervision == "slide" else None,
-                  "padding": args.padding if args.net == "attention" else None},
+                  "padding": args.padding if args.net == "attention" else None,
+                  "init": args.init if args.net == "attention" else None},
         "rows": rows,
         "machine": machine_info(),
         "also_running": args.also_running or "nothing",

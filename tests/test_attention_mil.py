@@ -145,6 +145,7 @@ def test_pretraining_reads_each_view_as_the_forward_does_and_trains_the_first_la
     before = {k: v.clone() for k, v in net.state_dict().items()}
     done = pretrain_attention(net, paths, labels, steps=5, lr=1e-2, top=0.1, seed=0, batch=4)
     assert done["steps"] == 5 and done["slides"] == 4 and np.isfinite(done["loss_last_50"])
+    assert done["loss_per_50_steps"] == [pytest.approx(done["loss_first_50"])]  # one block of 5 steps
     changed = {k for k, v in net.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(k.startswith("layers.0.stacks.") for k in changed)
     assert pretrain_attention(net, paths, labels, steps=0, lr=1e-2, top=0.1, seed=0) == {"seconds": 0.0, "steps": 0}

@@ -159,3 +159,29 @@ def test_a_trained_magnets_own_first_map_is_read_from_its_own_views(data):
     assert 0 <= vis.score(maps, views)["pixel_auroc"] <= 1
     with pytest.raises(vis.VisibilityError, match="--sizes 56"):
         vis.first_layer_maps(create_model("magnet2_micro", final_patch_size=32), views)
+
+
+def test_the_uniform_init_starts_the_attention_network_near_flat():
+    import torch
+
+    torch.manual_seed(0)
+    flat, default = vis.AttentionNet(init="uniform"), vis.AttentionNet()
+    assert flat.stack.head.weight.detach().abs().max() < 0.01 < default.stack.head.weight.detach().abs().max()
+
+
+def test_attention_pretraining_alone_saves_a_first_map_the_probe_scores(data, tmp_path):
+    import synthmets_attention_pretrain as pre
+
+    ckpt = tmp_path / "pre"
+    args = ["--data", str(data), "--steps", "3", "--batch", "4", "--threads", "1", "--save", str(ckpt),
+            "--magnet-override", 'attention_init=["random", "uniform"]', "--magnet-override", "input_size=32",
+            "--magnet-override", "final_patch_size=32"]
+    assert pre.main(args) == 0
+    run = json.loads((ckpt / "pretrain.json").read_text())
+    assert run["attention_init"] == ["random", "uniform"] and run["slides"] == 4 and run["steps"] == 3
+    assert len(run["result"]["loss_per_50_steps"]) == 1 and (ckpt / "model.safetensors").is_file()
+    with pytest.raises(vis.VisibilityError, match="--sizes 32"):  # a 32 px first view is scored at 32 px
+        vis.main(["--data", str(data), "--sizes", "56", "--checkpoint", str(ckpt), "--out", str(tmp_path / "v.json")])
+    assert vis.main(["--data", str(data), "--sizes", "32", "--checkpoint", str(ckpt), "--threads", "1",
+                     "--out", str(tmp_path / "v.json")]) == 0
+    assert json.loads((tmp_path / "v.json").read_text())["probe"]["checkpoint"] == str(ckpt)

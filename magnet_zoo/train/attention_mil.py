@@ -120,7 +120,8 @@ def pretrain_attention(
     """Attention MIL as a phase before the loop: every training slide's first-layer view is read once, and
     the first layer's attention stacks alone are trained on them with :func:`top_share_mean` pooling and
     binary cross-entropy, ``steps`` steps of ``batch`` views, half from each class, each batch in one random
-    D4 orientation (Adam at ``lr``). Returns what it did (seconds, reading seconds, steps, losses)."""
+    D4 orientation (Adam at ``lr``). Returns what it did (seconds, reading seconds, steps, the loss's means
+    over the first and last 50 steps and over every block of 50)."""
     from magnet_zoo.train.head_pretrain import d4
 
     if steps <= 0:
@@ -158,4 +159,5 @@ def pretrain_attention(
     logger.info("attention pre-training: %d views read in %.0f s, %d steps, loss %.3f -> %.3f (%.0f s)",
                 len(paths), read_s, steps, first, last, seconds)
     return {"seconds": seconds, "read_seconds": read_s, "slides": len(paths), "steps": steps,
-            "loss_first_50": first, "loss_last_50": last}
+            "loss_first_50": first, "loss_last_50": last,
+            "loss_per_50_steps": [float(np.mean(losses[i:i + 50])) for i in range(0, steps, 50)]}
