@@ -132,7 +132,7 @@ def test_slide_supervision_honours_padding_learning_rate_and_flips(data):
                      neg[torch.randint(len(neg), (2,), generator=gen)]])
     torch.manual_seed(0)
     net = vis.AttentionNet()
-    rgb = torch.from_numpy(views.rgb).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    rgb = vis._normalise(views.rgb)
     with torch.no_grad():
         pooled = vis.top_share_mean(net(rgb[idx])[:, 0], torch.from_numpy(views.tissue)[idx], 0.05)
         want = nn.functional.binary_cross_entropy_with_logits(pooled, labels[idx]).item()
