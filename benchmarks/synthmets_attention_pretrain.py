@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate (the loop passes the recipe's lr)")
     ap.add_argument("--top", type=float, default=0.1, help="attention_mil_top")
+    ap.add_argument("--negatives", choices=("top", "all"), default="top",
+                    help="attention_mil_negatives: a normal slide's pooled logit or every tissue pixel towards 0")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-train", type=int, default=None, help="use at most this many training slides")
@@ -62,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     model = magnet_zoo.create_model(args.magnet_model, **overrides)
     slides = load_split(labels_csv, "train")[: args.max_train]
     result = pretrain_attention(model, [s.path for s in slides], [s.label for s in slides], steps=args.steps,
-                                lr=args.lr, top=args.top, seed=args.seed, batch=args.batch)
+                                lr=args.lr, top=args.top, seed=args.seed, batch=args.batch,
+                                negatives=args.negatives)
     save_pretrained(model, args.save)
     blocks = result["loss_per_50_steps"]
     out = {
@@ -71,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "model": args.magnet_model, "overrides": overrides,
         "attention_init": model.config.attention_init, "attention_padding": model.config.attention_padding,
-        "slides": len(slides), "steps": args.steps, "lr": args.lr, "top": args.top, "batch": args.batch,
+        "slides": len(slides), "steps": args.steps, "lr": args.lr, "top": args.top, "negatives": args.negatives,
+        "batch": args.batch,
         "seed": args.seed, "result": result,
         "checkpoint": str(args.save), "machine": machine_info(), "also_running": args.also_running or "nothing",
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),

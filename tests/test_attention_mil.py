@@ -9,7 +9,7 @@ from conftest import micro_magnet, tissue_image
 
 from magnet_zoo.config import ConfigError
 from magnet_zoo.train import Recipe, SourceData, TrainConfig, fit, get_recipe
-from magnet_zoo.train.attention_mil import attention_mil_loss, top_share_mean
+from magnet_zoo.train.attention_mil import attention_mil_loss, mil_bce, top_share_mean
 from magnet_zoo.wsi import ArraySource, SlideFetcher
 
 
@@ -28,6 +28,26 @@ def test_top_share_mean_runs_from_max_to_mean_over_the_mask_only():
         top_share_mean(logits, mask, 0.0)
     with pytest.raises(ValueError, match="shape"):
         top_share_mean(logits, mask[:, :1], 0.5)
+
+
+def test_mil_bce_pools_tumour_slides_and_with_all_negatives_trains_every_normal_tissue_pixel():
+    logits = torch.tensor([[[[4.0, 0.0], [0.0, 9.0]]], [[[-1.0, 2.0], [-3.0, 8.0]]]])  # (2 slides, 1 map, 2, 2)
+    mask = torch.tensor([[[[True, True], [True, False]]], [[[True, True], [True, False]]]])  # 9 and 8: glass
+    labels = torch.tensor([1.0, 0.0])
+    top, pooled = mil_bce(logits, mask, labels, top=0.3)  # ceil(0.3 * 3) = 1: the largest tissue logit
+    torch.testing.assert_close(pooled, torch.tensor([[4.0], [2.0]]))
+    softplus = torch.nn.functional.softplus  # BCE with logits: softplus(-x) against 1, softplus(x) against 0
+    torch.testing.assert_close(top, (softplus(torch.tensor(-4.0)) + softplus(torch.tensor(2.0))) / 2)
+    every, _ = mil_bce(logits, mask, labels, top=0.3, negatives="all")
+    normal = softplus(torch.tensor([-1.0, 2.0, -3.0])).mean()  # the three tissue pixels
+    torch.testing.assert_close(every, (softplus(torch.tensor(-4.0)) + normal) / 2)
+    grad_logits = logits.clone().requires_grad_()
+    mil_bce(grad_logits, mask, labels, top=0.3, negatives="all")[0].backward()
+    assert (grad_logits.grad[1, 0][mask[1, 0]] > 0).all()  # every normal tissue pixel is pushed down
+    assert grad_logits.grad[1, 0, 1, 1] == 0  # not the glass
+    assert int((grad_logits.grad[0, 0] != 0).sum()) == 1  # the tumour slide: only its pooled pixel
+    with pytest.raises(ValueError, match="negatives"):
+        mil_bce(logits, mask, labels, top=0.3, negatives="some")
 
 
 def test_only_the_first_layers_attention_gets_the_gradient():
@@ -104,6 +124,8 @@ def test_the_recipe_field_is_validated_and_the_loop_logs_the_term():
         get_recipe("learn_to_look", attention_mil_weight=-1.0)
     with pytest.raises(ConfigError, match="attention_mil"):
         get_recipe("learn_to_look", attention_mil_top=0.0)
+    with pytest.raises(ConfigError, match="attention_mil_negatives"):
+        get_recipe("learn_to_look", attention_mil_negatives="none")
     recipe = get_recipe("learn_to_look", attention_mil_weight=1.0, attention_mil_top=0.05, steps=4, batch_size=2,
                         head_warmup=0.5)
     assert Recipe.from_dict(recipe.to_dict()) == recipe

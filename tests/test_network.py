@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import magnet_zoo
-from magnet_zoo.nn.branch import BranchStack, GroupedBranch
+from magnet_zoo.nn.branch import BranchStack, GroupedBranch, MaxPool3x3
 from magnet_zoo.nn.losses import magnet_loss, paradoxical_loss
 from magnet_zoo.wsi import ArraySource, SlideFetcher
 from tests.conftest import tissue_image
@@ -114,6 +114,20 @@ def test_branch_groups_are_independent():
     assert not torch.equal(y[:, 10:20], y2[:, 10:20])
     stack = BranchStack(groups=4)
     assert stack(torch.randn(2, 12, 56, 56)).shape == (2, 4, 56, 56)
+
+
+def test_the_pooling_path_matches_plain_max_pooling_values_and_gradient_ties_included():
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(4, 12, 17, 19))  # ReLU outputs: many tied zeros in every window
+    g = torch.randn(4, 12, 17, 19)
+    grads = []
+    for pool in (MaxPool3x3(), torch.nn.MaxPool2d(3, stride=1, padding=1)):
+        xi = x.clone().requires_grad_()
+        y = pool(xi)
+        (y * g).sum().backward()
+        assert y.is_contiguous() and y.shape == x.shape
+        grads.append((y.detach(), xi.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
 
 
 def test_losses_follow_the_paper():

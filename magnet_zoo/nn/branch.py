@@ -17,6 +17,20 @@ def _reduced(features: int) -> int:
     return max(int(3 / 4 * features), 1)
 
 
+class MaxPool3x3(nn.MaxPool2d):
+    """3x3, stride-1, same-size max pooling (the Branch's pooling path). On the CPU it pools a channels-last
+    copy: PyTorch's CPU kernel for that layout is several times faster than the NCHW one on these small maps,
+    with the same values and the same gradient (ties included; ``tests/test_branch.py``)."""
+
+    def __init__(self) -> None:
+        super().__init__(kernel_size=3, stride=1, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return super().forward(x)
+        return super().forward(x.contiguous(memory_format=torch.channels_last)).contiguous()
+
+
 class GroupedConvBNReLU(nn.Sequential):
     """``Conv2d(bias=False) -> BatchNorm -> ReLU`` with ``groups`` independent copies.
 
@@ -65,7 +79,7 @@ class GroupedBranch(nn.Module):
         self.path1 = conv(c_in, features, 1)
         self.path2 = nn.Sequential(conv(c_in, r, 1), conv(r, features, 3))
         self.path3 = nn.Sequential(conv(c_in, r, 1), conv(r, features, 3), conv(features, features, 3))
-        self.path4 = nn.Sequential(nn.MaxPool2d(kernel_size=3, stride=1, padding=1), conv(c_in, features, 1))
+        self.path4 = nn.Sequential(MaxPool3x3(), conv(c_in, features, 1))
         self.path5 = nn.Sequential(
             conv(c_in, r, 1), conv(r, features, 3), conv(features, features, 3), conv(features, features, 3)
         )

@@ -11,6 +11,12 @@ otherwise learns only through the crops' geometry, and on SynthMets never did). 
 (``softmax`` or ``entmax`` over the same logits) is unchanged by a shift of the logits, so the pooled
 level costs the crop nothing; only the map's shape matters there.
 
+A slide label says more about a normal slide than the pooled logit uses: *every* tissue pixel of a normal
+slide is a normal instance. ``negatives="all"`` (recipe field ``attention_mil_negatives``) trains each of
+them towards 0 (the mean BCE over the view's tissue), where ``"top"`` pushes only the pooled top share
+down: the map gets a dense gradient on every normal slide from the first step, not only where it already
+rises. Tumour slides are pooled either way (their tumour pixels are unknown).
+
 Recipe fields ``attention_mil_weight`` (0: off) and ``attention_mil_top``; ``attention_mil_only`` makes it
 the first map's only teacher (:func:`first_map_frozen` around the forward of every other loss);
 ``attention_pretrain_steps`` runs the same training as a phase before the loop, on every training slide's
@@ -59,13 +65,37 @@ def top_share_mean(logits: torch.Tensor, mask: torch.Tensor | None, top: float) 
     return torch.where(chosen, ordered, torch.zeros_like(ordered)).sum(-1) / k.to(flat.dtype)
 
 
+NEGATIVE_POOLINGS = ("top", "all")
+
+
+def mil_bce(
+    logits: torch.Tensor, mask: torch.Tensor | None, labels: torch.Tensor, *, top: float, negatives: str = "top"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention MIL's loss on ``(B, G, H, W)`` logit maps with slide ``labels`` ``(B,)``: the mean over slides
+    and maps of the BCE of each map's pooled logit (:func:`top_share_mean` over ``mask``) against its slide's
+    label; with ``negatives="all"`` a normal slide's term is instead the mean BCE of each of its masked-in
+    pixels against 0. Returns the loss and the pooled logits ``(B, G)``."""
+    if negatives not in NEGATIVE_POOLINGS:
+        raise ValueError(f"negatives must be one of {NEGATIVE_POOLINGS}, got {negatives!r}")
+    pooled = top_share_mean(logits, mask, top)
+    y = labels.to(device=pooled.device, dtype=pooled.dtype).view(-1, 1).expand_as(pooled)
+    per_map = F.binary_cross_entropy_with_logits(pooled, y, reduction="none")
+    if negatives == "all":
+        keep = torch.ones_like(logits, dtype=torch.bool) if mask is None else mask
+        keep = (keep | ~keep.flatten(-2).any(-1)[..., None, None]).to(logits.dtype)
+        pixels = (F.softplus(logits) * keep).sum((-2, -1)) / keep.sum((-2, -1))  # BCE against 0
+        per_map = torch.where(y > 0, per_map, pixels)
+    return per_map.mean(), pooled
+
+
 def attention_mil_loss(
-    model: MagNet, fetchers: Sequence[RegionFetcher], labels: torch.Tensor, *, top: float = 0.02
+    model: MagNet, fetchers: Sequence[RegionFetcher], labels: torch.Tensor, *, top: float = 0.02,
+    negatives: str = "top",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Binary cross-entropy of each learned first-layer map's pooled logit (:func:`top_share_mean` over the
     whole-slide view's tissue, or the whole view with ``attention_tissue_only`` off) against the slide
-    labels, averaged over slides and maps; and the pooled logits ``(B, G)``. Reads each slide's view as the
-    forward pass does; runs in fp32."""
+    labels, averaged over slides and maps (``negatives``: see :func:`mil_bce`); and the pooled logits
+    ``(B, G)``. Reads each slide's view as the forward pass does; runs in fp32."""
     layer = model.layers[0]
     if layer.num_stacks == 0:
         raise ValueError("attention MIL needs a first layer with learned attention")
@@ -74,9 +104,7 @@ def attention_mil_loss(
     with torch.autocast(device.type, enabled=False):
         logits = layer.attention_logits(view.float())
     mask = layer.tissue_mask(view) if model.config.attention_tissue_only else None
-    pooled = top_share_mean(logits, mask, top)
-    y = labels.to(device=pooled.device, dtype=pooled.dtype).view(-1, 1).expand_as(pooled)
-    return F.binary_cross_entropy_with_logits(pooled, y), pooled
+    return mil_bce(logits, mask, labels, top=top, negatives=negatives)
 
 
 @contextlib.contextmanager
@@ -116,16 +144,19 @@ def pretrain_attention(
     top: float,
     seed: int,
     batch: int = 32,
+    negatives: str = "top",
 ) -> dict[str, Any]:
     """Attention MIL as a phase before the loop: every training slide's first-layer view is read once, and
-    the first layer's attention stacks alone are trained on them with :func:`top_share_mean` pooling and
-    binary cross-entropy, ``steps`` steps of ``batch`` views, half from each class, each batch in one random
-    D4 orientation (Adam at ``lr``). Returns what it did (seconds, reading seconds, steps, the loss's means
-    over the first and last 50 steps and over every block of 50)."""
+    the first layer's attention stacks alone are trained on them with :func:`mil_bce` (``negatives`` as
+    there), ``steps`` steps of ``batch`` views, half from each class, each batch in one random D4 orientation
+    (Adam at ``lr``). Returns what it did (seconds, reading seconds, steps, the loss's means over the first
+    and last 50 steps and over every block of 50)."""
     from magnet_zoo.train.head_pretrain import d4
 
     if steps <= 0:
         return {"seconds": 0.0, "steps": 0}
+    if negatives not in NEGATIVE_POOLINGS:
+        raise ValueError(f"negatives must be one of {NEGATIVE_POOLINGS}, got {negatives!r}")
     layer = model.layers[0]
     if layer.num_stacks == 0:
         raise ValueError("attention pre-training needs a first layer with learned attention")
@@ -148,8 +179,7 @@ def pretrain_attention(
                          neg[torch.randint(len(neg), (batch - half,), generator=gen)]])
         x = d4(views[idx], int(torch.randint(0, 8, (1,), generator=gen))).to(device)
         logits = layer.attention_logits(x.float())
-        pooled = top_share_mean(logits, layer.tissue_mask(x) if tissue_only else None, top)
-        loss = F.binary_cross_entropy_with_logits(pooled, y[idx].to(pooled).view(-1, 1).expand_as(pooled))
+        loss, _ = mil_bce(logits, layer.tissue_mask(x) if tissue_only else None, y[idx], top=top, negatives=negatives)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

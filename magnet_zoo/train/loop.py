@@ -442,7 +442,8 @@ class TrainLoop:
         if recipe.attention_mil_weight:  # on the batch's own slides, before exploration repeats them
             from magnet_zoo.train.attention_mil import attention_mil_loss, first_map_frozen
 
-            mil, _ = attention_mil_loss(model, fetchers, labels, top=recipe.attention_mil_top)
+            mil, _ = attention_mil_loss(model, fetchers, labels, top=recipe.attention_mil_top,
+                                        negatives=recipe.attention_mil_negatives)
             extra["attention_mil"] = float(mil.detach())
             frozen = first_map_frozen(model, recipe.attention_mil_only)
         with frozen, autocast(device, self.dtype):
@@ -686,7 +687,7 @@ class TrainLoop:
             raise ConfigError("attention pre-training reads each slide's view from its file: the data must be slides")
         self.attention_pretrain = pretrain_attention(
             self.model, self.data.paths, self.data.labels, steps=recipe.attention_pretrain_steps, lr=recipe.lr,
-            top=recipe.attention_mil_top, seed=self.config.seed,
+            top=recipe.attention_mil_top, seed=self.config.seed, negatives=recipe.attention_mil_negatives,
         )
         self._save_state()
 

@@ -136,6 +136,9 @@ class Recipe:
     first step (head warm-up included). For multiple-instance tasks (SynthMets), not FindIt."""
     attention_mil_top: float = 0.02
     """Share of the view's tissue pixels whose largest logits are averaged into the slide logit."""
+    attention_mil_negatives: str = "top"
+    """On a normal slide, ``top``: the pooled logit is trained towards 0 as a tumour slide's is towards 1;
+    ``all``: every tissue pixel of the view is (each one is a normal instance)."""
     attention_mil_only: bool = False
     """The first layer's attention stacks learn from attention MIL alone: the forward that feeds the heads'
     losses (and every other term) runs with those parameters frozen, so the crops' geometry no longer pulls
@@ -205,6 +208,9 @@ class Recipe:
         if self.attention_mil_only and not self.attention_mil_weight:
             raise ConfigError(f"recipe {self.name!r}: attention_mil_only needs attention_mil_weight > 0 (the first "
                               "map would learn nothing)")
+        if self.attention_mil_negatives not in ("top", "all"):
+            raise ConfigError(f"recipe {self.name!r}: attention_mil_negatives must be 'top' or 'all', got "
+                              f"{self.attention_mil_negatives!r}")
         if self.attention_mil_weight < 0 or not 0 < self.attention_mil_top <= 1:
             raise ConfigError(f"recipe {self.name!r}: need attention_mil_weight >= 0 and attention_mil_top in "
                               f"(0, 1], got {self.attention_mil_weight} and {self.attention_mil_top}")
