@@ -74,6 +74,24 @@ def test_steps_groups_and_learning_rates_follow_the_recipe():
     assert all(math.isfinite(row["total"]) for row in result.log)
 
 
+def test_the_loops_schedules_share_the_time_the_pretraining_phases_leave():
+    import time
+
+    from magnet_zoo.train.loop import TrainLoop
+
+    sources, labels = _sources()
+    recipe = get_recipe("learn_to_look", batch_size=2, steps=10_000, head_warmup=0.4)
+    loop = TrainLoop(_config(time_limit=100.0), recipe, SourceData(sources, labels), model=micro_magnet())
+    loop.elapsed, loop._segment_start = 70.0, time.perf_counter()
+    assert loop.progress() == pytest.approx(0.7, abs=1e-3) and not loop.in_head_warmup()
+    loop.attention_pretrain = {"seconds": 45.0}
+    loop.pretrain = {"seconds": 15.0}  # 60 of the 100 s before the first step: 10 of the 40 left are used
+    assert loop.phase_seconds() == 60.0
+    assert loop.progress() == pytest.approx(0.25, abs=1e-3) and loop.in_head_warmup()
+    loop.attention_pretrain = {"seconds": 120.0}  # the phases took the whole limit
+    assert loop.progress() == 1.0
+
+
 def test_time_limit_stops_the_run_and_drives_the_schedule():
     sources, labels = _sources()
     recipe = get_recipe("learn_to_look", batch_size=2, steps=10_000)

@@ -21,8 +21,9 @@ Recipe fields ``attention_mil_weight`` (0: off) and ``attention_mil_top``; ``att
 the first map's only teacher (:func:`first_map_frozen` around the forward of every other loss);
 ``attention_pretrain_steps`` runs the same training as a phase before the loop, on every training slide's
 view read once (:func:`pretrain_attention`, like head pre-training: its time counts against the run's time
-limit). Only the first layer's attention stacks get this gradient. Not for tasks where both classes carry
-an object to find (FindIt): there the negative class's object must be looked at too.
+limit, and the loop's schedules share what it leaves). Only the first layer's attention stacks get this
+gradient. Not for tasks where both classes carry an object to find (FindIt): there the negative class's
+object must be looked at too.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ side, read at the final patch size: the scale of the final patches) are read onc
 on them as multiple-instance learning (8 slides x 4 windows per step, D4, the slide logit is the largest
 window logit, Adam at the recipe's ``lr``) for ``steps`` steps. The other auxiliary heads and, when the
 backbones match, the classifier's backbone start from it. It is a phase of the one training loop
-(:mod:`magnet_zoo.train.loop`): its time counts against the run's time limit and its completion is part
-of the resume state. Slide labels only; no masks.
+(:mod:`magnet_zoo.train.loop`): its time counts against the run's time limit (the loop's schedules, head warm-up
+included, share the time left) and its completion is part of the resume state. Slide labels only; no masks.
 """
 
 from __future__ import annotations

@@ -395,11 +395,19 @@ class TrainLoop:
     def seconds(self) -> float:
         return self.elapsed + (time.perf_counter() - self._segment_start)
 
+    def phase_seconds(self) -> float:
+        """Seconds spent in the phases before the first step (head and attention pre-training)."""
+        return sum(float((phase or {}).get("seconds", 0.0)) for phase in (self.pretrain, self.attention_pretrain))
+
     def progress(self) -> float:
-        """Share of the planned training done: steps, or the time limit's share if larger."""
+        """Share of the planned training done: steps, or the time limit's share if larger. The phases before
+        the first step count against the time limit but not here: the loop's schedules (head warm-up, learning
+        rates, anneals) share the time they leave."""
         p = self.global_step / max(self.total_steps, 1)
         if self.config.time_limit:
-            p = max(p, self.seconds() / self.config.time_limit)
+            before = self.phase_seconds()
+            left = self.config.time_limit - before
+            p = max(p, (self.seconds() - before) / left if left > 0 else 1.0)
         return min(p, 1.0)
 
     def main_progress(self, p: float | None = None) -> float:
