@@ -170,6 +170,7 @@ def test_pretraining_reads_each_view_as_the_forward_does_and_trains_the_first_la
     assert done["loss_per_50_steps"] == [pytest.approx(done["loss_first_50"])]  # one block of 5 steps
     changed = {k for k, v in net.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(k.startswith("layers.0.stacks.") for k in changed)
+    assert all(p.grad is None for p in net.parameters())  # no stale gradient for the loop's first step
     assert pretrain_attention(net, paths, labels, steps=0, lr=1e-2, top=0.1, seed=0) == {"seconds": 0.0, "steps": 0}
     with pytest.raises(ValueError, match="both classes"):
         pretrain_attention(net, paths[:1], [1], steps=1, lr=1e-2, top=0.1, seed=0)
@@ -223,3 +224,34 @@ def test_attention_mil_only_leaves_the_first_map_to_the_mil_term_alone(monkeypat
     assert first, "the heads' losses move the first map through the crops"
     assert not any(k.startswith("layers.0.stacks.") for k in moved[True])
     assert any(k.startswith("layers.1.") or k.startswith("classifier") for k in moved[True])
+
+
+def test_with_the_weight_at_zero_the_first_map_learns_in_the_phase_only(slide_files, monkeypatch):
+    import magnet_zoo.train.attention_mil as attention_mil
+    from magnet_zoo.train import SlideData
+    from magnet_zoo.train.data import SlideRecord
+
+    real, after = attention_mil.pretrain_attention, {}
+
+    def snapshot(model, *args, **kwargs):
+        done = real(model, *args, **kwargs)
+        after.update({k: v.detach().clone() for k, v in model.named_parameters() if k.startswith("layers.0.stacks.")})
+        return done
+
+    monkeypatch.setattr(attention_mil, "pretrain_attention", snapshot)
+    recipe = get_recipe("learn_to_look", attention_pretrain_steps=3, attention_mil_only=True, attention_mil_top=0.1,
+                        steps=3, batch_size=2, head_warmup=0.0, revive_at=())
+    assert recipe.attention_mil_weight == 0
+    config = TrainConfig(device="cpu", amp="off", threads=2, progress=False, baseline_eval=False, save_every=0,
+                         log_every=1, tensorboard=False)
+    paths, labels = slide_files
+    records = [SlideRecord(p, y, "macro" if y else "normal") for p, y in zip(paths, labels, strict=True)]
+    torch.manual_seed(0)
+    net = micro_magnet(attention_tissue_only=True)
+    before = {k: v.detach().clone() for k, v in net.named_parameters()}
+    result = fit(net, SlideData(records, num_workers=0), config, recipe)
+    assert result.global_step == 3 and after
+    assert any(not torch.equal(after[k], before[k]) for k in after)  # the phase trained the first map
+    assert all(torch.equal(v, after[k]) for k, v in net.named_parameters() if k in after)  # the loop did not
+    assert any(not torch.equal(v, before[k]) for k, v in net.named_parameters() if k.startswith("layers.1."))
+    assert "attention_mil" not in result.log[-1]

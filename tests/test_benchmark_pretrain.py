@@ -66,6 +66,7 @@ def test_pretrain_heads_trains_the_last_head_and_copies_it(tmp_path):
         assert torch.equal(v, model.aux_heads["2"].backbone.state_dict()[k])
     untouched = [k for k in after if not k.startswith(("aux_heads.", "classifier.backbone."))]
     assert untouched and all(torch.equal(before[k], after[k]) for k in untouched)
+    assert all(p.grad is None for p in model.parameters())  # no stale gradient for the loop's first step
     assert pretrain_heads(model, paths, labels, windows=0, **kwargs) == {"seconds": 0.0, "steps": 0}
 
 

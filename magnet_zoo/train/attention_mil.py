@@ -185,6 +185,7 @@ def pretrain_attention(
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
+    opt.zero_grad(set_to_none=True)  # the loop's first step must not add the phase's last gradient
     seconds = time.perf_counter() - start
     first, last = float(np.mean(losses[:50])), float(np.mean(losses[-50:]))
     logger.info("attention pre-training: %d views read in %.0f s, %d steps, loss %.3f -> %.3f (%.0f s)",

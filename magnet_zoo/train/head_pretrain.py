@@ -111,6 +111,7 @@ def pretrain_heads(
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
+    opt.zero_grad(set_to_none=True)  # the loop's first step must not add the phase's last gradient
     for other in model.aux_heads.values():
         if other is not head:
             other.load_state_dict(head.state_dict())

@@ -448,12 +448,15 @@ class TrainLoop:
         out = None
         frozen = contextlib.nullcontext()
         if recipe.attention_mil_weight:  # on the batch's own slides, before exploration repeats them
-            from magnet_zoo.train.attention_mil import attention_mil_loss, first_map_frozen
+            from magnet_zoo.train.attention_mil import attention_mil_loss
 
             mil, _ = attention_mil_loss(model, fetchers, labels, top=recipe.attention_mil_top,
                                         negatives=recipe.attention_mil_negatives)
             extra["attention_mil"] = float(mil.detach())
-            frozen = first_map_frozen(model, recipe.attention_mil_only)
+        if recipe.attention_mil_only:
+            from magnet_zoo.train.attention_mil import first_map_frozen
+
+            frozen = first_map_frozen(model)
         with frozen, autocast(device, self.dtype):
             if self.warm:
                 from magnet_zoo.train.warmup import warmup_step

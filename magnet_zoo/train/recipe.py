@@ -142,7 +142,8 @@ class Recipe:
     attention_mil_only: bool = False
     """The first layer's attention stacks learn from attention MIL alone: the forward that feeds the heads'
     losses (and every other term) runs with those parameters frozen, so the crops' geometry no longer pulls
-    the first map (needs ``attention_mil_weight``)."""
+    the first map. Needs ``attention_mil_weight`` or ``attention_pretrain_steps``; with the weight at 0 the
+    first map learns in the pre-training phase only and is fixed in the loop."""
     attention_pretrain_steps: int = 0
     """Attention MIL as a phase before the first step: steps of 32 first-layer views (every training slide's
     view read once, balanced classes, D4, Adam at ``lr``; 0: off). Needs slide files."""
@@ -205,9 +206,9 @@ class Recipe:
         if self.attention_pretrain_steps < 0:
             raise ConfigError(f"recipe {self.name!r}: attention_pretrain_steps must be >= 0, got "
                               f"{self.attention_pretrain_steps}")
-        if self.attention_mil_only and not self.attention_mil_weight:
-            raise ConfigError(f"recipe {self.name!r}: attention_mil_only needs attention_mil_weight > 0 (the first "
-                              "map would learn nothing)")
+        if self.attention_mil_only and not (self.attention_mil_weight or self.attention_pretrain_steps):
+            raise ConfigError(f"recipe {self.name!r}: attention_mil_only needs attention_mil_weight > 0 or "
+                              "attention_pretrain_steps > 0 (the first map would learn nothing)")
         if self.attention_mil_negatives not in ("top", "all"):
             raise ConfigError(f"recipe {self.name!r}: attention_mil_negatives must be 'top' or 'all', got "
                               f"{self.attention_mil_negatives!r}")
