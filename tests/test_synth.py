@@ -238,6 +238,28 @@ def test_dataset_is_balanced_with_labels_csv(tmp_path: Path) -> None:
     assert (tmp_path / "set" / rows[0]["path"]).stat().st_mtime_ns == stamp
 
 
+def test_two_writers_of_one_folder_both_finish(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two runs reusing one folder (two benchmarks started together) each write labels.csv; one finishing
+    between the other's write and rename must not make the other fail."""
+    import magnet_zoo.synth.dataset as dataset
+
+    generate_dataset(tmp_path / "set", n=2, size=2048, seed=3, split="train", progress=False)
+    real_replace = dataset.os.replace
+    nested = []
+
+    def replace_after_another_writer(src, dst):  # the other run writes and renames first
+        if not nested:
+            nested.append(None)
+            nested[0] = generate_dataset(tmp_path / "set", n=2, size=2048, seed=3, split="train", progress=False)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(dataset.os, "replace", replace_after_another_writer)
+    labels = generate_dataset(tmp_path / "set", n=2, size=2048, seed=3, split="train", progress=False)
+    assert nested == [labels]
+    assert [r["path"] for r in read_labels(labels)] and not list((tmp_path / "set").glob("*.part"))
+    assert oct((tmp_path / "set" / "labels.csv").stat().st_mode & 0o777) == oct(0o644)
+
+
 def test_tumour_categories_are_spread_over_tumour_slides() -> None:
     from magnet_zoo.synth.dataset import assign_categories
 

@@ -12,6 +12,7 @@ import csv
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -126,11 +127,14 @@ def generate_dataset(
         rows.append(row)
     columns = list(COLUMNS) + (["split"] if split is not None else [])
     labels = out / LABELS_FILE
-    partial = labels.with_name(labels.name + ".part")
-    with partial.open("w", newline="") as fh:
+    # A temporary file of its own: two processes reusing one folder (two benchmark runs started together)
+    # each write a complete labels.csv and neither replaces a half-written or vanished one.
+    fd, partial = tempfile.mkstemp(dir=out, prefix=labels.name + ".", suffix=".part")
+    with os.fdopen(fd, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
+    os.chmod(partial, 0o644)  # mkstemp's 0600 would hide the labels from other users of a shared folder
     os.replace(partial, labels)
     logger.info("wrote %d slides and %s", n, labels)
     return labels
