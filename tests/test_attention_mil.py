@@ -231,16 +231,17 @@ def test_with_the_weight_at_zero_the_first_map_learns_in_the_phase_only(slide_fi
     from magnet_zoo.train import SlideData
     from magnet_zoo.train.data import SlideRecord
 
-    real, after = attention_mil.pretrain_attention, {}
+    real, after, augments = attention_mil.pretrain_attention, {}, []
 
     def snapshot(model, *args, **kwargs):
+        augments.append(kwargs.get("augment"))
         done = real(model, *args, **kwargs)
         after.update({k: v.detach().clone() for k, v in model.named_parameters() if k.startswith("layers.0.stacks.")})
         return done
 
     monkeypatch.setattr(attention_mil, "pretrain_attention", snapshot)
     recipe = get_recipe("learn_to_look", attention_pretrain_steps=3, attention_mil_only=True, attention_mil_top=0.1,
-                        steps=3, batch_size=2, head_warmup=0.0, revive_at=())
+                        steps=3, batch_size=2, head_warmup=0.0, revive_at=(), attention_pretrain_augment="flips")
     assert recipe.attention_mil_weight == 0
     config = TrainConfig(device="cpu", amp="off", threads=2, progress=False, baseline_eval=False, save_every=0,
                          log_every=1, tensorboard=False)
@@ -250,8 +251,40 @@ def test_with_the_weight_at_zero_the_first_map_learns_in_the_phase_only(slide_fi
     net = micro_magnet(attention_tissue_only=True)
     before = {k: v.detach().clone() for k, v in net.named_parameters()}
     result = fit(net, SlideData(records, num_workers=0), config, recipe)
-    assert result.global_step == 3 and after
+    assert result.global_step == 3 and after and augments == ["flips"]  # the recipe's orientations reach the phase
     assert any(not torch.equal(after[k], before[k]) for k in after)  # the phase trained the first map
     assert all(torch.equal(v, after[k]) for k, v in net.named_parameters() if k in after)  # the loop did not
     assert any(not torch.equal(v, before[k]) for k, v in net.named_parameters() if k.startswith("layers.1."))
     assert "attention_mil" not in result.log[-1]
+
+
+@pytest.mark.parametrize("augment", ["d4", "flips"])
+def test_the_phase_orients_each_batch_by_its_augment_and_flips_never_transpose(augment, monkeypatch):
+    import magnet_zoo.train.attention_mil as attention_mil
+    from magnet_zoo.train.head_pretrain import d4
+
+    base = torch.rand(1, 3, 56, 56)  # one asymmetric view for every slide: each batch shows its orientation
+    monkeypatch.setattr(attention_mil, "read_views", lambda model, paths: base.expand(len(paths), 1, 3, 56, 56).clone())
+    net = micro_magnet(attention_tissue_only=False)
+    layer, seen = net.layers[0], []
+    real = layer.attention_logits
+
+    def record(x):
+        seen.append(x[0].detach().clone())
+        return real(x)
+
+    monkeypatch.setattr(layer, "attention_logits", record)
+    attention_mil.pretrain_attention(net, ["a", "b", "c", "d"], [1, 0, 1, 0], steps=40, lr=1e-3, top=0.1, seed=0,
+                                     batch=4, augment=augment)
+    orientations = {k for x in seen for k in range(8) if torch.equal(x, d4(base, k))}
+    mirrorings = {k for k in range(4) if any(torch.equal(x, attention_mil.mirror(base, k)) for x in seen)}
+    assert all(any(torch.equal(x, d4(base, k)) for k in range(8)) for x in seen)
+    if augment == "flips":
+        assert mirrorings == {0, 1, 2, 3} and all(any(torch.equal(x, attention_mil.mirror(base, k)) for k in range(4))
+                                                  for x in seen)
+    else:
+        assert len(orientations) == 8  # transposed views too
+    with pytest.raises(ValueError, match="augment"):
+        attention_mil.pretrain_attention(net, ["a", "b"], [1, 0], steps=1, lr=1e-3, top=0.1, seed=0, augment="turns")
+    with pytest.raises(ConfigError, match="attention_pretrain_augment"):
+        get_recipe("learn_to_look", attention_pretrain_augment="turns")

@@ -123,6 +123,15 @@ def first_map_frozen(model: MagNet, frozen: bool = True) -> Iterator[None]:
             p.requires_grad_(True)
 
 
+PRETRAIN_AUGMENTS = ("d4", "flips")
+
+
+def mirror(images: torch.Tensor, k: int) -> torch.Tensor:
+    """``images`` (..., H, W) mirrored by ``k`` in 0..3: bit 0 left-right, bit 1 up-down (never transposed)."""
+    out = images.flip(-1) if k & 1 else images
+    return out.flip(-2) if k & 2 else out
+
+
 def read_views(model: MagNet, paths: Sequence[str]) -> torch.Tensor:
     """``(N, 1, 3, S, S)``: each slide's first-layer view, read by ``model`` as its forward pass reads it."""
     from magnet_zoo.wsi import SlideFetcher, open_slide
@@ -146,18 +155,23 @@ def pretrain_attention(
     seed: int,
     batch: int = 32,
     negatives: str = "top",
+    augment: str = "d4",
 ) -> dict[str, Any]:
     """Attention MIL as a phase before the loop: every training slide's first-layer view is read once, and
     the first layer's attention stacks alone are trained on them with :func:`mil_bce` (``negatives`` as
-    there), ``steps`` steps of ``batch`` views, half from each class, each batch in one random D4 orientation
-    (Adam at ``lr``). Returns what it did (seconds, reading seconds, steps, the loss's means over the first
-    and last 50 steps and over every block of 50)."""
+    there), ``steps`` steps of ``batch`` views, half from each class, each batch in one random orientation
+    (``augment``: ``"d4"``, one of the eight turns and mirrorings; ``"flips"``, one of the four mirrorings,
+    never transposed, as the standalone trainer of ``benchmarks/synthmets_visibility.py``), Adam at ``lr``.
+    Returns what it did (seconds, reading seconds, steps, the loss's means over the first and last 50 steps
+    and over every block of 50)."""
     from magnet_zoo.train.head_pretrain import d4
 
     if steps <= 0:
         return {"seconds": 0.0, "steps": 0}
     if negatives not in NEGATIVE_POOLINGS:
         raise ValueError(f"negatives must be one of {NEGATIVE_POOLINGS}, got {negatives!r}")
+    if augment not in PRETRAIN_AUGMENTS:
+        raise ValueError(f"augment must be one of {PRETRAIN_AUGMENTS}, got {augment!r}")
     layer = model.layers[0]
     if layer.num_stacks == 0:
         raise ValueError("attention pre-training needs a first layer with learned attention")
@@ -178,7 +192,8 @@ def pretrain_attention(
     for _ in range(steps):
         idx = torch.cat([pos[torch.randint(len(pos), (half,), generator=gen)],
                          neg[torch.randint(len(neg), (batch - half,), generator=gen)]])
-        x = d4(views[idx], int(torch.randint(0, 8, (1,), generator=gen))).to(device)
+        k = int(torch.randint(0, 8 if augment == "d4" else 4, (1,), generator=gen))
+        x = (d4(views[idx], k) if augment == "d4" else mirror(views[idx], k)).to(device)
         logits = layer.attention_logits(x.float())
         loss, _ = mil_bce(logits, layer.tissue_mask(x) if tissue_only else None, y[idx], top=top, negatives=negatives)
         opt.zero_grad(set_to_none=True)

@@ -146,7 +146,10 @@ class Recipe:
     first map learns in the pre-training phase only and is fixed in the loop."""
     attention_pretrain_steps: int = 0
     """Attention MIL as a phase before the first step: steps of 32 first-layer views (every training slide's
-    view read once, balanced classes, D4, Adam at ``lr``; 0: off). Needs slide files."""
+    view read once, balanced classes, one orientation per batch, Adam at ``lr``; 0: off). Needs slide files."""
+    attention_pretrain_augment: str = "d4"
+    """The phase's orientations: ``d4`` (the eight turns and mirrorings) or ``flips`` (the four mirrorings
+    only, as the standalone trainer that found SynthMets tumours in three seeds of three)."""
     head_pretrain_windows: int = 0
     """Random tissue windows per training slide, read once, to pre-train the last auxiliary head on
     (:mod:`magnet_zoo.train.head_pretrain`; 0: off)."""
@@ -209,6 +212,9 @@ class Recipe:
         if self.attention_mil_only and not (self.attention_mil_weight or self.attention_pretrain_steps):
             raise ConfigError(f"recipe {self.name!r}: attention_mil_only needs attention_mil_weight > 0 or "
                               "attention_pretrain_steps > 0 (the first map would learn nothing)")
+        if self.attention_pretrain_augment not in ("d4", "flips"):
+            raise ConfigError(f"recipe {self.name!r}: attention_pretrain_augment must be 'd4' or 'flips', got "
+                              f"{self.attention_pretrain_augment!r}")
         if self.attention_mil_negatives not in ("top", "all"):
             raise ConfigError(f"recipe {self.name!r}: attention_mil_negatives must be 'top' or 'all', got "
                               f"{self.attention_mil_negatives!r}")
