@@ -149,7 +149,7 @@ class Recipe:
     view read once, balanced classes, one orientation per batch, Adam at ``lr``; 0: off). Needs slide files."""
     attention_pretrain_augment: str = "d4"
     """The phase's orientations: ``d4`` (the eight turns and mirrorings) or ``flips`` (the four mirrorings
-    only, as the standalone trainer that found SynthMets tumours in three seeds of three)."""
+    only, as the standalone trainer of ``benchmarks/synthmets_visibility.py``)."""
     head_pretrain_windows: int = 0
     """Random tissue windows per training slide, read once, to pre-train the last auxiliary head on
     (:mod:`magnet_zoo.train.head_pretrain`; 0: off)."""
