@@ -33,6 +33,7 @@ from synthmets import parse_overrides  # noqa: E402
 import magnet_zoo  # noqa: E402
 from magnet_zoo.hub import save_pretrained  # noqa: E402
 from magnet_zoo.train.attention_mil import pretrain_attention  # noqa: E402
+from magnet_zoo.train.recipe import PRETRAIN_AUGMENTS  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top", type=float, default=0.1, help="attention_mil_top")
     ap.add_argument("--negatives", choices=("top", "all"), default="top",
                     help="attention_mil_negatives: a normal slide's pooled logit or every tissue pixel towards 0")
-    ap.add_argument("--augment", choices=("d4", "flips"), default="d4",
+    ap.add_argument("--augment", choices=PRETRAIN_AUGMENTS, default="d4",
                     help="attention_pretrain_augment: each batch's orientation from the eight D4 ones or the four "
                          "mirrorings")
     ap.add_argument("--batch", type=int, default=32)

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from magnet_zoo.nn.fetcher import RegionFetcher
 from magnet_zoo.nn.magnet import MagNet
+from magnet_zoo.train.recipe import PRETRAIN_AUGMENTS
 
 logger = logging.getLogger(__name__)
 
@@ -121,9 +122,6 @@ def first_map_frozen(model: MagNet, frozen: bool = True) -> Iterator[None]:
     finally:
         for p in params:
             p.requires_grad_(True)
-
-
-PRETRAIN_AUGMENTS = ("d4", "flips")
 
 
 def mirror(images: torch.Tensor, k: int) -> torch.Tensor:

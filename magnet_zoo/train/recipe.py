@@ -27,6 +27,9 @@ from typing import Any
 
 from magnet_zoo.config import ConfigError, MagNetConfig
 
+PRETRAIN_AUGMENTS = ("d4", "flips")
+"""The attention pre-training phase's orientation sets (``Recipe.attention_pretrain_augment``)."""
+
 SCHEDULES = ("cosine", "constant")
 RECENTRE_ON = ("all", "positive")
 
@@ -212,9 +215,9 @@ class Recipe:
         if self.attention_mil_only and not (self.attention_mil_weight or self.attention_pretrain_steps):
             raise ConfigError(f"recipe {self.name!r}: attention_mil_only needs attention_mil_weight > 0 or "
                               "attention_pretrain_steps > 0 (the first map would learn nothing)")
-        if self.attention_pretrain_augment not in ("d4", "flips"):
-            raise ConfigError(f"recipe {self.name!r}: attention_pretrain_augment must be 'd4' or 'flips', got "
-                              f"{self.attention_pretrain_augment!r}")
+        if self.attention_pretrain_augment not in PRETRAIN_AUGMENTS:
+            raise ConfigError(f"recipe {self.name!r}: attention_pretrain_augment must be one of {PRETRAIN_AUGMENTS}, "
+                              f"got {self.attention_pretrain_augment!r}")
         if self.attention_mil_negatives not in ("top", "all"):
             raise ConfigError(f"recipe {self.name!r}: attention_mil_negatives must be 'top' or 'all', got "
                               f"{self.attention_mil_negatives!r}")
