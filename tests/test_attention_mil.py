@@ -234,14 +234,15 @@ def test_with_the_weight_at_zero_the_first_map_learns_in_the_phase_only(slide_fi
     real, after, augments = attention_mil.pretrain_attention, {}, []
 
     def snapshot(model, *args, **kwargs):
-        augments.append(kwargs.get("augment"))
+        augments.append((kwargs.get("augment"), kwargs.get("candidates")))
         done = real(model, *args, **kwargs)
         after.update({k: v.detach().clone() for k, v in model.named_parameters() if k.startswith("layers.0.stacks.")})
         return done
 
     monkeypatch.setattr(attention_mil, "pretrain_attention", snapshot)
     recipe = get_recipe("learn_to_look", attention_pretrain_steps=3, attention_mil_only=True, attention_mil_top=0.1,
-                        steps=3, batch_size=2, head_warmup=0.0, revive_at=(), attention_pretrain_augment="flips")
+                        steps=3, batch_size=2, head_warmup=0.0, revive_at=(), attention_pretrain_augment="flips",
+                        attention_pretrain_candidates=2)
     assert recipe.attention_mil_weight == 0
     config = TrainConfig(device="cpu", amp="off", threads=2, progress=False, baseline_eval=False, save_every=0,
                          log_every=1, tensorboard=False)
@@ -251,7 +252,7 @@ def test_with_the_weight_at_zero_the_first_map_learns_in_the_phase_only(slide_fi
     net = micro_magnet(attention_tissue_only=True)
     before = {k: v.detach().clone() for k, v in net.named_parameters()}
     result = fit(net, SlideData(records, num_workers=0), config, recipe)
-    assert result.global_step == 3 and after and augments == ["flips"]  # the recipe's orientations reach the phase
+    assert result.global_step == 3 and after and augments == [("flips", 2)]  # the recipe's fields reach the phase
     assert any(not torch.equal(after[k], before[k]) for k in after)  # the phase trained the first map
     assert all(torch.equal(v, after[k]) for k, v in net.named_parameters() if k in after)  # the loop did not
     assert any(not torch.equal(v, before[k]) for k, v in net.named_parameters() if k.startswith("layers.1."))
@@ -269,9 +270,9 @@ def test_the_phase_orients_each_batch_by_its_augment_and_flips_never_transpose(a
     layer, seen = net.layers[0], []
     real = layer.attention_logits
 
-    def record(x):
+    def record(x, stacks=None):
         seen.append(x[0].detach().clone())
-        return real(x)
+        return real(x, stacks)
 
     monkeypatch.setattr(layer, "attention_logits", record)
     attention_mil.pretrain_attention(net, ["a", "b", "c", "d"], [1, 0, 1, 0], steps=40, lr=1e-3, top=0.1, seed=0,
@@ -288,3 +289,66 @@ def test_the_phase_orients_each_batch_by_its_augment_and_flips_never_transpose(a
         attention_mil.pretrain_attention(net, ["a", "b"], [1, 0], steps=1, lr=1e-3, top=0.1, seed=0, augment="turns")
     with pytest.raises(ConfigError, match="attention_pretrain_augment"):
         get_recipe("learn_to_look", attention_pretrain_augment="turns")
+
+
+def test_the_held_out_slides_are_a_share_of_each_class_and_never_trained_on():
+    from magnet_zoo.train.attention_mil import holdout_split
+
+    labels = torch.tensor([1.0] * 10 + [0.0] * 5)
+    train, held = holdout_split(labels, 0.2, torch.Generator().manual_seed(0))
+    assert sorted(train.tolist() + held.tolist()) == list(range(15))
+    assert int((labels[held] > 0).sum()) == 2 and int((labels[held] == 0).sum()) == 1
+    other = holdout_split(labels, 0.2, torch.Generator().manual_seed(1))[1]
+    assert not torch.equal(held, other)  # drawn, not the first of each class
+    few = holdout_split(torch.tensor([1.0, 1.0, 0.0, 0.0]), 0.9, torch.Generator().manual_seed(0))
+    assert len(few[0]) == 2 and len(few[1]) == 2  # at least one of each class left to train on
+    with pytest.raises(ValueError, match="two training slides of each class"):
+        holdout_split(torch.tensor([1.0, 0.0, 0.0]), 0.2, torch.Generator())
+    with pytest.raises(ValueError, match="share"):
+        holdout_split(labels, 1.0, torch.Generator())
+
+
+@pytest.mark.parametrize("winner", [0, 2])
+def test_candidates_train_side_by_side_and_the_best_on_held_out_slides_is_kept(winner, monkeypatch):
+    import magnet_zoo.train.attention_mil as attention_mil
+    import magnet_zoo.train.metrics as metrics
+
+    views = torch.stack([torch.from_numpy(_spotted(s, s % 2 == 0)[0]).permute(2, 0, 1).float()
+                         for s in range(10)]).div(127.5).sub(1).unsqueeze(1)
+    views = torch.nn.functional.interpolate(views[:, 0], size=(56, 56), mode="area").unsqueeze(1)
+    labels = [int(s % 2 == 0) for s in range(10)]
+    monkeypatch.setattr(attention_mil, "read_views", lambda model, paths: views[: len(paths)].clone())
+    torch.manual_seed(0)
+    net = micro_magnet(attention_tissue_only=True)
+    maps, calls = net.layers[0].num_stacks, []
+
+    def fake_auroc(scores, y):  # called once per map of each candidate in turn: the winner's maps score higher
+        calls.append(0)
+        return 0.9 if (len(calls) - 1) // maps == winner else 0.6
+
+    monkeypatch.setattr(metrics, "auroc", fake_auroc)
+    done = attention_mil.pretrain_attention(net, [str(i) for i in range(10)], labels, steps=6, lr=1e-2, top=0.1,
+                                            seed=0, batch=4, candidates=3)
+    assert done["kept"] == winner and len(done["candidates"]) == 3 and done["held_out_slides"] == 2
+    assert all(p.grad is None for p in net.parameters())
+    losses = [c["held_out_loss"] for c in done["candidates"]]
+    assert len(set(losses)) == 3  # three different maps were trained
+    layer = net.layers[0]
+    layer.eval()
+    with torch.no_grad():  # the layer now holds the kept map: its held-out loss is the winner's
+        held = [i for i in range(10) if i not in _trained_slides(labels)]
+        x = views[held]
+        y = torch.tensor([float(labels[i]) for i in held])
+        loss, _ = mil_bce(layer.attention_logits(x), layer.tissue_mask(x), y, top=0.1)
+    assert float(loss) == pytest.approx(losses[winner], rel=1e-5)
+    with pytest.raises(ValueError, match="candidates"):
+        attention_mil.pretrain_attention(net, ["a", "b"], [1, 0], steps=1, lr=1e-3, top=0.1, seed=0, candidates=0)
+    with pytest.raises(ConfigError, match="attention_pretrain_candidates"):
+        get_recipe("learn_to_look", attention_pretrain_candidates=0)
+
+
+def _trained_slides(labels: list[int]) -> list[int]:
+    """The slides :func:`pretrain_attention` trains on at seed 0 (its generator's first draw is the split)."""
+    from magnet_zoo.train.attention_mil import holdout_split
+
+    return holdout_split(torch.tensor([float(v) for v in labels]), 0.2, torch.Generator().manual_seed(41))[0].tolist()

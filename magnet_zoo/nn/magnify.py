@@ -66,13 +66,14 @@ class MagnifyingLayer(nn.Module):
         b, n, c, h, w = images.shape
         return images.index_select(1, self.node_index).amax(2) > TISSUE_LEVEL
 
-    def attention_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """``(B, N, 3, H, W)`` -> ``(B, G, H, W)``, one logit map per learned (node, patch)."""
+    def attention_logits(self, images: torch.Tensor, stacks: BranchStack | None = None) -> torch.Tensor:
+        """``(B, N, 3, H, W)`` -> ``(B, G, H, W)``, one logit map per learned (node, patch); ``stacks``: run
+        these instead of the layer's own (a candidate of the same shape, as attention pre-training trains)."""
         b, n, c, h, w = images.shape
         if n != self.num_nodes:
             raise ValueError(f"layer {self.layer} expects {self.num_nodes} images per slide, got {n}")
         gathered = images.index_select(1, self.node_index)
-        return self.stacks(gathered.reshape(b, -1, h, w))
+        return (self.stacks if stacks is None else stacks)(gathered.reshape(b, -1, h, w))
 
     def random_affine(self, images: torch.Tensor, generator: torch.Generator) -> Affine:
         """Random crops instead of attention, ``(B, G)`` like the learned ones: side ``U(min_scale,

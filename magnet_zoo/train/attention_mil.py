@@ -21,8 +21,9 @@ Recipe fields ``attention_mil_weight`` (0: off) and ``attention_mil_top``; ``att
 the first map's only teacher (:func:`first_map_frozen` around the forward of every other loss);
 ``attention_pretrain_steps`` runs the same training as a phase before the loop, on every training slide's
 view read once (:func:`pretrain_attention`, like head pre-training: its time counts against the run's time
-limit, and the loop's schedules share what it leaves). Only the first layer's attention stacks get this
-gradient. Not for tasks where both classes carry an object to find (FindIt): there the negative class's
+limit, and the loop's schedules share what it leaves); ``attention_pretrain_candidates`` trains several
+first maps from different starts in that phase and keeps the one that best separates held-out training
+slides. Only the first layer's attention stacks get this gradient. Not for tasks where both classes carry an object to find (FindIt): there the negative class's
 object must be looked at too.
 """
 
@@ -142,6 +143,23 @@ def read_views(model: MagNet, paths: Sequence[str]) -> torch.Tensor:
     return torch.stack(views)
 
 
+def holdout_split(labels: torch.Tensor, share: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slide indices ``(train, held_out)``: ``share`` of each class's slides (rounded, at least one, at most all
+    but one) drawn at random into ``held_out``, the rest into ``train``; both sorted."""
+    if not 0 < share < 1:
+        raise ValueError(f"the held-out share must be in (0, 1), got {share}")
+    train, held = [], []
+    for cls in (labels > 0, labels <= 0):
+        idx = cls.nonzero().squeeze(1)
+        if len(idx) < 2:
+            raise ValueError("choosing between candidates needs at least two training slides of each class")
+        n = min(max(round(share * len(idx)), 1), len(idx) - 1)
+        order = idx[torch.randperm(len(idx), generator=generator)]
+        held.append(order[:n])
+        train.append(order[n:])
+    return torch.cat(train).sort().values, torch.cat(held).sort().values
+
+
 def pretrain_attention(
     model: MagNet,
     paths: Sequence[str],
@@ -154,15 +172,26 @@ def pretrain_attention(
     batch: int = 32,
     negatives: str = "top",
     augment: str = "d4",
+    candidates: int = 1,
+    holdout: float = 0.2,
 ) -> dict[str, Any]:
     """Attention MIL as a phase before the loop: every training slide's first-layer view is read once, and
     the first layer's attention stacks alone are trained on them with :func:`mil_bce` (``negatives`` as
     there), ``steps`` steps of ``batch`` views, half from each class, each batch in one random orientation
     (``augment``: ``"d4"``, one of the eight turns and mirrorings; ``"flips"``, one of the four mirrorings,
     never transposed, as the standalone trainer of ``benchmarks/synthmets_visibility.py``), Adam at ``lr``.
+
+    Slide labels teach a map from a fresh start only sometimes (on SynthMets one seed in three finds the
+    tumours; the others stay near chance), so with ``candidates`` K > 1 the phase trains K maps side by side,
+    the layer's own and K - 1 freshly initialised ones, on the same batches, on all but a ``holdout`` share
+    of each class's slides; the map whose pooled logits best separate the held-out slides (AUROC, then their
+    loss) is copied into the layer. It costs K times the steps.
+
     Returns what it did (seconds, reading seconds, steps, the loss's means over the first and last 50 steps
-    and over every block of 50)."""
+    and over every block of 50, of the kept map; with candidates, each one's held-out AUROC and loss, and
+    which was kept)."""
     from magnet_zoo.train.head_pretrain import d4
+    from magnet_zoo.train.metrics import auroc
 
     if steps <= 0:
         return {"seconds": 0.0, "steps": 0}
@@ -170,39 +199,73 @@ def pretrain_attention(
         raise ValueError(f"negatives must be one of {NEGATIVE_POOLINGS}, got {negatives!r}")
     if augment not in PRETRAIN_AUGMENTS:
         raise ValueError(f"augment must be one of {PRETRAIN_AUGMENTS}, got {augment!r}")
+    if candidates < 1:
+        raise ValueError(f"candidates must be >= 1, got {candidates}")
     layer = model.layers[0]
     if layer.num_stacks == 0:
         raise ValueError("attention pre-training needs a first layer with learned attention")
     y = torch.tensor([float(v) for v in labels])
-    pos, neg = (y > 0).nonzero().squeeze(1), (y == 0).nonzero().squeeze(1)
-    if len(pos) == 0 or len(neg) == 0:
+    if not (y > 0).any() or not (y == 0).any():
         raise ValueError("attention pre-training needs training slides of both classes")
+    gen = torch.Generator().manual_seed(seed + 41)
+    trained, held = (holdout_split(y, holdout, gen) if candidates > 1
+                     else (torch.arange(len(y)), torch.zeros(0, dtype=torch.long)))
+    pos, neg = trained[y[trained] > 0], trained[y[trained] == 0]
     start = time.perf_counter()
     views = read_views(model, paths)
     read_s = time.perf_counter() - start
     device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(seed + 41)
-    opt = torch.optim.Adam(layer.stacks.parameters(), lr=lr)
-    tissue_only = model.config.attention_tissue_only
+    config = model.config
+    stacks = [layer.stacks] + [
+        type(layer.stacks)(layer.stacks.groups, init=config.layer_attention_init(1), padding=config.attention_padding,
+                           norm=config.attention_norm).to(device)
+        for _ in range(candidates - 1)
+    ]
+    opts = [torch.optim.Adam(s.parameters(), lr=lr) for s in stacks]
+    tissue_only = config.attention_tissue_only
     half = batch // 2
-    losses = []
+    losses: list[list[float]] = [[] for _ in stacks]
     layer.train()
+    for s in stacks:
+        s.train()
     for _ in range(steps):
         idx = torch.cat([pos[torch.randint(len(pos), (half,), generator=gen)],
                          neg[torch.randint(len(neg), (batch - half,), generator=gen)]])
         k = int(torch.randint(0, 8 if augment == "d4" else 4, (1,), generator=gen))
-        x = (d4(views[idx], k) if augment == "d4" else mirror(views[idx], k)).to(device)
-        logits = layer.attention_logits(x.float())
-        loss, _ = mil_bce(logits, layer.tissue_mask(x) if tissue_only else None, y[idx], top=top, negatives=negatives)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    opt.zero_grad(set_to_none=True)  # the loop's first step must not add the phase's last gradient
+        x = (d4(views[idx], k) if augment == "d4" else mirror(views[idx], k)).to(device).float()
+        mask = layer.tissue_mask(x) if tissue_only else None
+        for stack, opt, curve in zip(stacks, opts, losses, strict=True):
+            loss, _ = mil_bce(layer.attention_logits(x, stack), mask, y[idx], top=top, negatives=negatives)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            curve.append(float(loss.detach()))
+    for opt in opts:
+        opt.zero_grad(set_to_none=True)  # the loop's first step must not add the phase's last gradient
+    out: dict[str, Any] = {}
+    kept = 0
+    if candidates > 1:
+        x = views[held].to(device).float()
+        mask = layer.tissue_mask(x) if tissue_only else None
+        scores = []
+        with torch.no_grad():
+            for stack in stacks:
+                stack.eval()
+                loss, pooled = mil_bce(layer.attention_logits(x, stack), mask, y[held], top=top, negatives=negatives)
+                area = float(np.mean([auroc(pooled[:, g].cpu().numpy(), y[held].numpy())
+                                      for g in range(pooled.shape[1])]))
+                scores.append({"held_out_auroc": area, "held_out_loss": float(loss),
+                               "loss_last_50": float(np.mean(losses[len(scores)][-50:]))})
+        kept = max(range(candidates), key=lambda i: (scores[i]["held_out_auroc"], -scores[i]["held_out_loss"]))
+        if kept:
+            layer.stacks.load_state_dict(stacks[kept].state_dict())
+        out = {"candidates": scores, "kept": kept, "held_out_slides": len(held)}
+    layer.train()
     seconds = time.perf_counter() - start
-    first, last = float(np.mean(losses[:50])), float(np.mean(losses[-50:]))
-    logger.info("attention pre-training: %d views read in %.0f s, %d steps, loss %.3f -> %.3f (%.0f s)",
-                len(paths), read_s, steps, first, last, seconds)
+    curve = losses[kept]
+    first, last = float(np.mean(curve[:50])), float(np.mean(curve[-50:]))
+    logger.info("attention pre-training: %d views read in %.0f s, %d steps x %d candidate(s), kept %d, loss %.3f -> "
+                "%.3f (%.0f s)", len(paths), read_s, steps, candidates, kept, first, last, seconds)
     return {"seconds": seconds, "read_seconds": read_s, "slides": len(paths), "steps": steps,
             "loss_first_50": first, "loss_last_50": last,
-            "loss_per_50_steps": [float(np.mean(losses[i:i + 50])) for i in range(0, steps, 50)]}
+            "loss_per_50_steps": [float(np.mean(curve[i:i + 50])) for i in range(0, steps, 50)], **out}

@@ -699,7 +699,7 @@ class TrainLoop:
         self.attention_pretrain = pretrain_attention(
             self.model, self.data.paths, self.data.labels, steps=recipe.attention_pretrain_steps, lr=recipe.lr,
             top=recipe.attention_mil_top, seed=self.config.seed, negatives=recipe.attention_mil_negatives,
-            augment=recipe.attention_pretrain_augment,
+            augment=recipe.attention_pretrain_augment, candidates=recipe.attention_pretrain_candidates,
         )
         self._save_state()
 

@@ -153,6 +153,11 @@ class Recipe:
     attention_pretrain_augment: str = "d4"
     """The phase's orientations: ``d4`` (the eight turns and mirrorings) or ``flips`` (the four mirrorings
     only, as the standalone trainer of ``benchmarks/synthmets_visibility.py``)."""
+    attention_pretrain_candidates: int = 1
+    """Maps the phase trains side by side from different starts (the first layer's own and fresh ones, same
+    batches), on all but a fifth of each class's training slides; the one whose pooled logits best separate
+    those held-out slides is kept. Slide labels teach a fresh map only sometimes; each candidate costs the
+    phase's steps again."""
     head_pretrain_windows: int = 0
     """Random tissue windows per training slide, read once, to pre-train the last auxiliary head on
     (:mod:`magnet_zoo.train.head_pretrain`; 0: off)."""
@@ -215,6 +220,9 @@ class Recipe:
         if self.attention_mil_only and not (self.attention_mil_weight or self.attention_pretrain_steps):
             raise ConfigError(f"recipe {self.name!r}: attention_mil_only needs attention_mil_weight > 0 or "
                               "attention_pretrain_steps > 0 (the first map would learn nothing)")
+        if self.attention_pretrain_candidates < 1:
+            raise ConfigError(f"recipe {self.name!r}: attention_pretrain_candidates must be >= 1, got "
+                              f"{self.attention_pretrain_candidates}")
         if self.attention_pretrain_augment not in PRETRAIN_AUGMENTS:
             raise ConfigError(f"recipe {self.name!r}: attention_pretrain_augment must be one of {PRETRAIN_AUGMENTS}, "
                               f"got {self.attention_pretrain_augment!r}")
