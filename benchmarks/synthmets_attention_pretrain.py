@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--augment", choices=PRETRAIN_AUGMENTS, default="d4",
                     help="attention_pretrain_augment: each batch's orientation from the eight D4 ones or the four "
                          "mirrorings")
+    ap.add_argument("--edges", choices=("pool", "negative"), default="pool",
+                    help="attention_mil_edges: the tissue's edge pooled, or left out and trained towards 0")
     ap.add_argument("--candidates", type=int, default=1,
                     help="attention_pretrain_candidates: maps trained side by side, the best on held-out slides kept")
     ap.add_argument("--batch", type=int, default=32)
@@ -71,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     slides = load_split(labels_csv, "train")[: args.max_train]
     result = pretrain_attention(model, [s.path for s in slides], [s.label for s in slides], steps=args.steps,
                                 lr=args.lr, top=args.top, seed=args.seed, batch=args.batch,
-                                negatives=args.negatives, augment=args.augment, candidates=args.candidates)
+                                negatives=args.negatives, augment=args.augment, candidates=args.candidates,
+                                edges=args.edges)
     save_pretrained(model, args.save)
     blocks = result["loss_per_50_steps"]
     out = {
@@ -81,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.magnet_model, "overrides": overrides,
         "attention_init": model.config.attention_init, "attention_padding": model.config.attention_padding,
         "slides": len(slides), "steps": args.steps, "lr": args.lr, "top": args.top, "negatives": args.negatives,
-        "augment": args.augment, "candidates": args.candidates,
+        "augment": args.augment, "candidates": args.candidates, "edges": args.edges,
         "batch": args.batch,
         "seed": args.seed, "result": result,
         "checkpoint": str(args.save), "machine": machine_info(), "also_running": args.also_running or "nothing",

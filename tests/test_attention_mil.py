@@ -234,7 +234,7 @@ def test_with_the_weight_at_zero_the_first_map_learns_in_the_phase_only(slide_fi
     real, after, augments = attention_mil.pretrain_attention, {}, []
 
     def snapshot(model, *args, **kwargs):
-        augments.append((kwargs.get("augment"), kwargs.get("candidates")))
+        augments.append((kwargs.get("augment"), kwargs.get("candidates"), kwargs.get("edges")))
         done = real(model, *args, **kwargs)
         after.update({k: v.detach().clone() for k, v in model.named_parameters() if k.startswith("layers.0.stacks.")})
         return done
@@ -242,7 +242,7 @@ def test_with_the_weight_at_zero_the_first_map_learns_in_the_phase_only(slide_fi
     monkeypatch.setattr(attention_mil, "pretrain_attention", snapshot)
     recipe = get_recipe("learn_to_look", attention_pretrain_steps=3, attention_mil_only=True, attention_mil_top=0.1,
                         steps=3, batch_size=2, head_warmup=0.0, revive_at=(), attention_pretrain_augment="flips",
-                        attention_pretrain_candidates=2)
+                        attention_pretrain_candidates=2, attention_mil_edges="negative")
     assert recipe.attention_mil_weight == 0
     config = TrainConfig(device="cpu", amp="off", threads=2, progress=False, baseline_eval=False, save_every=0,
                          log_every=1, tensorboard=False)
@@ -252,7 +252,8 @@ def test_with_the_weight_at_zero_the_first_map_learns_in_the_phase_only(slide_fi
     net = micro_magnet(attention_tissue_only=True)
     before = {k: v.detach().clone() for k, v in net.named_parameters()}
     result = fit(net, SlideData(records, num_workers=0), config, recipe)
-    assert result.global_step == 3 and after and augments == [("flips", 2)]  # the recipe's fields reach the phase
+    assert result.global_step == 3 and after
+    assert augments == [("flips", 2, "negative")]  # the recipe's fields reach the phase
     assert any(not torch.equal(after[k], before[k]) for k in after)  # the phase trained the first map
     assert all(torch.equal(v, after[k]) for k, v in net.named_parameters() if k in after)  # the loop did not
     assert any(not torch.equal(v, before[k]) for k, v in net.named_parameters() if k.startswith("layers.1."))
@@ -352,3 +353,41 @@ def _trained_slides(labels: list[int]) -> list[int]:
     from magnet_zoo.train.attention_mil import holdout_split
 
     return holdout_split(torch.tensor([float(v) for v in labels]), 0.2, torch.Generator().manual_seed(41))[0].tolist()
+
+
+def test_the_tissue_edge_is_never_pooled_and_always_pushed_down():
+    from magnet_zoo.train.attention_mil import tissue_edge
+
+    mask = torch.zeros(1, 1, 6, 6, dtype=torch.bool)
+    mask[..., 1:5, 1:5] = True  # a 4x4 block of tissue: its ring is the edge, its 2x2 centre the inside
+    edge = tissue_edge(mask)
+    assert int(edge.sum()) == 12 and not edge[..., 2:4, 2:4].any() and edge[..., 1, 1:5].all()
+    full = tissue_edge(torch.ones(6, 6, dtype=torch.bool))
+    assert int(full.sum()) == 20 and not full[1:5, 1:5].any()  # the view's border counts as edge
+    logits = torch.zeros(2, 1, 6, 6)
+    logits[..., 1, 1] = 50.0  # a huge logit on the edge
+    logits[..., 2, 2] = 1.0
+    logits.requires_grad_(True)
+    masks = mask.expand(2, 1, 6, 6)
+    _, pooled = mil_bce(logits, masks, torch.tensor([1.0, 0.0]), top=0.25)
+    assert float(pooled.detach()[0, 0]) > 10  # pooled, the edge decides the slide
+    loss, pooled = mil_bce(logits, masks, torch.tensor([1.0, 0.0]), top=0.25, edges="negative")
+    assert float(pooled.detach()[0, 0]) == pytest.approx(1.0)  # top quarter of the 2x2 inside: the 1.0 pixel
+    loss.backward()
+    assert (logits.grad[:, 0][edge[0, 0].expand(2, 6, 6)] > 0).all()  # every edge pixel of both slides pushed down
+    assert float(logits.grad[0, 0, 2, 2]) < 0 and float(logits.grad[1, 0, 2, 2]) > 0
+    alledge = torch.zeros(1, 1, 6, 6, dtype=torch.bool)
+    alledge[..., 0, :] = True  # tissue only on the border: nothing inside, so the edge is pooled
+    _, pooled = mil_bce(torch.arange(36.0).view(1, 1, 6, 6), alledge, torch.tensor([1.0]), top=1 / 6, edges="negative")
+    assert float(pooled) == 5.0
+    with pytest.raises(ValueError, match="tissue mask"):
+        mil_bce(logits, None, torch.tensor([1.0, 0.0]), top=0.25, edges="negative")
+    with pytest.raises(ValueError, match="edges"):
+        mil_bce(logits, masks, torch.tensor([1.0, 0.0]), top=0.25, edges="drop")
+    with pytest.raises(ConfigError, match="attention_mil_edges"):
+        get_recipe("learn_to_look", attention_mil_edges="drop")
+    with pytest.raises(ValueError, match="attention_tissue_only"):
+        import magnet_zoo.train.attention_mil as attention_mil
+
+        attention_mil.pretrain_attention(micro_magnet(attention_tissue_only=False), ["a", "b"], [1, 0], steps=1,
+                                         lr=1e-3, top=0.1, seed=0, edges="negative")

@@ -23,8 +23,8 @@ the first map's only teacher (:func:`first_map_frozen` around the forward of eve
 view read once (:func:`pretrain_attention`, like head pre-training: its time counts against the run's time
 limit, and the loop's schedules share what it leaves); ``attention_pretrain_candidates`` trains several
 first maps from different starts in that phase and keeps the one that best separates held-out training
-slides. Only the first layer's attention stacks get this gradient. Not for tasks where both classes carry an object to find (FindIt): there the negative class's
-object must be looked at too.
+slides. Only the first layer's attention stacks get this gradient. Not for tasks where both classes carry
+an object to find (FindIt): there the negative class's object must be looked at too.
 """
 
 from __future__ import annotations
@@ -69,17 +69,38 @@ def top_share_mean(logits: torch.Tensor, mask: torch.Tensor | None, top: float) 
 
 
 NEGATIVE_POOLINGS = ("top", "all")
+EDGE_TREATMENTS = ("pool", "negative")
+
+
+def tissue_edge(mask: torch.Tensor) -> torch.Tensor:
+    """``(..., H, W)`` bool -> the masked-in pixels with a masked-out 4-neighbour or on the map's border."""
+    padded = F.pad(mask.to(torch.uint8), (1, 1, 1, 1)).bool()
+    inner = padded[..., :-2, 1:-1] & padded[..., 2:, 1:-1] & padded[..., 1:-1, :-2] & padded[..., 1:-1, 2:]
+    return mask & ~inner
 
 
 def mil_bce(
-    logits: torch.Tensor, mask: torch.Tensor | None, labels: torch.Tensor, *, top: float, negatives: str = "top"
+    logits: torch.Tensor, mask: torch.Tensor | None, labels: torch.Tensor, *, top: float, negatives: str = "top",
+    edges: str = "pool",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention MIL's loss on ``(B, G, H, W)`` logit maps with slide ``labels`` ``(B,)``: the mean over slides
     and maps of the BCE of each map's pooled logit (:func:`top_share_mean` over ``mask``) against its slide's
     label; with ``negatives="all"`` a normal slide's term is instead the mean BCE of each of its masked-in
-    pixels against 0. Returns the loss and the pooled logits ``(B, G)``."""
+    pixels against 0. With ``edges="negative"`` the tissue's edge (:func:`tissue_edge` of ``mask``; needs a
+    mask) is left out of the pooling and each map's edge pixels are trained towards 0 (their mean BCE against
+    0, added to every slide's term): the boundary with the glass is never the evidence. Returns the loss and
+    the pooled logits ``(B, G)``."""
     if negatives not in NEGATIVE_POOLINGS:
         raise ValueError(f"negatives must be one of {NEGATIVE_POOLINGS}, got {negatives!r}")
+    if edges not in EDGE_TREATMENTS:
+        raise ValueError(f"edges must be one of {EDGE_TREATMENTS}, got {edges!r}")
+    edge = None
+    if edges == "negative":
+        if mask is None:
+            raise ValueError("edges='negative' needs the tissue mask (attention_tissue_only)")
+        edge = tissue_edge(mask)
+        inside = mask & ~edge
+        mask = torch.where(inside.flatten(-2).any(-1)[..., None, None], inside, mask)  # all edge: pool it
     pooled = top_share_mean(logits, mask, top)
     y = labels.to(device=pooled.device, dtype=pooled.dtype).view(-1, 1).expand_as(pooled)
     per_map = F.binary_cross_entropy_with_logits(pooled, y, reduction="none")
@@ -88,16 +109,19 @@ def mil_bce(
         keep = (keep | ~keep.flatten(-2).any(-1)[..., None, None]).to(logits.dtype)
         pixels = (F.softplus(logits) * keep).sum((-2, -1)) / keep.sum((-2, -1))  # BCE against 0
         per_map = torch.where(y > 0, per_map, pixels)
+    if edge is not None:
+        on = edge.to(logits.dtype)
+        per_map = per_map + (F.softplus(logits) * on).sum((-2, -1)) / on.sum((-2, -1)).clamp(min=1.0)
     return per_map.mean(), pooled
 
 
 def attention_mil_loss(
     model: MagNet, fetchers: Sequence[RegionFetcher], labels: torch.Tensor, *, top: float = 0.02,
-    negatives: str = "top",
+    negatives: str = "top", edges: str = "pool",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Binary cross-entropy of each learned first-layer map's pooled logit (:func:`top_share_mean` over the
     whole-slide view's tissue, or the whole view with ``attention_tissue_only`` off) against the slide
-    labels, averaged over slides and maps (``negatives``: see :func:`mil_bce`); and the pooled logits
+    labels, averaged over slides and maps (``negatives``, ``edges``: see :func:`mil_bce`); and the pooled logits
     ``(B, G)``. Reads each slide's view as the forward pass does; runs in fp32."""
     layer = model.layers[0]
     if layer.num_stacks == 0:
@@ -107,7 +131,7 @@ def attention_mil_loss(
     with torch.autocast(device.type, enabled=False):
         logits = layer.attention_logits(view.float())
     mask = layer.tissue_mask(view) if model.config.attention_tissue_only else None
-    return mil_bce(logits, mask, labels, top=top, negatives=negatives)
+    return mil_bce(logits, mask, labels, top=top, negatives=negatives, edges=edges)
 
 
 @contextlib.contextmanager
@@ -174,10 +198,11 @@ def pretrain_attention(
     augment: str = "d4",
     candidates: int = 1,
     holdout: float = 0.2,
+    edges: str = "pool",
 ) -> dict[str, Any]:
     """Attention MIL as a phase before the loop: every training slide's first-layer view is read once, and
-    the first layer's attention stacks alone are trained on them with :func:`mil_bce` (``negatives`` as
-    there), ``steps`` steps of ``batch`` views, half from each class, each batch in one random orientation
+    the first layer's attention stacks alone are trained on them with :func:`mil_bce` (``negatives`` and
+    ``edges`` as there), ``steps`` steps of ``batch`` views, half from each class, each batch in one random orientation
     (``augment``: ``"d4"``, one of the eight turns and mirrorings; ``"flips"``, one of the four mirrorings,
     never transposed, as the standalone trainer of ``benchmarks/synthmets_visibility.py``), Adam at ``lr``.
 
@@ -201,6 +226,10 @@ def pretrain_attention(
         raise ValueError(f"augment must be one of {PRETRAIN_AUGMENTS}, got {augment!r}")
     if candidates < 1:
         raise ValueError(f"candidates must be >= 1, got {candidates}")
+    if edges not in EDGE_TREATMENTS:
+        raise ValueError(f"edges must be one of {EDGE_TREATMENTS}, got {edges!r}")
+    if edges != "pool" and not model.config.attention_tissue_only:
+        raise ValueError("edges='negative' needs the tissue mask: set attention_tissue_only")
     layer = model.layers[0]
     if layer.num_stacks == 0:
         raise ValueError("attention pre-training needs a first layer with learned attention")
@@ -217,8 +246,8 @@ def pretrain_attention(
     device = next(model.parameters()).device
     config = model.config
     stacks = [layer.stacks] + [
-        type(layer.stacks)(layer.stacks.groups, init=config.layer_attention_init(1), padding=config.attention_padding,
-                           norm=config.attention_norm).to(device)
+        type(layer.stacks)(layer.stacks.groups, init=config.layer_attention_init(layer.layer),
+                           padding=config.attention_padding, norm=config.attention_norm).to(device)
         for _ in range(candidates - 1)
     ]
     opts = [torch.optim.Adam(s.parameters(), lr=lr) for s in stacks]
@@ -235,7 +264,8 @@ def pretrain_attention(
         x = (d4(views[idx], k) if augment == "d4" else mirror(views[idx], k)).to(device).float()
         mask = layer.tissue_mask(x) if tissue_only else None
         for stack, opt, curve in zip(stacks, opts, losses, strict=True):
-            loss, _ = mil_bce(layer.attention_logits(x, stack), mask, y[idx], top=top, negatives=negatives)
+            loss, _ = mil_bce(layer.attention_logits(x, stack), mask, y[idx], top=top, negatives=negatives,
+                              edges=edges)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -251,7 +281,8 @@ def pretrain_attention(
         with torch.no_grad():
             for stack in stacks:
                 stack.eval()
-                loss, pooled = mil_bce(layer.attention_logits(x, stack), mask, y[held], top=top, negatives=negatives)
+                loss, pooled = mil_bce(layer.attention_logits(x, stack), mask, y[held], top=top,
+                                       negatives=negatives, edges=edges)
                 area = float(np.mean([auroc(pooled[:, g].cpu().numpy(), y[held].numpy())
                                       for g in range(pooled.shape[1])]))
                 scores.append({"held_out_auroc": area, "held_out_loss": float(loss),

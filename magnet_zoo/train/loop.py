@@ -451,7 +451,8 @@ class TrainLoop:
             from magnet_zoo.train.attention_mil import attention_mil_loss
 
             mil, _ = attention_mil_loss(model, fetchers, labels, top=recipe.attention_mil_top,
-                                        negatives=recipe.attention_mil_negatives)
+                                        negatives=recipe.attention_mil_negatives,
+                                        edges=recipe.attention_mil_edges)
             extra["attention_mil"] = float(mil.detach())
         if recipe.attention_mil_only:
             from magnet_zoo.train.attention_mil import first_map_frozen
@@ -700,6 +701,7 @@ class TrainLoop:
             self.model, self.data.paths, self.data.labels, steps=recipe.attention_pretrain_steps, lr=recipe.lr,
             top=recipe.attention_mil_top, seed=self.config.seed, negatives=recipe.attention_mil_negatives,
             augment=recipe.attention_pretrain_augment, candidates=recipe.attention_pretrain_candidates,
+            edges=recipe.attention_mil_edges,
         )
         self._save_state()
 

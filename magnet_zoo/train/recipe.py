@@ -142,6 +142,10 @@ class Recipe:
     attention_mil_negatives: str = "top"
     """On a normal slide, ``top``: the pooled logit is trained towards 0 as a tumour slide's is towards 1;
     ``all``: every tissue pixel of the view is (each one is a normal instance)."""
+    attention_mil_edges: str = "pool"
+    """``pool``: the tissue's edge (pixels next to glass or the view's border) is pooled like any tissue;
+    ``negative``: it is left out of the pooling and trained towards 0 on every slide (the boundary with the
+    glass is never the evidence). Needs ``attention_tissue_only``."""
     attention_mil_only: bool = False
     """The first layer's attention stacks learn from attention MIL alone: the forward that feeds the heads'
     losses (and every other term) runs with those parameters frozen, so the crops' geometry no longer pulls
@@ -226,6 +230,9 @@ class Recipe:
         if self.attention_pretrain_augment not in PRETRAIN_AUGMENTS:
             raise ConfigError(f"recipe {self.name!r}: attention_pretrain_augment must be one of {PRETRAIN_AUGMENTS}, "
                               f"got {self.attention_pretrain_augment!r}")
+        if self.attention_mil_edges not in ("pool", "negative"):
+            raise ConfigError(f"recipe {self.name!r}: attention_mil_edges must be 'pool' or 'negative', got "
+                              f"{self.attention_mil_edges!r}")
         if self.attention_mil_negatives not in ("top", "all"):
             raise ConfigError(f"recipe {self.name!r}: attention_mil_negatives must be 'top' or 'all', got "
                               f"{self.attention_mil_negatives!r}")
