@@ -391,3 +391,10 @@ def test_the_tissue_edge_is_never_pooled_and_always_pushed_down():
 
         attention_mil.pretrain_attention(micro_magnet(attention_tissue_only=False), ["a", "b"], [1, 0], steps=1,
                                          lr=1e-3, top=0.1, seed=0, edges="negative")
+    recipe = get_recipe("learn_to_look", attention_mil_weight=1.0, attention_mil_edges="negative", steps=1,
+                        batch_size=2)
+    config = TrainConfig(device="cpu", amp="off", threads=1, progress=False, baseline_eval=False, save_every=0,
+                         tensorboard=False)
+    sources = [ArraySource(_spotted(s, s % 2 == 0)[0]) for s in range(2)]
+    with pytest.raises(ConfigError, match="attention_tissue_only"):  # before any step, not at the first
+        fit(micro_magnet(attention_tissue_only=False), SourceData(sources, [1, 0]), config, recipe)

@@ -205,6 +205,10 @@ class TrainLoop:
         if resume_state is not None:
             self._restore(resume_state)
         self.ddp: nn.Module = self.model
+        if (recipe.attention_mil_edges != "pool" and (recipe.attention_mil_weight or recipe.attention_pretrain_steps)
+                and not self.mconfig.attention_tissue_only):
+            raise ConfigError(f"attention_mil_edges={recipe.attention_mil_edges!r} needs the tissue mask: set the "
+                              "model's attention_tissue_only=True (--model-override attention_tissue_only=true)")
         if self.info.enabled:
             outside = (recipe.head_warmup or recipe.guidance_weight or recipe.head_pretrain_windows
                        or recipe.attention_mil_weight or recipe.attention_pretrain_steps)
