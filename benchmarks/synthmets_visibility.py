@@ -62,6 +62,7 @@ from baselines.common import Slide, jsonable, load_split, whole_slide_view  # no
 
 from magnet_zoo.nn.branch import BranchStack  # noqa: E402
 from magnet_zoo.synth.mask import tumour_mask  # noqa: E402
+from magnet_zoo.train.attention_mil import tissue_edge as edge_of  # noqa: E402
 from magnet_zoo.train.attention_mil import top_share_mean  # noqa: E402
 from magnet_zoo.train.metrics import auroc  # noqa: E402
 from magnet_zoo.wsi import open_slide  # noqa: E402
@@ -247,10 +248,9 @@ def probe_maps(model: nn.Module, views: Views) -> np.ndarray:
 
 
 def tissue_edge(tissue: np.ndarray) -> np.ndarray:
-    """``(S, S)`` bool: the tissue pixels with a non-tissue 4-neighbour or on the view's border."""
-    padded = np.pad(tissue, 1, constant_values=False)
-    inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
-    return tissue & ~inner
+    """``(S, S)`` bool: the tissue pixels with a non-tissue 4-neighbour or on the view's border (the edge
+    attention MIL's ``edges="negative"`` leaves out)."""
+    return edge_of(torch.from_numpy(np.ascontiguousarray(tissue))).numpy()
 
 
 def score(maps: np.ndarray, views: Views) -> dict[str, Any]:

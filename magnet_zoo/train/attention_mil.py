@@ -206,8 +206,7 @@ def pretrain_attention(
     (``augment``: ``"d4"``, one of the eight turns and mirrorings; ``"flips"``, one of the four mirrorings,
     never transposed, as the standalone trainer of ``benchmarks/synthmets_visibility.py``), Adam at ``lr``.
 
-    Slide labels teach a map from a fresh start only sometimes (on SynthMets one seed in three finds the
-    tumours; the others stay near chance), so with ``candidates`` K > 1 the phase trains K maps side by side,
+    With ``candidates`` K > 1 the phase trains K maps side by side,
     the layer's own and K - 1 freshly initialised ones, on the same batches, on all but a ``holdout`` share
     of each class's slides; the map whose pooled logits best separate the held-out slides (AUROC, then their
     loss) is copied into the layer. It costs K times the steps.
