@@ -160,8 +160,7 @@ class Recipe:
     attention_pretrain_candidates: int = 1
     """Maps the phase trains side by side from different starts (the first layer's own and fresh ones, same
     batches), on all but a fifth of each class's training slides; the one whose pooled logits best separate
-    those held-out slides is kept. Slide labels teach a fresh map only sometimes; each candidate costs the
-    phase's steps again."""
+    those held-out slides is kept. Each candidate costs the phase's steps again."""
     head_pretrain_windows: int = 0
     """Random tissue windows per training slide, read once, to pre-train the last auxiliary head on
     (:mod:`magnet_zoo.train.head_pretrain`; 0: off)."""
