@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from magnet_zoo.nn.fetcher import RegionFetcher
 from magnet_zoo.nn.magnet import MagNet
-from magnet_zoo.train.recipe import PRETRAIN_AUGMENTS
+from magnet_zoo.train.recipe import ATTENTION_MIL_EDGES, PRETRAIN_AUGMENTS
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def top_share_mean(logits: torch.Tensor, mask: torch.Tensor | None, top: float) 
 
 
 NEGATIVE_POOLINGS = ("top", "all")
-EDGE_TREATMENTS = ("pool", "negative")
+EDGE_TREATMENTS = ATTENTION_MIL_EDGES
 
 
 def tissue_edge(mask: torch.Tensor) -> torch.Tensor:

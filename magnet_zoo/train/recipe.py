@@ -29,6 +29,8 @@ from magnet_zoo.config import ConfigError, MagNetConfig
 
 PRETRAIN_AUGMENTS = ("d4", "flips")
 """The attention pre-training phase's orientation sets (``Recipe.attention_pretrain_augment``)."""
+ATTENTION_MIL_EDGES = ("pool", "negative")
+"""How attention MIL treats the tissue's edge (``Recipe.attention_mil_edges``)."""
 
 SCHEDULES = ("cosine", "constant")
 RECENTRE_ON = ("all", "positive")
@@ -229,9 +231,9 @@ class Recipe:
         if self.attention_pretrain_augment not in PRETRAIN_AUGMENTS:
             raise ConfigError(f"recipe {self.name!r}: attention_pretrain_augment must be one of {PRETRAIN_AUGMENTS}, "
                               f"got {self.attention_pretrain_augment!r}")
-        if self.attention_mil_edges not in ("pool", "negative"):
-            raise ConfigError(f"recipe {self.name!r}: attention_mil_edges must be 'pool' or 'negative', got "
-                              f"{self.attention_mil_edges!r}")
+        if self.attention_mil_edges not in ATTENTION_MIL_EDGES:
+            raise ConfigError(f"recipe {self.name!r}: attention_mil_edges must be one of {ATTENTION_MIL_EDGES}, "
+                              f"got {self.attention_mil_edges!r}")
         if self.attention_mil_negatives not in ("top", "all"):
             raise ConfigError(f"recipe {self.name!r}: attention_mil_negatives must be 'top' or 'all', got "
                               f"{self.attention_mil_negatives!r}")
