@@ -34,7 +34,11 @@ DEFAULT_RUNS = ("synthmets_30min.json", "synthmets_30min_s1.json", "synthmets_30
                 "synthmets_30min_treemil_epyc_s0.json", "synthmets_30min_treemil_epyc_s1_idle.json",
                 "synthmets_30min_treemil_epyc_s2.json", "synthmets_30min_treemil_epyc_s3.json",
                 "synthmets_30min_guide1_s0.json", "synthmets_30min_guide1z_s0.json",
-                "synthmets_30min_attmil_s0.json", "synthmets_30min_attpre_s0.json")
+                "synthmets_30min_attmil_s0.json", "synthmets_30min_attpre_s0.json",
+                "synthmets_30min_onemap_s1.json", "synthmets_30min_onemap_pretrained_s0.json",
+                "synthmets_30min_onemap_pretrained_s1.json", "synthmets_30min_onemap_pretrained_s2.json",
+                "synthmets_30min_onemap_edges_s0.json", "synthmets_30min_onemap_edges_s1_paired.json",
+                "synthmets_30min_onemap_edges_s2.json", "synthmets_30min_onemap_edges_s3.json")
 BASELINES = ("mean_rgb", "thumbnail_cnn", "dense_mil")
 COLUMNS = ("auroc", "auroc_macro", "auroc_micro", "auroc_itc", "loc_micro_ratio", "loc_micro_ceiling",
            "loc_all_ratio")
@@ -46,15 +50,18 @@ class SeedsError(ValueError):
 
 RECIPE_FLAGS = {"--guidance-temperature": "guidance_temperature", "--head-pretrain": "head_pretrain_windows"}
 """``synthmets.py`` options that set a recipe field and that the reference runs leave at their defaults."""
+REFERENCE_OVERRIDES = ("crop_source=reread", "attention_tissue_only=true", "aux_pooling=max")
+"""The reference runs' ``--magnet-override`` items: any other is a change of setting, named in the table."""
 
 
 def recipe_fields(command: str) -> list[str]:
     """The recipe changes of a ``synthmets.py`` command line, in order: its ``--recipe-field KEY=VALUE`` items,
-    and the options of :data:`RECIPE_FLAGS` as ``field=value``."""
+    the options of :data:`RECIPE_FLAGS` as ``field=value``, and ``--magnet-override`` items beyond
+    :data:`REFERENCE_OVERRIDES` (network settings the recipe did not give)."""
     words = shlex.split(command)
     out = []
     for i, w in enumerate(words[:-1]):
-        if w == "--recipe-field":
+        if w == "--recipe-field" or (w == "--magnet-override" and words[i + 1] not in REFERENCE_OVERRIDES):
             out.append(words[i + 1])
         elif w in RECIPE_FLAGS:
             out.append(f"{RECIPE_FLAGS[w]}={words[i + 1]}")

@@ -92,6 +92,10 @@ def test_the_seeds_table_names_each_runs_recipe_changes_flags_included():
                "'guidance_layers=[1,2]' --head-pretrain 32 --magnet-seed 1")
     assert recipe_fields(command) == ["guidance_temperature=0.5", "guidance_layers=[1,2]", "head_pretrain_windows=32"]
     assert recipe_fields("python benchmarks/synthmets.py --guidance 1 --magnet-seed 1") == []
+    # network settings beyond the reference runs' are a change of setting too; the reference ones are not
+    overrides = ("python benchmarks/synthmets.py --magnet-override crop_source=reread --magnet-override "
+                 "'patches=[1,2]' --magnet-override aux_pooling=max --recipe-field attention_mil_top=0.1")
+    assert recipe_fields(overrides) == ["patches=[1,2]", "attention_mil_top=0.1"]
     # each flag the table names sets the recipe field it is named after
     for flag, field in RECIPE_FLAGS.items():
         recipe = synthmets.magnet_options(synthmets.parse_args([flag, "7"]), budget_s=60.0).resolved_recipe()
