@@ -202,3 +202,16 @@ def test_endless_data_needs_a_number_of_steps():
     sources, labels = _sources()
     with pytest.raises(ConfigError, match="needs a number of steps"):
         fit(micro_magnet(), SourceData(sources, labels), _config(), get_recipe("paper", batch_size=2))
+
+
+def test_under_torchrun_the_default_recipe_is_refused_with_the_way_out(monkeypatch):
+    """The default recipe's head warm-up, guidance and attention MIL run outside DDP's forward: two processes
+    refuse it before any step, naming the recipe and the recipes that do run there."""
+    import magnet_zoo.train.loop as loop_module
+    from magnet_zoo.train.distributed import DistInfo
+
+    monkeypatch.setattr(loop_module, "setup_distributed", lambda device: DistInfo(rank=0, world_size=2))
+    sources, labels = _sources(2)
+    model = micro_magnet(attention_tissue_only=True)
+    with pytest.raises(ConfigError, match=r"'learn_to_look_mil'.*--recipe learn_to_look"):
+        fit(model, SourceData(sources, labels), _config(), get_recipe(TrainConfig().recipe, steps=2))

@@ -14,8 +14,8 @@ from magnet_zoo.train.settings import TrainConfig, default_batch_size
 
 
 def test_registered_recipes_and_the_default():
-    assert {"paper", "learn_to_look"} <= set(list_recipes())
-    assert DEFAULT_RECIPE == "learn_to_look" == TrainConfig().recipe
+    assert {"paper", "learn_to_look", "learn_to_look_mil"} <= set(list_recipes())
+    assert DEFAULT_RECIPE == "learn_to_look_mil" == TrainConfig().recipe
     for name, recipe in RECIPES.items():
         assert recipe.name == name and recipe.summary
 
@@ -134,6 +134,25 @@ def test_learn_to_look_centred_is_what_the_recorded_findit_runs_trained_with():
         for key, value in mine["model_overrides"].items():
             assert row["config"][key] == value, key
     assert centred.model_overrides["attention_init"] == ("random", "uniform")  # per layer: a flat second layer
+
+
+def test_learn_to_look_mil_is_what_the_recorded_synthmets_runs_trained_with():
+    """The registered MIL recipe claims the 30-minute SynthMets runs with the edge-free first map: its fields must be
+    those runs' recipe, and its network settings theirs (beyond the benchmark's architecture: backbones, patches)."""
+    results = Path(__file__).resolve().parents[1] / "benchmarks/results"
+    runs = sorted(results.glob("synthmets_30min_onemap_edges_s*.json"))
+    assert len(runs) >= 3
+    mil = json.loads(json.dumps(get_recipe("learn_to_look_mil").to_dict()))
+    defaults = json.loads(json.dumps(Recipe(name="defaults").to_dict()))
+    architecture = {"patches", "classifier_backbone", "aux_backbone"}
+    for run in runs:
+        ran = json.loads(run.read_text())["methods"]["magnet"]["settings"]["recipe"]
+        for key in set(mil) - {"name", "summary", "model_overrides"}:
+            assert mil[key] == ran.get(key, defaults[key]), (run.name, key)
+        assert {k: v for k, v in ran["model_overrides"].items() if k not in architecture} == mil["model_overrides"]
+    recipe = get_recipe("learn_to_look_mil")
+    assert recipe.attention_mil_edges == "negative" and recipe.attention_mil_only and recipe.attention_pretrain_steps
+    assert TrainConfig(recipe="learn_to_look_mil", model="magnet2_micro").model_settings()["attention_tissue_only"]
 
 
 def test_every_recipe_builds_every_registered_network():

@@ -396,7 +396,7 @@ def test_train_val_loss_falls_and_writes_checkpoints_and_metrics(slides: Path, t
 def test_gradient_accumulation_and_a_second_run_into_the_same_folder(slides: Path, tmp_path: Path) -> None:
     cfg = TrainConfig(
         data=str(slides / "small.csv"), out=str(tmp_path), model="magnet2_tiny", model_overrides=TINY,
-        recipe_overrides={"lr": 1e-3, "batch_size": 6}, epochs=1, micro_batch=2, num_workers=0,
+        recipe="learn_to_look", recipe_overrides={"lr": 1e-3, "batch_size": 6}, epochs=1, micro_batch=2, num_workers=0,
         baseline_eval=False, progress=False, device="cpu",
     )
     result = train(cfg)
@@ -504,16 +504,17 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 def test_killed_and_resumed_run_ends_with_the_uninterrupted_weights(slides: Path, tmp_path: Path) -> None:
     """SIGKILL in the middle of an epoch, resume: the same weights and metrics as a run never interrupted.
 
-    The recipe is the default one with every stateful component on: a head warm-up on random trees (its
-    own generator), crop jitter (the global RNG), the scale anneal, and branch revival forced to fire
-    (margin -1: every branch but the best is revived, Adam state included). The reference runs in this
+    The recipe is the default one (``learn_to_look_mil``, its attention MIL phase shortened to 2 steps) with
+    every stateful component on: the phase before the loop (its own generator), a head warm-up on random trees
+    (its own generator) with head guidance, crop jitter (the global RNG), the scale anneal, and branch revival
+    forced to fire (margin -1: every branch but the best is revived, Adam state included). The reference runs in this
     process with no DataLoader workers; the killed run reads ahead in a worker process and the resumed one
     does not: the number of workers must not change the result either.
     """
     data = slides / "small.csv"  # 6 train slides: 3 steps of 2 per epoch, 3 epochs
     common = ["--epochs", "3", "--batch-size", "2", "--save-every", "1", "--threads", "2",
               "--set", "head_warmup=0.2", "--set", "head_warmup_trees=2", "--set", "jitter=[0.05]",
-              "--set", "revive_at=[0.5, 0.75]", "--set", "revive_margin=-1"]
+              "--set", "revive_at=[0.5, 0.75]", "--set", "revive_margin=-1", "--set", "attention_pretrain_steps=2"]
     cmd = [sys.executable, "-m", "magnet_zoo"]
     ref, run = tmp_path / "reference", tmp_path / "killed"
     from magnet_zoo.cli import build_parser
@@ -601,7 +602,7 @@ def test_torchrun_two_processes_train_with_gloo_and_only_rank0_writes(slides: Pa
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(guard),
         *_train_args(slides / "small.csv", out, "--epochs", "1", "--batch-size", "4", "--workers", "0",
-                     "--threads", "1"),
+                     "--threads", "1", "--recipe", "learn_to_look"),
     ]
     proc = subprocess.run(cmd, env=_env(), timeout=300, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -684,17 +685,21 @@ def test_torchrun_ranks_average_their_gradients_and_stay_identical(tmp_path: Pat
 
 @pytest.mark.slow
 def test_cli_trains_with_the_paper_recipe_and_the_default_one(slides: Path, tmp_path: Path) -> None:
-    """The README's two training commands on a `magnet-zoo synth` CSV: --recipe paper, and no --recipe."""
+    """The README's two training commands on a `magnet-zoo synth` CSV: --recipe paper, and no --recipe (the
+    default's attention MIL phase shortened to 3 steps)."""
     from magnet_zoo.cli import main
 
     for recipe, translation in (("paper", "tanh"), (None, "clamp")):
         out = tmp_path / (recipe or "default")
-        extra = ["--recipe", recipe] if recipe else []
+        extra = ["--recipe", recipe] if recipe else ["--set", "attention_pretrain_steps=3"]
         args = _train_args(slides / "small.csv", out, *extra, "--steps", "2", "--batch-size", "2", "--workers", "0",
                            "--threads", "2")
         assert main(args) == 0
         record = json.loads((out / "train_config.json").read_text())
-        assert record["recipe"]["name"] == (recipe or "learn_to_look")
+        assert record["recipe"]["name"] == (recipe or "learn_to_look_mil")
         assert record["model"]["translation"] == translation  # the recipe's network settings were applied
+        assert record["model"]["attention_tissue_only"] is (recipe is None)
+        state = json.loads((out / "checkpoints" / "state" / "train_state.json").read_text())["state"]
+        assert (state.get("attention_pretrain") or {}).get("steps", 0) == (0 if recipe else 3)
         rows = list(csv.DictReader((out / "metrics.csv").open()))
         assert int(rows[-1]["step"]) == 2 and float(rows[-1]["val_n"]) == 2

@@ -6,7 +6,8 @@
 
 Every optimizer step runs in the one loop, :func:`fit` (:mod:`magnet_zoo.train.loop`); how it learns is a
 :class:`Recipe` (:func:`get_recipe`, :func:`list_recipes`; ``paper`` reproduces the paper's section 3.3,
-``learn_to_look`` is the recommended default). ``magnet-zoo train`` and ``magnet-zoo evaluate`` are the
+``learn_to_look_mil``, the default, is the one for slide labels; ``learn_to_look_centred`` the one for tasks
+where both classes carry an object). ``magnet-zoo train`` and ``magnet-zoo evaluate`` are the
 command-line faces of :func:`train` and :func:`evaluate`; ``torchrun --nproc_per_node N -m magnet_zoo
 train ...`` runs them with DDP.
 """

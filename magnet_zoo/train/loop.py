@@ -214,10 +214,11 @@ class TrainLoop:
                        or recipe.attention_mil_weight or recipe.attention_pretrain_steps)
             if outside:
                 raise ConfigError(
-                    "head warm-up, head guidance, head pre-training and attention MIL run outside "
-                    "DistributedDataParallel's forward and are not supported under torchrun yet; train on one "
-                    "process, or set head_warmup=0, guidance_weight=0, head_pretrain_windows=0, "
-                    "attention_mil_weight=0, attention_pretrain_steps=0"
+                    f"recipe {recipe.name!r}: head warm-up, head guidance, head pre-training and attention MIL run "
+                    "outside DistributedDataParallel's forward and are not supported under torchrun yet; train on "
+                    "one process, or choose a recipe without them (--recipe learn_to_look, or --recipe paper), or "
+                    "set head_warmup=0, guidance_weight=0, head_pretrain_windows=0, attention_mil_weight=0, "
+                    "attention_pretrain_steps=0"
                 )
             from torch.nn.parallel import DistributedDataParallel
 

@@ -315,7 +315,7 @@ PAPER = Recipe(
 
 LEARN_TO_LOOK = Recipe(
     name="learn_to_look",
-    summary="recommended: clamp translation, random attention init, scale in [0.1, 0.35] (bound annealed "
+    summary="the others' base: clamp translation, random attention init, scale in [0.1, 0.35] (bound annealed "
     "from 1), per-patch aux loss, Adam 1e-3 (attention 3e-3), warm-up + cosine, clip 5, branch revival",
     model_overrides={
         "translation": "clamp",
@@ -346,9 +346,33 @@ LEARN_TO_LOOK_CENTRED = LEARN_TO_LOOK.replace(
     jitter=(0.0, 0.2),
 )
 
-RECIPES: dict[str, Recipe] = {r.name: r for r in (LEARN_TO_LOOK, LEARN_TO_LOOK_CENTRED, PAPER)}
-DEFAULT_RECIPE = "learn_to_look"
-"""What ``magnet-zoo train`` uses without ``--recipe``: the project's recommended recipe."""
+LEARN_TO_LOOK_MIL = LEARN_TO_LOOK.replace(
+    name="learn_to_look_mil",
+    summary="for slide labels that mean 'tumour somewhere' (SynthMets, CAMELYON): learn_to_look + the first map "
+    "pre-trained 1000 steps as a detector from slide labels alone (attention MIL: top 10 % of the tissue "
+    "pooled, the tissue's edge trained to 0) and then taught by nothing else, a flat-start second layer, "
+    "re-read crops, tissue-only attention, max-pooled aux heads, head warm-up 0.4 and head guidance 1; "
+    "not for tasks where both classes carry an object (FindIt: learn_to_look_centred)",
+    model_overrides={
+        "attention_init": ("random", "uniform"),
+        "attention_tissue_only": True,
+        "crop_source": "reread",
+        "aux_pooling": "max",
+    },
+    head_warmup=0.4,
+    guidance_weight=1.0,
+    attention_pretrain_steps=1000,
+    attention_mil_top=0.1,
+    attention_mil_edges="negative",
+    attention_mil_only=True,
+)
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r for r in (LEARN_TO_LOOK, LEARN_TO_LOOK_CENTRED, LEARN_TO_LOOK_MIL, PAPER)
+}
+DEFAULT_RECIPE = "learn_to_look_mil"
+"""What ``magnet-zoo train`` uses without ``--recipe``: the recipe for slide labels ("tumour somewhere on this
+slide"), the only one measured to make the MagNet look at the evidence on multiple-instance slides (SynthMets)."""
 
 
 def list_recipes() -> list[str]:
