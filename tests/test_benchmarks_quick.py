@@ -327,6 +327,43 @@ def test_synthmets_magnet_seeds_on_the_same_data_make_one_table(tmp_path):
 
 
 @pytest.mark.slow
+def test_the_mil_recipe_runs_and_ship_demo_ships_the_best_validation_run_with_its_card(tmp_path):
+    from safetensors.torch import load_file
+
+    run_script("synthmets.py", "--quick", "--no-progress", "--data", str(tmp_path / "data"), "--methods", "magnet",
+               "--recipe", "learn_to_look_mil", "--recipe-field", "attention_pretrain_steps=2",
+               "--save-checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "a" / "x.json"))
+    ran = read_json(tmp_path / "a" / "synthmets_quick.json")
+    magnet = ran["methods"]["magnet"]
+    assert magnet["settings"]["recipe"]["name"] == "learn_to_look_mil"
+    assert magnet["settings"]["config"]["attention_tissue_only"] is True
+    assert magnet["training"]["attention_pretrain"]["steps"] == 2
+    # a second "run" that validated better, whose checkpoint is another network: it is picked, then refused
+    better = json.loads(json.dumps(ran))
+    better["methods"]["magnet"]["training"]["best_val_auroc"] = magnet["training"]["best_val_auroc"] + 0.01
+    better["methods"]["magnet"]["settings"]["config"]["gru_hidden"] += 1
+    (tmp_path / "better.json").write_text(json.dumps(better))
+    out = tmp_path / "shipped"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    refused = subprocess.run([sys.executable, str(BENCHMARKS / "ship_demo.py"), str(tmp_path / "a" /
+                              "synthmets_quick.json"), str(tmp_path / "better.json"), "--out", str(out)],
+                             env=env, capture_output=True, text=True)
+    assert refused.returncode != 0 and "holds a network other than" in refused.stderr and not out.exists()
+    worse = json.loads(json.dumps(ran))
+    worse["methods"]["magnet"]["training"]["best_val_auroc"] = magnet["training"]["best_val_auroc"] - 0.01
+    worse["checkpoint"] = str(tmp_path / "nowhere")
+    (tmp_path / "worse.json").write_text(json.dumps(worse))
+    printed = run_script("ship_demo.py", str(tmp_path / "worse.json"), str(tmp_path / "a" / "synthmets_quick.json"),
+                         "--note", "A note for the card.", "--out", str(out)).stdout
+    assert "-> synthmets_quick.json" in printed
+    shipped, trained = load_file(out / "model.safetensors"), load_file(tmp_path / "ckpt" / "model.safetensors")
+    assert shipped.keys() == trained.keys() and all((shipped[k] == trained[k]).all() for k in shipped)
+    card = (out / "README.md").read_text()
+    assert "A note for the card." in card and "learn_to_look_mil" in card
+    assert "| attention MIL (first map from slide labels) | 2 pre-training steps" in card and "negative" in card
+
+
+@pytest.mark.slow
 def test_synthmets_tree_mil_run_validates_and_tests_with_its_max_pooled_trees(tmp_path):
     run_script("synthmets.py", "--quick", "--no-progress", "--data", str(tmp_path / "data"), "--methods", "magnet",
                "--recipe-field", "explore_trees=2", "--recipe-field", "explore_frac=1.0",

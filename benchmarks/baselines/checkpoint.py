@@ -57,6 +57,17 @@ def save_demo_checkpoint(model: MagNet, directory: Path, result: dict[str, Any],
         "batch size": recipe["batch_size"],
         "head warm-up share": recipe.get("head_warmup", 0.0),
         "head-guided attention weight": recipe.get("guidance_weight", 0.0),
+    }
+    if recipe.get("attention_pretrain_steps") or recipe.get("attention_mil_weight"):
+        training |= {
+            "attention MIL (first map from slide labels)": (
+                f"{recipe.get('attention_pretrain_steps', 0)} pre-training steps, in-loop weight "
+                f"{recipe.get('attention_mil_weight', 0)}; top {recipe.get('attention_mil_top')} of the tissue "
+                f"pooled; tissue edge: {recipe.get('attention_mil_edges', 'pool')}; only teacher of the first map: "
+                f"{bool(recipe.get('attention_mil_only'))}"
+            ),
+        }
+    training |= {
         "steps": magnet["training"]["steps"],
         "best step (validation AUROC)": magnet["training"]["best_step"],
         "wall-clock budget (s)": trainer["budget_s"],
