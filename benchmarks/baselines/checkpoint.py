@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
 from typing import Any
 
 from magnet_zoo.hub import CardData, save_pretrained
 from magnet_zoo.nn.magnet import MagNet
+from magnet_zoo.synth import generate_dataset
+
+SYNTHMETS_MPP = float(inspect.signature(generate_dataset).parameters["mpp"].default)
+"""µm per pixel at level 0 of the benchmark's slides (``synthmets.py`` generates them at the generator's default)."""
 
 
 def _finite(value: Any) -> bool:
@@ -31,7 +36,7 @@ def save_demo_checkpoint(model: MagNet, directory: Path, result: dict[str, Any],
             metrics[f"random_patches_on_tumour_{cat}"] = float(d["random_hit"])
     splits = result["data"]["splits"]
     data = "; ".join(
-        f"{name}: {v['n']} slides of {v['size']} x {v['size']} px at 0.5 mpp (dataset seed {v['seed']}; "
+        f"{name}: {v['n']} slides of {v['size']} x {v['size']} px at {SYNTHMETS_MPP:g} mpp (dataset seed {v['seed']}; "
         + ", ".join(f"{c} {n}" for c, n in v["categories"].items()) + ")"
         for name, v in splits.items()
     )
@@ -98,4 +103,5 @@ def save_demo_checkpoint(model: MagNet, directory: Path, result: dict[str, Any],
     )
     # The recipe in config.json lets `magnet-zoo evaluate --as-trained` score a tree-MIL model as it was tested
     # (older results recorded no full recipe: their checkpoints carry none).
-    return save_pretrained(model, directory, card_data=card, recipe=recipe if "name" in recipe else None)
+    return save_pretrained(model, directory, card_data=card, recipe=recipe if "name" in recipe else None,
+                           slide_mpp=SYNTHMETS_MPP)
