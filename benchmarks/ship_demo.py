@@ -6,7 +6,7 @@ result. Several seeds of one command give several such folders; the demo ships t
 run, checks that its checkpoint is the network the result describes, and writes it with its card (plus an
 optional sentence, ``--note``) to ``magnet_zoo/demo/checkpoint``:
 
-    python benchmarks/ship_demo.py benchmarks/results/synthmets_30min_onemap_edges_s{0,2,3}.json \\
+    python benchmarks/ship_demo.py benchmarks/results/synthmets_30min_onemap_edges_s{0,1_paired,2,3}.json \\
         --note "..."
 
 Each result names its checkpoint folder (``"checkpoint"``; ``--checkpoints`` gives them when they moved).

@@ -137,7 +137,8 @@ register_model(
             aux_pooling="per_patch",
         ),
         "A 2-layer (2, 2) MagNet with timm's 0.4 M-parameter test_resnet backbones (1.2 M parameters in "
-        "all): the offline demo model.",
+        "all): the offline demo model's architecture. Its shipped weights are a (1, 2) tree trained with the "
+        "default recipe, learn_to_look_mil; loading them builds the network their config.json describes.",
         {
             "synthmets_demo": ModelTag(
                 "Trained on SynthMets slides by benchmarks/synthmets.py; ships inside the package "
