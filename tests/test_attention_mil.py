@@ -398,3 +398,20 @@ def test_the_tissue_edge_is_never_pooled_and_always_pushed_down():
     sources = [ArraySource(_spotted(s, s % 2 == 0)[0]) for s in range(2)]
     with pytest.raises(ConfigError, match="attention_tissue_only"):  # before any step, not at the first
         fit(micro_magnet(attention_tissue_only=False), SourceData(sources, [1, 0]), config, recipe)
+
+
+def test_attention_mil_on_several_first_layer_maps_is_warned_about(caplog):
+    """Measured to work with one first-layer map only: a first layer with two learned maps is warned about,
+    one with one map is not."""
+    import logging
+
+    sources, labels = [ArraySource(np.zeros((64, 64, 3), np.uint8))] * 2, [1, 0]
+    config = TrainConfig(device="cpu", amp="off", threads=1, progress=False, baseline_eval=False, save_every=0,
+                         tensorboard=False)
+    recipe = get_recipe("learn_to_look_mil", steps=1, batch_size=2)
+    for patches, warned in (((2, 2), True), ((1, 2), False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="magnet_zoo.train.loop"), pytest.raises(ConfigError,
+                                                                                            match="slides"):
+            fit(micro_magnet(attention_tissue_only=True, patches=patches), SourceData(sources, labels), config, recipe)
+        assert ("measured to find the tumours with one first-layer map only" in caplog.text) is warned, patches

@@ -209,6 +209,14 @@ class TrainLoop:
                 and not self.mconfig.attention_tissue_only):
             raise ConfigError(f"attention_mil_edges={recipe.attention_mil_edges!r} needs the tissue mask: set the "
                               "model's attention_tissue_only=True (--model-override attention_tissue_only=true)")
+        if (recipe.attention_mil_weight or recipe.attention_pretrain_steps) and self.model.layers[0].num_stacks > 1:
+            logger.warning(
+                "attention MIL trains each of the first layer's %d learned maps towards the same detector; it is "
+                "measured to find the tumours with one first-layer map only (SynthMets, magnet2_micro with "
+                "patches=(1, 2), 4 of 4 seeds); with two (patches=(2, 2), 2 seeds) its phase did not learn and the "
+                "MagNet stayed at chance. Prefer one first-layer patch: --model-override 'patches=[1,...]'",
+                self.model.layers[0].num_stacks,
+            )
         if self.info.enabled:
             outside = (recipe.head_warmup or recipe.guidance_weight or recipe.head_pretrain_windows
                        or recipe.attention_mil_weight or recipe.attention_pretrain_steps)
