@@ -31,7 +31,8 @@ EVAL_SEED_BASE = 7_000_000_000
 """Evaluation images use seeds from here on; training seeds stay far below."""
 
 FINDIT_RECIPE: Recipe = get_recipe("learn_to_look", steps=300)
-"""The recommended recipe at FindIt's length (300 steps of 8 images)."""
+"""FindIt's recipe: ``learn_to_look`` at FindIt's length (300 steps of 8 images); attention MIL (the default recipe's)
+does not apply where both classes carry an object."""
 RECIPE_CONFIG: dict[str, Any] = dict(FINDIT_RECIPE.model_overrides)
 """The recipe's network settings (on top of ``magnet2_tiny``)."""
 

@@ -3,8 +3,8 @@
 The slides of the CSV become a :class:`~magnet_zoo.train.sources.SlideData` (DataLoader workers read
 each slide's whole-slide views ahead; D4 augmentation of the whole slide; a resumable, per-epoch order
 sharded over DDP ranks) and a :class:`~magnet_zoo.train.sources.SlideValidator`; the one training loop
-(:mod:`magnet_zoo.train.loop`) trains with the run's recipe (default: the recommended
-``learn_to_look``; ``paper`` for the paper's section 3.3).
+(:mod:`magnet_zoo.train.loop`) trains with the run's recipe (default: ``learn_to_look_mil``, for slide labels;
+``paper`` for the paper's section 3.3).
 
 Output folder::
 
