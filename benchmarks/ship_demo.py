@@ -33,13 +33,12 @@ def validation_auroc(result: dict) -> float:
     return float(result["methods"]["magnet"]["training"]["best_val_auroc"])
 
 
-def pick(results: list[Path]) -> tuple[Path, dict]:
-    """The result with the best validation AUROC (ties: the first given)."""
-    loaded = [(path, json.loads(path.read_text())) for path in results]
-    for path, result in loaded:
+def load_results(paths: list[Path]) -> list[dict]:
+    results = [json.loads(path.read_text()) for path in paths]
+    for path, result in zip(paths, results, strict=True):
         if "magnet" not in result.get("methods", {}):
             raise SystemExit(f"{path}: no MagNet in this result")
-    return max(loaded, key=lambda item: validation_auroc(item[1]))
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,16 +52,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.checkpoints is not None and len(args.checkpoints) != len(args.results):
         ap.error("--checkpoints needs one folder per result")
 
-    path, result = pick(args.results)
-    index = args.results.index(path)
+    results = load_results(args.results)
+    scores = [validation_auroc(r) for r in results]
+    index = scores.index(max(scores))  # the best validation AUROC (ties: the first given)
+    path, result = args.results[index], results[index]
     folder = args.checkpoints[index] if args.checkpoints else Path(result["checkpoint"])
     model = load_pretrained(folder)
     ran = result["methods"]["magnet"]["settings"]["config"]
     if json.loads(json.dumps(model.config.to_dict())) != ran:
         raise SystemExit(f"{folder} holds a network other than the one {path} describes")
-    for other in args.results:
-        mark = "->" if other == path else "  "
-        print(f"{mark} {other.name}: validation AUROC {validation_auroc(json.loads(other.read_text())):.4f}")
+    for i, (other, score) in enumerate(zip(args.results, scores, strict=True)):
+        print(f"{'->' if i == index else '  '} {other.name}: validation AUROC {score:.4f}")
 
     # Written beside the target, then swapped in: a failure leaves the shipped model as it was.
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -205,11 +205,11 @@ class TrainLoop:
         if resume_state is not None:
             self._restore(resume_state)
         self.ddp: nn.Module = self.model
-        if (recipe.attention_mil_edges != "pool" and (recipe.attention_mil_weight or recipe.attention_pretrain_steps)
-                and not self.mconfig.attention_tissue_only):
+        needs_mask = recipe.trains_attention_mil and recipe.attention_mil_edges != "pool"
+        if needs_mask and not self.mconfig.attention_tissue_only:
             raise ConfigError(f"attention_mil_edges={recipe.attention_mil_edges!r} needs the tissue mask: set the "
                               "model's attention_tissue_only=True (--model-override attention_tissue_only=true)")
-        if (recipe.attention_mil_weight or recipe.attention_pretrain_steps) and self.model.layers[0].num_stacks > 1:
+        if recipe.trains_attention_mil and self.model.layers[0].num_stacks > 1:
             logger.warning(
                 "attention MIL trains each of the first layer's %d learned maps towards the same detector; it is "
                 "measured to find the tumours with one first-layer map only (SynthMets, magnet2_micro with "
@@ -220,7 +220,7 @@ class TrainLoop:
             )
         if self.info.enabled:
             outside = (recipe.head_warmup or recipe.guidance_weight or recipe.head_pretrain_windows
-                       or recipe.attention_mil_weight or recipe.attention_pretrain_steps)
+                       or recipe.trains_attention_mil)
             if outside:
                 raise ConfigError(
                     f"recipe {recipe.name!r}: head warm-up, head guidance, head pre-training and attention MIL run "

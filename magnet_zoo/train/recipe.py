@@ -222,7 +222,7 @@ class Recipe:
         if self.attention_pretrain_steps < 0:
             raise ConfigError(f"recipe {self.name!r}: attention_pretrain_steps must be >= 0, got "
                               f"{self.attention_pretrain_steps}")
-        if self.attention_mil_only and not (self.attention_mil_weight or self.attention_pretrain_steps):
+        if self.attention_mil_only and not self.trains_attention_mil:
             raise ConfigError(f"recipe {self.name!r}: attention_mil_only needs attention_mil_weight > 0 or "
                               "attention_pretrain_steps > 0 (the first map would learn nothing)")
         if self.attention_pretrain_candidates < 1:
@@ -273,6 +273,11 @@ class Recipe:
     def from_dict(cls, data: Mapping[str, Any]) -> Recipe:
         _check_fields(data, "recipe")
         return cls(**dict(data))
+
+    @property
+    def trains_attention_mil(self) -> bool:
+        """Whether attention MIL teaches the first map, in the pre-training phase or in the loop."""
+        return bool(self.attention_mil_weight or self.attention_pretrain_steps)
 
     def replace(self, **changes: Any) -> Recipe:
         """A copy with single fields changed (``name`` keeps its value unless given)."""
