@@ -39,7 +39,8 @@ DEFAULT_RUNS = ("synthmets_30min.json", "synthmets_30min_s1.json", "synthmets_30
                 "synthmets_30min_onemap_pretrained_s1.json", "synthmets_30min_onemap_pretrained_s2.json",
                 "synthmets_30min_onemap_edges_s0.json", "synthmets_30min_onemap_edges_s1_paired.json",
                 "synthmets_30min_onemap_edges_s2.json", "synthmets_30min_onemap_edges_s3.json",
-                "synthmets_30min_mil_twomaps_s0.json", "synthmets_30min_mil_twomaps_s1.json")
+                "synthmets_30min_mil_twomaps_s0.json", "synthmets_30min_mil_twomaps_s1.json",
+                "synthmets_30min_mil_scale25_s0.json", "synthmets_30min_mil_scale25_s1.json")
 BASELINES = ("mean_rgb", "thumbnail_cnn", "dense_mil")
 COLUMNS = ("auroc", "auroc_macro", "auroc_micro", "auroc_itc", "loc_micro_ratio", "loc_micro_ceiling",
            "loc_all_ratio")
