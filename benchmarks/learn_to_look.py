@@ -42,11 +42,18 @@ RUN_KEYS = ("threads", "device", "log_every", "time_limit_s", "curriculum_start"
 """Entries of a job's ``settings`` that are the run's, not the recipe's (everything else is a recipe field)."""
 
 
-def _recipe() -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(network settings, trainer settings)`` of the FindIt recipe: the recommended recipe at 300 steps."""
-    from magnet_zoo.tasks.train import FINDIT_RECIPE
+def _base():
+    """The recipe every grid entry is written against: ``learn_to_look`` at 300 steps (FindIt's recipe when the
+    grids were recorded; ``FINDIT_RECIPE`` has moved since, and an entry must not change with it)."""
+    from magnet_zoo.train.recipe import get_recipe
 
-    return dict(FINDIT_RECIPE.model_overrides), {"steps": FINDIT_RECIPE.steps}
+    return get_recipe("learn_to_look", steps=300)
+
+
+def _recipe() -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(network settings, trainer settings)`` of the grids' base recipe (:func:`_base`)."""
+    base = _base()
+    return dict(base.model_overrides), {"steps": base.steps}
 
 
 def run_spec(name: str, cfg: dict[str, Any] | None = None, st: dict[str, Any] | None = None,
@@ -423,14 +430,14 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
 
     from magnet_zoo.factory import create_model
     from magnet_zoo.tasks.findit import FindItSpec, evaluate
-    from magnet_zoo.tasks.train import FINDIT_RECIPE, eval_seeds, train
+    from magnet_zoo.tasks.train import eval_seeds, train
 
     label = job["name"].replace("%", "%%")
     logging.basicConfig(level=logging.INFO, format=f"[{label}/s{job['seed']}] %(message)s", force=True)
     st = dict(job["settings"])
     run = {k: st.pop(k) for k in RUN_KEYS if k in st}
     run["time_limit"] = run.pop("time_limit_s", None)
-    recipe = FINDIT_RECIPE.replace(**st)
+    recipe = _base().replace(**st)
     threads = run.pop("threads", 2) or 2
     device = run.pop("device", "cpu")
     torch.set_num_threads(threads)

@@ -9,9 +9,13 @@ import torch
 
 from magnet_zoo.factory import create_model
 from magnet_zoo.nn.attention import attention_to_affine
-from magnet_zoo.tasks.train import FINDIT_RECIPE, RECIPE_CONFIG
+from magnet_zoo.train.recipe import get_recipe
 from magnet_zoo.train.loop import build_optimizer
 from magnet_zoo.train.revival import BranchReviver
+
+LOOK = get_recipe("learn_to_look", steps=300)
+"""The recipe whose branch revival these tests exercise (FindIt's until it moved to ``learn_to_look_centred``)."""
+RECIPE_CONFIG = dict(LOOK.model_overrides)
 
 
 def _logit_maps(model, layer_i, images):
@@ -33,7 +37,7 @@ def test_subtree_stacks_follow_the_tree():
 def test_copy_branch_duplicates_stacks_and_optimiser_state_only_for_the_target():
     torch.manual_seed(0)
     model = create_model("magnet2_tiny", **RECIPE_CONFIG)
-    opt = build_optimizer(model, FINDIT_RECIPE)
+    opt = build_optimizer(model, LOOK)
     # One optimiser step so Adam has state to copy.
     loss = sum(p.float().pow(2).sum() for p in model.layers.parameters())
     loss.backward()
@@ -70,7 +74,7 @@ def _fake_output(bad_patch: int, batch: int = 8, patches: int = 2):
 def test_reviver_copies_the_best_branch_into_a_dead_one_once_per_point():
     torch.manual_seed(0)
     model = create_model("magnet2_tiny", **RECIPE_CONFIG)
-    opt = build_optimizer(model, FINDIT_RECIPE)
+    opt = build_optimizer(model, LOOK)
     reviver = BranchReviver(model, revive_at=(0.5,), margin=0.15)
     out, labels = _fake_output(bad_patch=0)
     for _ in range(5):
@@ -88,7 +92,7 @@ def test_reviver_copies_the_best_branch_into_a_dead_one_once_per_point():
 
 def test_reviver_leaves_healthy_branches_alone_and_needs_per_patch_logits(caplog):
     model = create_model("magnet2_tiny", **RECIPE_CONFIG)
-    opt = build_optimizer(model, FINDIT_RECIPE)
+    opt = build_optimizer(model, LOOK)
     reviver = BranchReviver(model, revive_at=(0.1,), margin=0.15)
     labels = torch.arange(8) % 2
     good = torch.where(labels[:, None] > 0, 4.0, -4.0).float().repeat(1, 2)
@@ -98,7 +102,7 @@ def test_reviver_leaves_healthy_branches_alone_and_needs_per_patch_logits(caplog
     off = BranchReviver(mean_pooled, revive_at=(0.5,), margin=0.15)
     assert "per-patch" in caplog.text
     off.observe(SimpleNamespace(aux_patch_logits={1: good}), labels)
-    assert off.maybe_revive(0.9, 9, mean_pooled, build_optimizer(mean_pooled, FINDIT_RECIPE)) == []
+    assert off.maybe_revive(0.9, 9, mean_pooled, build_optimizer(mean_pooled, LOOK)) == []
 
 
 def test_jitter_moves_crop_centres_only_in_training_and_stays_in_view():

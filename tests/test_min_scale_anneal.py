@@ -11,7 +11,6 @@ from conftest import micro_magnet
 
 from magnet_zoo.config import ConfigError
 from magnet_zoo.factory import create_model
-from magnet_zoo.tasks.train import RECIPE_CONFIG
 from magnet_zoo.train import Recipe, SourceData, TrainConfig, fit, get_recipe
 from magnet_zoo.train.schedules import anneals_done, apply_final, apply_progress
 from magnet_zoo.wsi import ArraySource
@@ -19,7 +18,7 @@ from magnet_zoo.wsi import ArraySource
 
 def _model():
     torch.manual_seed(0)
-    return create_model("magnet2_tiny", **RECIPE_CONFIG)  # min_scale 0.1, max_scale 0.35
+    return create_model("magnet2_tiny", **get_recipe("learn_to_look").model_overrides)  # min_scale 0.1, max_scale 0.35
 
 
 def test_the_first_layers_lower_bound_falls_from_its_start_to_the_configs_and_the_others_stay():

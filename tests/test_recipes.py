@@ -136,6 +136,28 @@ def test_learn_to_look_centred_is_what_the_recorded_findit_runs_trained_with():
     assert centred.model_overrides["attention_init"] == ("random", "uniform")  # per layer: a flat second layer
 
 
+def test_findit_recipe_is_what_the_recorded_findit_runs_trained_with():
+    """``FINDIT_RECIPE`` claims the 300-step FindIt runs of grids issue14-box (1 %) and findit-recipe (3 %): its
+    fields must be those rows' recipe, and the network it builds on ``magnet2_tiny`` the one they trained."""
+    from magnet_zoo.factory import create_model
+    from magnet_zoo.tasks.train import FINDIT_RECIPE, RECIPE_CONFIG
+
+    results = Path(__file__).resolve().parents[1] / "benchmarks/results"
+    rows = [r for r in json.loads((results / "learn_to_look_issue14_box.json").read_text())
+            if r["name"] == "learn_to_look_centred + view_oversample 4, object 1%, 300 steps"]
+    rows += json.loads((results / "learn_to_look_findit-recipe.json").read_text())
+    assert len(rows) >= 9 and {r["task"]["object_frac"] for r in rows} == {0.01, 0.03}
+    mine = json.loads(json.dumps(FINDIT_RECIPE.to_dict()))
+    defaults = json.loads(json.dumps(Recipe(name="defaults").to_dict()))
+    built = json.loads(json.dumps(create_model("magnet2_tiny", **RECIPE_CONFIG).config.to_dict()))
+    for row in rows:
+        assert row["steps_done"] == FINDIT_RECIPE.steps == 300
+        for key in set(mine) - {"name", "summary", "model_overrides"}:
+            assert mine[key] == row["recipe"].get(key, defaults[key]), key
+        assert row["config"] == built
+    assert FINDIT_RECIPE.name == "learn_to_look_centred" and RECIPE_CONFIG["view_oversample"] == 4
+
+
 def test_learn_to_look_mil_is_what_the_recorded_synthmets_runs_trained_with():
     """The registered MIL recipe claims the 30-minute SynthMets runs with the edge-free first map: its fields must be
     those runs' recipe, and its network settings theirs (beyond the benchmark's architecture: backbones, patches)."""
