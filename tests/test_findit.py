@@ -231,3 +231,23 @@ def test_recipe_options_translation_clamp_and_per_patch_auxiliary_loss():
     terms = model.loss(out, labels)
     assert torch.isfinite(terms.total) and float(terms.auxiliary) > 0
     terms.total.backward()
+
+
+def test_training_warns_when_the_model_lacks_the_recipes_network_settings(caplog):
+    """FindIt's recipe was measured on a network with the view read at 4x (and its attention settings): a model
+    built without them trains something else, and says so; one built with RECIPE_CONFIG does not."""
+    from magnet_zoo.tasks.train import FINDIT_RECIPE, RECIPE_CONFIG, network_mismatch, train
+
+    assert "attention_padding" in network_mismatch(create_model("magnet2_tiny"), FINDIT_RECIPE)
+    plain = create_model("magnet2_tiny", final_patch_size=32, **{**RECIPE_CONFIG, "view_oversample": 1})
+    assert network_mismatch(plain, FINDIT_RECIPE) == {"view_oversample": (1, 4)}
+    built = create_model("magnet2_tiny", final_patch_size=32, **RECIPE_CONFIG)
+    assert network_mismatch(built, FINDIT_RECIPE) == {}
+    spec = FindItSpec(image_size=224, object_frac=0.1)
+    with caplog.at_level("WARNING", logger="magnet_zoo.tasks.train"):
+        train(plain, spec, steps=1, batch_size=2, threads=1, log_every=0)
+    assert "view_oversample=4, model has 1" in caplog.text and "RECIPE_CONFIG" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="magnet_zoo.tasks.train"):
+        train(built, spec, steps=1, batch_size=2, threads=1, log_every=0)
+    assert "network settings" not in caplog.text

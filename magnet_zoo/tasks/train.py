@@ -10,6 +10,7 @@ first view read at 4x (``view_oversample=4``), 300 steps.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -110,6 +111,16 @@ class FindItResult:
     recipe: dict[str, Any] = field(default_factory=dict)
 
 
+def network_mismatch(model: MagNet, recipe: Recipe) -> dict[str, tuple[Any, Any]]:
+    """The recipe's network settings that ``model`` was built without: ``{field: (model's, recipe's)}``."""
+    out = {}
+    for key, wanted in recipe.model_overrides.items():
+        have = getattr(model.config, key)
+        if json.loads(json.dumps(have)) != json.loads(json.dumps(wanted)):
+            out[key] = (have, wanted)
+    return out
+
+
 def train(
     model: MagNet,
     spec: FindItSpec,
@@ -129,6 +140,12 @@ def train(
 ) -> FindItResult:
     """Train ``model`` on FindIt images of ``spec`` with ``recipe`` (plus single-field overrides)."""
     recipe = get_recipe(recipe, **recipe_overrides)
+    mismatch = network_mismatch(model, recipe)
+    if mismatch:
+        logger.warning(
+            "the model was built without the network settings of recipe %r (%s); the recipe's FindIt figures are "
+            "for a model built with them: create_model(name, **recipe.model_overrides), or RECIPE_CONFIG for FindIt's",
+            recipe.name, ", ".join(f"{k}={w!r}, model has {h!r}" for k, (h, w) in mismatch.items()))
     config = TrainConfig(model="findit", seed=seed,
                          threads=threads, device=device, time_limit=time_limit, eval_every=eval_every,
                          baseline_eval=False, log_every=log_every, progress=progress, amp="off", save_every=0)
@@ -149,4 +166,4 @@ def train_and_evaluate(model: MagNet, spec: FindItSpec, recipe: Recipe | str = F
 
 
 __all__ = ["FINDIT_RECIPE", "RECIPE_CONFIG", "FindItData", "FindItResult", "FindItValidator", "eval_seeds",
-           "train", "train_and_evaluate"]
+           "network_mismatch", "train", "train_and_evaluate"]
