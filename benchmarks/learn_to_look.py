@@ -548,8 +548,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--grid", default="target",
                     help="target | onepct | cpu | fixes | geometry | issue14 | issue14-seeds | issue14-last"
-                         " | issue14-centre | issue14-look | issue14-combine | issue14-view | issue14-box | findit-recipe | explore"
-                         " | search | final | ablations | patches")
+                         " | issue14-centre | issue14-look | issue14-combine | issue14-view | issue14-box"
+                         " | findit-recipe | explore | search | final | ablations | patches")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--override-seeds", action="store_true",
                     help="use --seeds for every entry, also those that fix their own seeds")

@@ -9,8 +9,8 @@ import torch
 
 from magnet_zoo.factory import create_model
 from magnet_zoo.nn.attention import attention_to_affine
-from magnet_zoo.train.recipe import get_recipe
 from magnet_zoo.train.loop import build_optimizer
+from magnet_zoo.train.recipe import get_recipe
 from magnet_zoo.train.revival import BranchReviver
 
 LOOK = get_recipe("learn_to_look", steps=300)

@@ -1,6 +1,7 @@
 """The MagNet learns where to look from the label alone (issue 7 done-criterion 3, issue 2 test 5).
 
-Tiny FindIt settings trained with the learn-to-look recipes (``learn_to_look``, ``learn_to_look_centred``) on 2 CPU threads, pinned to the CPU. The assertions are on the *learned* crops of each layer
+Tiny FindIt settings trained with the learn-to-look recipes (``learn_to_look``, ``learn_to_look_centred``) on 2
+CPU threads, pinned to the CPU. The assertions are on the *learned* crops of each layer
 (``EvalResult.layer_hit_rate``: the share of a layer's non-frozen crops whose box contains the object
 centre), not on the final patches: half of a (2, 2) network's final patches are frozen copies of the
 layer-1 crops, so a final-patch hit rate stays high with a dead layer-2 attention. Each layer's rate is
