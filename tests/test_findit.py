@@ -233,6 +233,7 @@ def test_recipe_options_translation_clamp_and_per_patch_auxiliary_loss():
     terms.total.backward()
 
 
+@pytest.mark.slow
 def test_training_warns_when_the_model_lacks_the_recipes_network_settings(caplog):
     """FindIt's recipe was measured on a network with the view read at 4x (and its attention settings): a model
     built without them trains something else, and says so; one built with RECIPE_CONFIG does not."""
