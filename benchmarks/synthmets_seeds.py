@@ -40,7 +40,8 @@ DEFAULT_RUNS = ("synthmets_30min.json", "synthmets_30min_s1.json", "synthmets_30
                 "synthmets_30min_onemap_edges_s0.json", "synthmets_30min_onemap_edges_s1_paired.json",
                 "synthmets_30min_onemap_edges_s2.json", "synthmets_30min_onemap_edges_s3.json",
                 "synthmets_30min_mil_twomaps_s0.json", "synthmets_30min_mil_twomaps_s1.json",
-                "synthmets_30min_mil_scale25_s0.json", "synthmets_30min_mil_scale25_s1.json")
+                "synthmets_30min_mil_scale25_s0.json", "synthmets_30min_mil_scale25_s1.json",
+                "synthmets_30min_mil_onemap_s4.json", "synthmets_30min_mil_onemap_s5.json")
 BASELINES = ("mean_rgb", "thumbnail_cnn", "dense_mil")
 COLUMNS = ("auroc", "auroc_macro", "auroc_micro", "auroc_itc", "loc_micro_ratio", "loc_micro_ceiling",
            "loc_all_ratio")
@@ -70,6 +71,33 @@ def recipe_fields(command: str) -> list[str]:
     return out
 
 
+ARCHITECTURE = ("patches", "classifier_backbone", "aux_backbone")
+"""Network settings that are the benchmark's architecture, not a recipe's: a run keeps its registered recipe's name
+with them changed (named in the setting)."""
+
+
+def registered_as(ran: dict[str, Any] | None) -> str | None:
+    """The registered recipe whose every field, and every network setting beyond :data:`ARCHITECTURE`, is ``ran``'s
+    (a run's recorded recipe; a field added since the run is taken at its default), or ``None``. A run that spelled
+    a registered recipe as another one plus ``--recipe-field``s is then named by it."""
+    if not ran:
+        return None
+    from magnet_zoo.train.recipe import RECIPES, Recipe
+
+    def plain(obj: Any) -> Any:
+        return json.loads(json.dumps(obj))
+
+    defaults = plain(Recipe(name="defaults").to_dict())
+    ran = plain(ran)
+    network = {k: v for k, v in (ran.get("model_overrides") or {}).items() if k not in ARCHITECTURE}
+    for name, registered in RECIPES.items():
+        mine = plain(registered.to_dict())
+        fields = set(mine) - {"name", "summary", "model_overrides"}
+        if all(ran.get(k, defaults[k]) == mine[k] for k in fields) and network == mine["model_overrides"]:
+            return name
+    return None
+
+
 def magnet_row(result: dict[str, Any], source: str) -> dict[str, Any]:
     """The MagNet's numbers from one ``synthmets.py`` JSON."""
     magnet = result["methods"].get("magnet")
@@ -82,10 +110,15 @@ def magnet_row(result: dict[str, Any], source: str) -> dict[str, Any]:
     by_cat = loc.get("by_category", {})
     recipe = settings.get("recipe", {}).get("name") or "learn_to_look"
     changes = recipe_fields(magnet.get("command") or result.get("command") or "")
+    spelled = recipe + (f" ({', '.join(changes)})" if changes else "")
+    canonical = registered_as(settings.get("recipe"))
+    if canonical is not None and canonical != recipe:  # e.g. learn_to_look + the fields that make learn_to_look_mil
+        recipe, changes = canonical, [c for c in changes if c.partition("=")[0] in ARCHITECTURE]
     return {
         "source": source,
         # Runs older than the --recipe option trained with the default recipe and did not record its name.
         "recipe": recipe,
+        "spelled_as": spelled,
         "recipe_fields": changes,
         "setting": recipe + (f" ({', '.join(changes)})" if changes else ""),
         "seed": settings["trainer"]["seed"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -100,3 +101,23 @@ def test_the_seeds_table_names_each_runs_recipe_changes_flags_included():
     for flag, field in RECIPE_FLAGS.items():
         recipe = synthmets.magnet_options(synthmets.parse_args([flag, "7"]), budget_s=60.0).resolved_recipe()
         assert getattr(recipe, field) == 7
+
+
+def test_the_seeds_table_names_a_run_by_the_registered_recipe_it_trained():
+    """Seeds 0-3 of the default recipe spelled it as learn_to_look + --recipe-field; seeds 4-5 as learn_to_look_mil:
+    one setting in the table. One field off and it is a setting of its own."""
+    from synthmets_seeds import RESULTS, magnet_row, registered_as
+
+    from magnet_zoo.train.recipe import get_recipe
+
+    mil = get_recipe("learn_to_look_mil").to_dict()
+    one_patch = {**mil, "model_overrides": {**mil["model_overrides"], "patches": [1, 2]}}
+    assert registered_as(one_patch) == "learn_to_look_mil"
+    assert registered_as({**mil, "attention_mil_top": 0.2}) is None
+    assert registered_as({**mil, "model_overrides": {**mil["model_overrides"], "max_scale": 0.25}}) is None
+    assert registered_as(get_recipe("learn_to_look").to_dict()) == "learn_to_look"
+    spelled = magnet_row(json.loads((RESULTS / "synthmets_30min_onemap_edges_s0.json").read_text()), "s0")
+    named = magnet_row(json.loads((RESULTS / "synthmets_30min_mil_onemap_s4.json").read_text()), "s4")
+    assert spelled["setting"] == named["setting"] == "learn_to_look_mil (patches=[1,2])"
+    assert spelled["spelled_as"].startswith("learn_to_look (patches=[1,2], ")
+    assert "attention_mil_edges=negative" in spelled["spelled_as"]
