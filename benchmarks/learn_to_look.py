@@ -5,9 +5,11 @@ images with :func:`magnet_zoo.tasks.train.train` (the one training loop, :func:`
 evaluates it on held-out images and writes one JSON row (settings, metrics, timings) plus a Fig. 5-style
 picture of a few test images with their crops.
 At the end it writes all rows to ``<out>/<grid>.json`` and a markdown table to ``<out>/<grid>.md``
-(per setting: median and worst seed).
+(per setting: median and worst seed). Every entry is a set of overrides of one base recipe, ``learn_to_look`` at
+300 steps (:func:`_base`; FindIt's recipe when the grids were recorded, so a row named "recipe" is that).
 
     PYTHONPATH=. python benchmarks/learn_to_look.py --grid target --out benchmarks/results
+    python benchmarks/learn_to_look.py --grid findit-recipe --steps 300 --parallel 3 --threads 1 --n-eval 96
     PYTHONPATH=. python benchmarks/learn_to_look.py --grid ablations --parallel 7 --threads 2
 
 Runs go to separate processes (``--parallel``), each limited to ``--threads`` CPU threads, so a
