@@ -45,6 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate (the loop passes the recipe's lr)")
     ap.add_argument("--top", type=float, default=0.1, help="attention_mil_top")
+    ap.add_argument("--top-start", type=float, default=None,
+                    help="attention_pretrain_top_start: the pooled share at the first step, narrowed to --top over "
+                         "the first half")
+    ap.add_argument("--edge-start", type=float, default=0.0,
+                    help="attention_pretrain_edge_start: the share of the steps before the edge is pushed towards 0")
     ap.add_argument("--negatives", choices=("top", "all"), default="top",
                     help="attention_mil_negatives: a normal slide's pooled logit or every tissue pixel towards 0")
     ap.add_argument("--augment", choices=PRETRAIN_AUGMENTS, default="d4",
@@ -74,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     result = pretrain_attention(model, [s.path for s in slides], [s.label for s in slides], steps=args.steps,
                                 lr=args.lr, top=args.top, seed=args.seed, batch=args.batch,
                                 negatives=args.negatives, augment=args.augment, candidates=args.candidates,
-                                edges=args.edges)
+                                edges=args.edges, top_start=args.top_start,
+                                edge_start=args.edge_start)
     save_pretrained(model, args.save)
     blocks = result["loss_per_50_steps"]
     out = {
@@ -83,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "model": args.magnet_model, "overrides": overrides,
         "attention_init": model.config.attention_init, "attention_padding": model.config.attention_padding,
-        "slides": len(slides), "steps": args.steps, "lr": args.lr, "top": args.top, "negatives": args.negatives,
+        "slides": len(slides), "steps": args.steps, "lr": args.lr, "top": args.top, "top_start": args.top_start,
+        "edge_start": args.edge_start, "negatives": args.negatives,
         "augment": args.augment, "candidates": args.candidates, "edges": args.edges,
         "batch": args.batch,
         "seed": args.seed, "result": result,

@@ -415,3 +415,95 @@ def test_attention_mil_on_several_first_layer_maps_is_warned_about(caplog):
                                                                                             match="slides"):
             fit(micro_magnet(attention_tissue_only=True, patches=patches), SourceData(sources, labels), config, recipe)
         assert ("measured to find the tumours with one first-layer map only" in caplog.text) is warned, patches
+
+
+def test_the_phase_pools_wide_first_and_narrows_to_the_top_share_over_its_first_half(monkeypatch):
+    import magnet_zoo.train.attention_mil as attention_mil
+    from magnet_zoo.train.attention_mil import annealed_top
+
+    assert annealed_top(0, 1000, 0.1, 1.0) == pytest.approx(1.0)
+    assert annealed_top(250, 1000, 0.1, 1.0) == pytest.approx(0.1 ** 0.5)  # geometric: halfway in log
+    assert annealed_top(500, 1000, 0.1, 1.0) == pytest.approx(0.1)
+    assert annealed_top(900, 1000, 0.1, 1.0) == pytest.approx(0.1)
+    assert annealed_top(0, 1000, 0.1, None) == 0.1 and annealed_top(0, 1000, 0.1, 0.1) == 0.1
+    shares = [annealed_top(t, 100, 0.1, 1.0) for t in range(100)]
+    assert all(a > b for a, b in zip(shares[:50], shares[1:51], strict=True))  # strictly narrowing, then flat
+    with pytest.raises(ValueError, match="start"):
+        annealed_top(0, 10, 0.1, 1.5)
+
+    seen = []
+    real = attention_mil.mil_bce
+
+    def record(logits, mask, labels, *, top, **kw):
+        seen.append(top)
+        return real(logits, mask, labels, top=top, **kw)
+
+    monkeypatch.setattr(attention_mil, "mil_bce", record)
+    monkeypatch.setattr(attention_mil, "read_views", lambda model, paths: torch.rand(len(paths), 1, 3, 56, 56))
+    net = micro_magnet(attention_tissue_only=False)
+    done = attention_mil.pretrain_attention(net, ["a", "b", "c", "d"], [1, 0, 1, 0], steps=10, lr=1e-3, top=0.1,
+                                            seed=0, batch=4, top_start=1.0)
+    assert seen == pytest.approx([annealed_top(t, 10, 0.1, 1.0) for t in range(10)])
+    assert done["top_start"] == 1.0 and done["top"] == 0.1
+    with pytest.raises(ValueError, match="start"):
+        attention_mil.pretrain_attention(net, ["a", "b"], [1, 0], steps=1, lr=1e-3, top=0.1, seed=0, top_start=0.0)
+    with pytest.raises(ConfigError, match="attention_pretrain_top_start"):
+        get_recipe("learn_to_look", attention_pretrain_steps=5, attention_mil_top=0.1,
+                   attention_pretrain_top_start=0.05)
+
+
+def test_the_loop_hands_the_recipes_starting_share_to_the_phase(slide_files, monkeypatch):
+    import magnet_zoo.train.attention_mil as attention_mil
+    from magnet_zoo.train import SlideData
+    from magnet_zoo.train.data import SlideRecord
+
+    got = {}
+    real = attention_mil.pretrain_attention
+
+    def spy(*args, **kw):
+        got.update(kw)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(attention_mil, "pretrain_attention", spy)
+    recipe = get_recipe("learn_to_look", attention_pretrain_steps=2, attention_mil_top=0.1,
+                        attention_pretrain_top_start=1.0, steps=1, batch_size=2)
+    config = TrainConfig(device="cpu", amp="off", threads=2, progress=False, baseline_eval=False, save_every=0,
+                         tensorboard=False)
+    paths, labels = slide_files
+    records = [SlideRecord(p, y, "macro" if y else "normal") for p, y in zip(paths, labels, strict=True)]
+    result = fit(micro_magnet(attention_tissue_only=True), SlideData(records, num_workers=0), config, recipe)
+    assert got["top_start"] == 1.0 and got["top"] == 0.1 and got["edge_start"] == recipe.attention_pretrain_edge_start
+    assert result.attention_pretrain["top_start"] == 1.0
+
+
+def test_the_edge_push_starts_at_its_share_of_the_phase_and_the_edge_is_never_pooled(monkeypatch):
+    import magnet_zoo.train.attention_mil as attention_mil
+
+    logits = torch.zeros(1, 1, 4, 4)
+    logits[..., 0, :] = 5.0  # the top row: edge (the map's border) only
+    mask = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+    labels = torch.tensor([0.0])
+    pushed, pooled = mil_bce(logits, mask, labels, top=0.5, edges="negative")
+    unpushed, pooled_off = mil_bce(logits, mask, labels, top=0.5, edges="negative", edge_weight=0.0)
+    torch.testing.assert_close(pooled, pooled_off)  # the 2x2 inside pooled either way: 0, not the edge's 5
+    assert float(pooled) == 0.0
+    assert float(unpushed) == pytest.approx(float(torch.nn.functional.softplus(torch.tensor(0.0))))
+    assert float(pushed) > float(unpushed) + 1.0  # the edge's logits of 5 cost only when pushed
+
+    weights = []
+    real = attention_mil.mil_bce
+
+    def record(*args, edge_weight=1.0, **kw):
+        weights.append(edge_weight)
+        return real(*args, edge_weight=edge_weight, **kw)
+
+    monkeypatch.setattr(attention_mil, "mil_bce", record)
+    monkeypatch.setattr(attention_mil, "read_views", lambda model, paths: torch.rand(len(paths), 1, 3, 56, 56))
+    net = micro_magnet(attention_tissue_only=True)
+    done = attention_mil.pretrain_attention(net, ["a", "b", "c", "d"], [1, 0, 1, 0], steps=10, lr=1e-3, top=0.1,
+                                            seed=0, batch=4, edges="negative", edge_start=0.4)
+    assert weights == [0.0] * 4 + [1.0] * 6 and done["edge_start"] == 0.4
+    with pytest.raises(ValueError, match="edge_start"):
+        attention_mil.pretrain_attention(net, ["a", "b"], [1, 0], steps=1, lr=1e-3, top=0.1, seed=0, edge_start=1.0)
+    with pytest.raises(ConfigError, match="attention_pretrain_edge_start"):
+        get_recipe("learn_to_look_mil", attention_pretrain_edge_start=-0.1)

@@ -23,7 +23,9 @@ the first map's only teacher (:func:`first_map_frozen` around the forward of eve
 view read once (:func:`pretrain_attention`, like head pre-training: its time counts against the run's time
 limit, and the loop's schedules share what it leaves); ``attention_pretrain_candidates`` trains several
 first maps from different starts in that phase and keeps the one that best separates held-out training
-slides. Only the first layer's attention stacks get this gradient. Not for tasks where both classes carry
+slides; ``attention_pretrain_top_start`` starts the phase's pooling wider (:func:`annealed_top`) and
+``attention_pretrain_edge_start`` its edge term later. Only the first layer's attention stacks get this
+gradient. Not for tasks where both classes carry
 an object to find (FindIt): there the negative class's object must be looked at too.
 """
 
@@ -81,14 +83,15 @@ def tissue_edge(mask: torch.Tensor) -> torch.Tensor:
 
 def mil_bce(
     logits: torch.Tensor, mask: torch.Tensor | None, labels: torch.Tensor, *, top: float, negatives: str = "top",
-    edges: str = "pool",
+    edges: str = "pool", edge_weight: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention MIL's loss on ``(B, G, H, W)`` logit maps with slide ``labels`` ``(B,)``: the mean over slides
     and maps of the BCE of each map's pooled logit (:func:`top_share_mean` over ``mask``) against its slide's
     label; with ``negatives="all"`` a normal slide's term is instead the mean BCE of each of its masked-in
     pixels against 0. With ``edges="negative"`` the tissue's edge (:func:`tissue_edge` of ``mask``; needs a
     mask) is left out of the pooling and each map's edge pixels are trained towards 0 (their mean BCE against
-    0, added to every slide's term): the boundary with the glass is never the evidence. Returns the loss and
+    0, added to every slide's term, times ``edge_weight``): the boundary with the glass is never the evidence.
+    Returns the loss and
     the pooled logits ``(B, G)``."""
     if negatives not in NEGATIVE_POOLINGS:
         raise ValueError(f"negatives must be one of {NEGATIVE_POOLINGS}, got {negatives!r}")
@@ -109,9 +112,9 @@ def mil_bce(
         keep = (keep | ~keep.flatten(-2).any(-1)[..., None, None]).to(logits.dtype)
         pixels = (F.softplus(logits) * keep).sum((-2, -1)) / keep.sum((-2, -1))  # BCE against 0
         per_map = torch.where(y > 0, per_map, pixels)
-    if edge is not None:
+    if edge is not None and edge_weight:
         on = edge.to(logits.dtype)
-        per_map = per_map + (F.softplus(logits) * on).sum((-2, -1)) / on.sum((-2, -1)).clamp(min=1.0)
+        per_map = per_map + edge_weight * (F.softplus(logits) * on).sum((-2, -1)) / on.sum((-2, -1)).clamp(min=1.0)
     return per_map.mean(), pooled
 
 
@@ -184,6 +187,24 @@ def holdout_split(labels: torch.Tensor, share: float, generator: torch.Generator
     return torch.cat(train).sort().values, torch.cat(held).sort().values
 
 
+def annealed_top(step: int, steps: int, top: float, start: float | None, frac: float = 0.5) -> float:
+    """The phase's pooled share at ``step`` of ``steps``: ``start`` falling geometrically to ``top`` over the
+    first ``frac`` of the steps, then ``top`` (``start=None``: ``top`` throughout).
+
+    Why (docs/synthmets_magnet.md, "The phase's plateau"): at the start the map's top share is whatever its
+    random features rank highest; when that share holds no tumour pixel, a tumour slide's pooled logit
+    cannot tell the labels apart and the loss sits at ln 2 until the ranking drifts. A wide share (1: the
+    mean over the tissue) always holds the tumour pixels, so their gradient is there from the first step."""
+    if start is None or start == top:
+        return top
+    if not 0 < start <= 1:
+        raise ValueError(f"the pooled share's start must be in (0, 1], got {start}")
+    if not 0 < frac <= 1:
+        raise ValueError(f"frac must be in (0, 1], got {frac}")
+    t = min(step / max(frac * steps, 1.0), 1.0)
+    return float(start * (top / start) ** t)
+
+
 def pretrain_attention(
     model: MagNet,
     paths: Sequence[str],
@@ -199,12 +220,17 @@ def pretrain_attention(
     candidates: int = 1,
     holdout: float = 0.2,
     edges: str = "pool",
+    top_start: float | None = None,
+    edge_start: float = 0.0,
 ) -> dict[str, Any]:
     """Attention MIL as a phase before the loop: every training slide's first-layer view is read once, and
     the first layer's attention stacks alone are trained on them with :func:`mil_bce` (``negatives`` and
     ``edges`` as there), ``steps`` steps of ``batch`` views, half from each class, each batch in one random orientation
     (``augment``: ``"d4"``, one of the eight turns and mirrorings; ``"flips"``, one of the four mirrorings,
-    never transposed, as the standalone trainer of ``benchmarks/synthmets_visibility.py``), Adam at ``lr``.
+    never transposed, as the standalone trainer of ``benchmarks/synthmets_visibility.py``), Adam at ``lr``;
+    with ``top_start`` the pooled share starts there and narrows to ``top`` over the first half of the steps
+    (:func:`annealed_top`); with ``edges="negative"`` the edge is pushed towards 0 from the step
+    ``edge_start * steps`` on (left out of the pooling from the first).
 
     With ``candidates`` K > 1 the phase trains K maps side by side,
     the layer's own and K - 1 freshly initialised ones, on the same batches, on all but a ``holdout`` share
@@ -225,8 +251,11 @@ def pretrain_attention(
         raise ValueError(f"augment must be one of {PRETRAIN_AUGMENTS}, got {augment!r}")
     if candidates < 1:
         raise ValueError(f"candidates must be >= 1, got {candidates}")
+    if not 0 <= edge_start < 1:
+        raise ValueError(f"edge_start must be in [0, 1), got {edge_start}")
     if edges not in EDGE_TREATMENTS:
         raise ValueError(f"edges must be one of {EDGE_TREATMENTS}, got {edges!r}")
+    annealed_top(0, steps, top, top_start)  # a bad start fails before the views are read
     if edges != "pool" and not model.config.attention_tissue_only:
         raise ValueError("edges='negative' needs the tissue mask: set attention_tissue_only")
     layer = model.layers[0]
@@ -256,15 +285,17 @@ def pretrain_attention(
     layer.train()
     for s in stacks:
         s.train()
-    for _ in range(steps):
+    for step in range(steps):
+        share = annealed_top(step, steps, top, top_start)
+        edge_weight = 1.0 if step >= edge_start * steps else 0.0
         idx = torch.cat([pos[torch.randint(len(pos), (half,), generator=gen)],
                          neg[torch.randint(len(neg), (batch - half,), generator=gen)]])
         k = int(torch.randint(0, 8 if augment == "d4" else 4, (1,), generator=gen))
         x = (d4(views[idx], k) if augment == "d4" else mirror(views[idx], k)).to(device).float()
         mask = layer.tissue_mask(x) if tissue_only else None
         for stack, opt, curve in zip(stacks, opts, losses, strict=True):
-            loss, _ = mil_bce(layer.attention_logits(x, stack), mask, y[idx], top=top, negatives=negatives,
-                              edges=edges)
+            loss, _ = mil_bce(layer.attention_logits(x, stack), mask, y[idx], top=share, negatives=negatives,
+                              edges=edges, edge_weight=edge_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -297,5 +328,5 @@ def pretrain_attention(
     logger.info("attention pre-training: %d views read in %.0f s, %d steps x %d candidate(s), kept %d, loss %.3f -> "
                 "%.3f (%.0f s)", len(paths), read_s, steps, candidates, kept, first, last, seconds)
     return {"seconds": seconds, "read_seconds": read_s, "slides": len(paths), "steps": steps,
-            "loss_first_50": first, "loss_last_50": last,
+            "top": top, "top_start": top_start, "edge_start": edge_start, "loss_first_50": first, "loss_last_50": last,
             "loss_per_50_steps": [float(np.mean(curve[i:i + 50])) for i in range(0, steps, 50)], **out}

@@ -715,7 +715,8 @@ class TrainLoop:
             self.model, self.data.paths, self.data.labels, steps=recipe.attention_pretrain_steps, lr=recipe.lr,
             top=recipe.attention_mil_top, seed=self.config.seed, negatives=recipe.attention_mil_negatives,
             augment=recipe.attention_pretrain_augment, candidates=recipe.attention_pretrain_candidates,
-            edges=recipe.attention_mil_edges,
+            edges=recipe.attention_mil_edges, top_start=recipe.attention_pretrain_top_start,
+            edge_start=recipe.attention_pretrain_edge_start,
         )
         self._save_state()
 

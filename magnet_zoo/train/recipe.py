@@ -163,6 +163,16 @@ class Recipe:
     """Maps the phase trains side by side from different starts (the first layer's own and fresh ones, same
     batches), on all but a fifth of each class's training slides; the one whose pooled logits best separate
     those held-out slides is kept. Each candidate costs the phase's steps again."""
+    attention_pretrain_top_start: float | None = None
+    """The phase's pooled share at its first step, narrowed geometrically to ``attention_mil_top`` over the
+    phase's first half (None: ``attention_mil_top`` from the start). 1 starts from the mean over the tissue,
+    which always includes a tumour slide's tumour pixels (:func:`magnet_zoo.train.attention_mil.annealed_top`)."""
+    attention_pretrain_edge_start: float = 0.0
+    """With ``attention_mil_edges="negative"``: the share of the phase's steps before the tissue's edge is
+    trained towards 0 (it is left out of the pooling throughout). Pushed from the first step, the edge term
+    teaches every feature channel alive on tissue a negative weight; a map whose channels all end up so pools
+    ``bias`` on both classes and has no gradient left to learn from (docs/synthmets_magnet.md, "The
+    phase's plateau")."""
     head_pretrain_windows: int = 0
     """Random tissue windows per training slide, read once, to pre-train the last auxiliary head on
     (:mod:`magnet_zoo.train.head_pretrain`; 0: off)."""
@@ -228,6 +238,13 @@ class Recipe:
         if self.attention_pretrain_candidates < 1:
             raise ConfigError(f"recipe {self.name!r}: attention_pretrain_candidates must be >= 1, got "
                               f"{self.attention_pretrain_candidates}")
+        if not 0 <= self.attention_pretrain_edge_start < 1:
+            raise ConfigError(f"recipe {self.name!r}: attention_pretrain_edge_start must be in [0, 1), got "
+                              f"{self.attention_pretrain_edge_start}")
+        start = self.attention_pretrain_top_start
+        if start is not None and not self.attention_mil_top <= start <= 1:
+            raise ConfigError(f"recipe {self.name!r}: attention_pretrain_top_start must be None or in "
+                              f"[attention_mil_top, 1] = [{self.attention_mil_top}, 1], got {start}")
         if self.attention_pretrain_augment not in PRETRAIN_AUGMENTS:
             raise ConfigError(f"recipe {self.name!r}: attention_pretrain_augment must be one of {PRETRAIN_AUGMENTS}, "
                               f"got {self.attention_pretrain_augment!r}")
