@@ -91,8 +91,7 @@ def mil_bce(
     pixels against 0. With ``edges="negative"`` the tissue's edge (:func:`tissue_edge` of ``mask``; needs a
     mask) is left out of the pooling and each map's edge pixels are trained towards 0 (their mean BCE against
     0, added to every slide's term, times ``edge_weight``): the boundary with the glass is never the evidence.
-    Returns the loss and
-    the pooled logits ``(B, G)``."""
+    Returns the loss and the pooled logits ``(B, G)``."""
     if negatives not in NEGATIVE_POOLINGS:
         raise ValueError(f"negatives must be one of {NEGATIVE_POOLINGS}, got {negatives!r}")
     if edges not in EDGE_TREATMENTS:
@@ -191,10 +190,10 @@ def annealed_top(step: int, steps: int, top: float, start: float | None, frac: f
     """The phase's pooled share at ``step`` of ``steps``: ``start`` falling geometrically to ``top`` over the
     first ``frac`` of the steps, then ``top`` (``start=None``: ``top`` throughout).
 
-    Why (docs/synthmets_magnet.md, "The phase's plateau"): at the start the map's top share is whatever its
-    random features rank highest; when that share holds no tumour pixel, a tumour slide's pooled logit
-    cannot tell the labels apart and the loss sits at ln 2 until the ranking drifts. A wide share (1: the
-    mean over the tissue) always holds the tumour pixels, so their gradient is there from the first step."""
+    Why: at the start the map's top share is whatever its random features rank highest, often no tumour
+    pixel; a wide share (1: the mean over the tissue) holds every tumour pixel, so their gradient is there
+    from the first step. With the late edge push (``edge_start``) it took SynthMets seeds 4 and 5 off the
+    phase's ln 2 plateau (docs/synthmets_magnet.md, "The phase's plateau")."""
     if start is None or start == top:
         return top
     if not 0 < start <= 1:

@@ -170,9 +170,9 @@ class Recipe:
     attention_pretrain_edge_start: float = 0.0
     """With ``attention_mil_edges="negative"``: the share of the phase's steps before the tissue's edge is
     trained towards 0 (it is left out of the pooling throughout). Pushed from the first step, the edge term
-    teaches every feature channel alive on tissue a negative weight; a map whose channels all end up so pools
-    ``bias`` on both classes and has no gradient left to learn from (docs/synthmets_magnet.md, "The
-    phase's plateau")."""
+    teaches every feature channel alive on tissue a negative weight; a map that ends up so pools the same
+    value on both classes and stays on the loss's ln 2 plateau (docs/synthmets_magnet.md, "The phase's
+    plateau")."""
     head_pretrain_windows: int = 0
     """Random tissue windows per training slide, read once, to pre-train the last auxiliary head on
     (:mod:`magnet_zoo.train.head_pretrain`; 0: off)."""
