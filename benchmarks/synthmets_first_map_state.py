@@ -53,16 +53,17 @@ def first_map_state(model: Any, views: torch.Tensor, labels: np.ndarray, top: fl
     hook.remove()
     logits, f = torch.cat(chunks), torch.cat(feats)
     mask = layer.tissue_mask(views)
-    inside = (mask & ~tissue_edge(mask))[:, 0]
-    pooled = top_share_mean(logits, mask & ~tissue_edge(mask), top)[:, 0].numpy()
+    edge = mask & tissue_edge(mask)
+    inside = mask & ~edge
+    pooled = top_share_mean(logits, inside, top)[:, 0].numpy()
     return {
         "head_weights": [round(float(v), 3) for v in stacks.head.weight.detach().view(-1)],
         "head_bias": round(float(stacks.head.bias.detach()), 3),
-        "alive_share": [round(float((f[:, c][inside] > 0).float().mean()), 3) for c in range(f.shape[1])],
+        "alive_share": [round(float((f[:, c][inside[:, 0]] > 0).float().mean()), 3) for c in range(f.shape[1])],
         "pooled_tumour": float(pooled[labels > 0].mean()),
         "pooled_normal": float(pooled[labels == 0].mean()),
         "pooled_auroc": float(auroc(pooled, labels)),
-        "edge_logit_mean": float(logits[:, 0][(mask & tissue_edge(mask))[:, 0]].mean()),
+        "edge_logit_mean": float(logits[:, 0][edge[:, 0]].mean()),
     }
 
 

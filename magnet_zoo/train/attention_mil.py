@@ -186,9 +186,9 @@ def holdout_split(labels: torch.Tensor, share: float, generator: torch.Generator
     return torch.cat(train).sort().values, torch.cat(held).sort().values
 
 
-def annealed_top(step: int, steps: int, top: float, start: float | None, frac: float = 0.5) -> float:
+def annealed_top(step: int, steps: int, top: float, start: float | None) -> float:
     """The phase's pooled share at ``step`` of ``steps``: ``start`` falling geometrically to ``top`` over the
-    first ``frac`` of the steps, then ``top`` (``start=None``: ``top`` throughout).
+    first half of the steps, then ``top`` (``start=None``: ``top`` throughout).
 
     Why: at the start the map's top share is whatever its random features rank highest, often no tumour
     pixel; a wide share (1: the mean over the tissue) holds every tumour pixel, so their gradient is there
@@ -198,9 +198,7 @@ def annealed_top(step: int, steps: int, top: float, start: float | None, frac: f
         return top
     if not 0 < start <= 1:
         raise ValueError(f"the pooled share's start must be in (0, 1], got {start}")
-    if not 0 < frac <= 1:
-        raise ValueError(f"frac must be in (0, 1], got {frac}")
-    t = min(step / max(frac * steps, 1.0), 1.0)
+    t = min(step / max(steps / 2, 1.0), 1.0)
     return float(start * (top / start) ** t)
 
 
