@@ -33,7 +33,7 @@ from synthmets import parse_overrides  # noqa: E402
 import magnet_zoo  # noqa: E402
 from magnet_zoo.hub import save_pretrained  # noqa: E402
 from magnet_zoo.train.attention_mil import pretrain_attention  # noqa: E402
-from magnet_zoo.train.recipe import PRETRAIN_AUGMENTS  # noqa: E402
+from magnet_zoo.train.recipe import ATTENTION_MIL_EDGES, PRETRAIN_AUGMENTS  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,14 +49,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="attention_pretrain_top_start: the pooled share at the first step, narrowed to --top over "
                          "the first half")
     ap.add_argument("--edge-start", type=float, default=0.0,
-                    help="attention_pretrain_edge_start: the share of the steps before the edge is pushed towards 0")
+                    help="attention_pretrain_edge_start: the share of the steps before the edge term counts")
     ap.add_argument("--negatives", choices=("top", "all"), default="top",
                     help="attention_mil_negatives: a normal slide's pooled logit or every tissue pixel towards 0")
     ap.add_argument("--augment", choices=PRETRAIN_AUGMENTS, default="d4",
                     help="attention_pretrain_augment: each batch's orientation from the eight D4 ones or the four "
                          "mirrorings")
-    ap.add_argument("--edges", choices=("pool", "negative"), default="pool",
-                    help="attention_mil_edges: the tissue's edge pooled, or left out and trained towards 0")
+    ap.add_argument("--edges", choices=ATTENTION_MIL_EDGES, default="pool",
+                    help="attention_mil_edges: the tissue's edge pooled, or left out and trained towards 0 "
+                    "(negative) or a margin below the pooled logit (below)")
     ap.add_argument("--candidates", type=int, default=1,
                     help="attention_pretrain_candidates: maps trained side by side, the best on held-out slides kept")
     ap.add_argument("--batch", type=int, default=32)

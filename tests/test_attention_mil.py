@@ -507,3 +507,35 @@ def test_the_edge_push_starts_at_its_share_of_the_phase_and_the_edge_is_never_po
         attention_mil.pretrain_attention(net, ["a", "b"], [1, 0], steps=1, lr=1e-3, top=0.1, seed=0, edge_start=1.0)
     with pytest.raises(ConfigError, match="attention_pretrain_edge_start"):
         get_recipe("learn_to_look_mil", attention_pretrain_edge_start=-0.1)
+
+
+def test_below_edges_only_push_an_edge_that_is_not_a_margin_below_the_pooled_logit():
+    from magnet_zoo.train.attention_mil import EDGE_MARGIN
+
+    logits = torch.zeros(2, 1, 4, 4)
+    logits[..., 1:3, 1:3] = 2.0  # the inside: pooled 2 on both slides
+    logits[0, 0, 0, 0] = 3.0  # slide 0: one edge pixel above the pooled level
+    logits[1, 0, 0, 0] = 2.0 - EDGE_MARGIN - 0.5  # slide 1: every edge pixel at least a margin below it
+    logits[1, 0, 0, 1:] = -5.0
+    logits[1, 0, 1:, :] = torch.where(logits[1, 0, 1:, :] == 0, -5.0, logits[1, 0, 1:, :])
+    logits.requires_grad_(True)
+    mask = torch.ones(2, 1, 4, 4, dtype=torch.bool)
+    labels = torch.tensor([1.0, 0.0])
+    below, pooled = mil_bce(logits, mask, labels, top=0.5, edges="below")
+    plain, pooled_plain = mil_bce(logits, mask, labels, top=0.5, edges="below", edge_weight=0.0)
+    torch.testing.assert_close(pooled, torch.full((2, 1), 2.0))  # the edge is never pooled
+    torch.testing.assert_close(pooled, pooled_plain)
+    # slide 0's edge: 11 pixels at 0 (below 2 - margin: free) and one at 3 (3 - 2 + 1 = 2), averaged over 12
+    assert float((below - plain).detach()) == pytest.approx(2.0 / 12 / 2)  # the mean over two slides
+    below.backward()
+    grad = logits.grad[:, 0]
+    plain_grad = torch.autograd.grad(mil_bce(logits, mask, labels, top=0.5, edges="below", edge_weight=0.0)[0],
+                                     logits)[0][:, 0]
+    extra = grad - plain_grad
+    assert float(extra[0, 0, 0]) > 0 and int((extra != 0).sum()) == 1  # only the edge pixel above is pushed
+    torch.testing.assert_close(grad[:, 1:3, 1:3], plain_grad[:, 1:3, 1:3])  # the pooled level is a constant there
+    negative, _ = mil_bce(logits, mask, labels, top=0.5, edges="negative")
+    assert float(negative) > float(below)  # towards 0, every edge pixel of both slides costs
+    with pytest.raises(ValueError, match="tissue mask"):
+        mil_bce(logits, None, labels, top=0.5, edges="below")
+    assert get_recipe("learn_to_look_mil", attention_mil_edges="below").attention_mil_edges == "below"

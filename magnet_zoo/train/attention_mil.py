@@ -72,6 +72,8 @@ def top_share_mean(logits: torch.Tensor, mask: torch.Tensor | None, top: float) 
 
 NEGATIVE_POOLINGS = ("top", "all")
 EDGE_TREATMENTS = ATTENTION_MIL_EDGES
+EDGE_MARGIN = 1.0
+"""With ``edges="below"``: how far (in logits) below the map's pooled logit the edge is trained to sit."""
 
 
 def tissue_edge(mask: torch.Tensor) -> torch.Tensor:
@@ -91,15 +93,20 @@ def mil_bce(
     pixels against 0. With ``edges="negative"`` the tissue's edge (:func:`tissue_edge` of ``mask``; needs a
     mask) is left out of the pooling and each map's edge pixels are trained towards 0 (their mean BCE against
     0, added to every slide's term, times ``edge_weight``): the boundary with the glass is never the evidence.
+    ``edges="below"`` leaves the edge out of the pooling the same way but trains each edge pixel only to sit
+    :data:`EDGE_MARGIN` below its map's pooled logit (the mean of ``relu(edge - pooled + margin)``, the pooled
+    logit a constant there, times ``edge_weight``): an edge already that low costs nothing, and no term pulls
+    the map's level down (the push towards 0 is met by a negative weight on every channel alive on tissue,
+    which holds the phase on its ln 2 plateau: docs/synthmets_magnet.md, "The phase's plateau").
     Returns the loss and the pooled logits ``(B, G)``."""
     if negatives not in NEGATIVE_POOLINGS:
         raise ValueError(f"negatives must be one of {NEGATIVE_POOLINGS}, got {negatives!r}")
     if edges not in EDGE_TREATMENTS:
         raise ValueError(f"edges must be one of {EDGE_TREATMENTS}, got {edges!r}")
     edge = None
-    if edges == "negative":
+    if edges != "pool":
         if mask is None:
-            raise ValueError("edges='negative' needs the tissue mask (attention_tissue_only)")
+            raise ValueError(f"edges={edges!r} needs the tissue mask (attention_tissue_only)")
         edge = tissue_edge(mask)
         inside = mask & ~edge
         mask = torch.where(inside.flatten(-2).any(-1)[..., None, None], inside, mask)  # all edge: pool it
@@ -113,7 +120,11 @@ def mil_bce(
         per_map = torch.where(y > 0, per_map, pixels)
     if edge is not None and edge_weight:
         on = edge.to(logits.dtype)
-        per_map = per_map + edge_weight * (F.softplus(logits) * on).sum((-2, -1)) / on.sum((-2, -1)).clamp(min=1.0)
+        if edges == "negative":
+            cost = F.softplus(logits)  # BCE against 0
+        else:
+            cost = F.relu(logits - pooled.detach()[..., None, None] + EDGE_MARGIN)
+        per_map = per_map + edge_weight * (cost * on).sum((-2, -1)) / on.sum((-2, -1)).clamp(min=1.0)
     return per_map.mean(), pooled
 
 
@@ -226,8 +237,8 @@ def pretrain_attention(
     (``augment``: ``"d4"``, one of the eight turns and mirrorings; ``"flips"``, one of the four mirrorings,
     never transposed, as the standalone trainer of ``benchmarks/synthmets_visibility.py``), Adam at ``lr``;
     with ``top_start`` the pooled share starts there and narrows to ``top`` over the first half of the steps
-    (:func:`annealed_top`); with ``edges="negative"`` the edge is pushed towards 0 from the step
-    ``edge_start * steps`` on (left out of the pooling from the first).
+    (:func:`annealed_top`); with ``edges`` ``"negative"`` or ``"below"`` the edge term counts from the step
+    ``edge_start * steps`` on (the edge is left out of the pooling from the first).
 
     With ``candidates`` K > 1 the phase trains K maps side by side,
     the layer's own and K - 1 freshly initialised ones, on the same batches, on all but a ``holdout`` share
@@ -254,7 +265,7 @@ def pretrain_attention(
         raise ValueError(f"edges must be one of {EDGE_TREATMENTS}, got {edges!r}")
     annealed_top(0, steps, top, top_start)  # a bad start fails before the views are read
     if edges != "pool" and not model.config.attention_tissue_only:
-        raise ValueError("edges='negative' needs the tissue mask: set attention_tissue_only")
+        raise ValueError(f"edges={edges!r} needs the tissue mask: set attention_tissue_only")
     layer = model.layers[0]
     if layer.num_stacks == 0:
         raise ValueError("attention pre-training needs a first layer with learned attention")

@@ -29,7 +29,7 @@ from magnet_zoo.config import ConfigError, MagNetConfig
 
 PRETRAIN_AUGMENTS = ("d4", "flips")
 """The attention pre-training phase's orientation sets (``Recipe.attention_pretrain_augment``)."""
-ATTENTION_MIL_EDGES = ("pool", "negative")
+ATTENTION_MIL_EDGES = ("pool", "negative", "below")
 """How attention MIL treats the tissue's edge (``Recipe.attention_mil_edges``)."""
 
 SCHEDULES = ("cosine", "constant")
@@ -147,7 +147,9 @@ class Recipe:
     attention_mil_edges: str = "pool"
     """``pool``: the tissue's edge (pixels next to glass or the view's border) is pooled like any tissue;
     ``negative``: it is left out of the pooling and trained towards 0 on every slide (the boundary with the
-    glass is never the evidence). Needs ``attention_tissue_only``."""
+    glass is never the evidence); ``below``: left out of the pooling and trained only to sit a margin below the
+    map's pooled logit (a hinge on ``edge - pooled + 1``, the pooled level taken as a constant): the edge must
+    not outrank the evidence, but nothing pulls the whole map down. Needs ``attention_tissue_only``."""
     attention_mil_only: bool = False
     """The first layer's attention stacks learn from attention MIL alone: the forward that feeds the heads'
     losses (and every other term) runs with those parameters frozen, so the crops' geometry no longer pulls
@@ -168,8 +170,8 @@ class Recipe:
     phase's first half (None: ``attention_mil_top`` from the start). 1 starts from the mean over the tissue,
     which always includes a tumour slide's tumour pixels (:func:`magnet_zoo.train.attention_mil.annealed_top`)."""
     attention_pretrain_edge_start: float = 0.0
-    """With ``attention_mil_edges="negative"``: the share of the phase's steps before the tissue's edge is
-    trained towards 0 (it is left out of the pooling throughout). Pushed from the first step, the edge term
+    """With ``attention_mil_edges`` ``negative`` or ``below``: the share of the phase's steps before the edge
+    term counts (the edge is left out of the pooling throughout). Pushed towards 0 from the first step, the edge term
     teaches every feature channel alive on tissue a negative weight; a map that ends up so pools the same
     value on both classes and stays on the loss's ln 2 plateau (docs/synthmets_magnet.md, "The phase's
     plateau")."""
