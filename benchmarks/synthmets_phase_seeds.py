@@ -40,6 +40,8 @@ DEFAULT_SETTINGS: dict[str, list[str]] = {
         _VIS.format("both", s) for s in (0, 1, 4, 5)],
     "the edge only a margin below the pooled logit (attention_mil_edges=below)": [
         _VIS.format("below", s) for s in range(6)],
+    "both: the edge a margin below, the pooled share from 1 narrowed to 0.1 (edges=below, top_start=1)": [
+        _VIS.format("widebelow", s) for s in range(6)],
 }
 
 
