@@ -43,7 +43,8 @@ DEFAULT_RUNS = ("synthmets_30min.json", "synthmets_30min_s1.json", "synthmets_30
                 "synthmets_30min_mil_scale25_s0.json", "synthmets_30min_mil_scale25_s1.json",
                 "synthmets_30min_mil_onemap_s4.json", "synthmets_30min_mil_onemap_s5.json",
                 "synthmets_30min_mil_widestart_s4.json", "synthmets_30min_mil_widestart_s5.json",
-                "synthmets_30min_mil_widebelow_s0.json", "synthmets_30min_mil_widebelow_s5.json")
+                "synthmets_30min_mil_widebelow_s0.json", "synthmets_30min_mil_widebelow_s5.json",
+                "synthmets_30min_mil_widebelow_s1.json", "synthmets_30min_mil_widebelow_s4.json")
 BASELINES = ("mean_rgb", "thumbnail_cnn", "dense_mil")
 COLUMNS = ("auroc", "auroc_macro", "auroc_micro", "auroc_itc", "loc_micro_ratio", "loc_micro_ceiling",
            "loc_all_ratio")
