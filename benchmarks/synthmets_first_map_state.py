@@ -53,7 +53,7 @@ def first_map_state(model: Any, views: torch.Tensor, labels: np.ndarray, top: fl
     hook.remove()
     logits, f = torch.cat(chunks), torch.cat(feats)
     mask = layer.tissue_mask(views)
-    edge = mask & tissue_edge(mask)
+    edge = tissue_edge(mask)  # already inside the mask
     inside = mask & ~edge
     pooled = top_share_mean(logits, inside, top)[:, 0].numpy()
     return {
