@@ -32,7 +32,7 @@ FOUND_SHARE = 0.4
 """A map found the tumours when its top pixel is on tumour in at least this share of the validation tumour slides."""
 _VIS = "synthmets_visibility_pretrain_one_map_edges_{}_s{}.json"
 DEFAULT_SETTINGS: dict[str, list[str]] = {
-    "the recipe's phase (learn_to_look_mil: edge towards 0 from the first step)": [
+    "the former recipe's phase (learn_to_look_mil until 2026-12-07: edge towards 0 from the first step)": [
         "synthmets_visibility_pretrain_one_map_edges_s0.json", "synthmets_visibility_pretrain_one_map_edges_s1.json",
         "synthmets_visibility_pretrain_one_map_edges_s2.json", "synthmets_visibility_30min_onemap_edges_s3.json",
         "synthmets_visibility_30min_mil_onemap_s4.json", "synthmets_visibility_30min_mil_onemap_s5.json"],
@@ -40,7 +40,8 @@ DEFAULT_SETTINGS: dict[str, list[str]] = {
         _VIS.format("both", s) for s in (0, 1, 4, 5)],
     "the edge only a margin below the pooled logit (attention_mil_edges=below)": [
         _VIS.format("below", s) for s in range(6)],
-    "both: the edge a margin below, the pooled share from 1 narrowed to 0.1 (edges=below, top_start=1)": [
+    "both: the edge a margin below, the pooled share from 1 narrowed to 0.1 (edges=below, top_start=1; "
+    "learn_to_look_mil since 2026-12-07)": [
         _VIS.format("widebelow", s) for s in range(6)],
 }
 

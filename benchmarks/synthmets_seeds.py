@@ -44,7 +44,8 @@ DEFAULT_RUNS = ("synthmets_30min.json", "synthmets_30min_s1.json", "synthmets_30
                 "synthmets_30min_mil_onemap_s4.json", "synthmets_30min_mil_onemap_s5.json",
                 "synthmets_30min_mil_widestart_s4.json", "synthmets_30min_mil_widestart_s5.json",
                 "synthmets_30min_mil_widebelow_s0.json", "synthmets_30min_mil_widebelow_s5.json",
-                "synthmets_30min_mil_widebelow_s1.json", "synthmets_30min_mil_widebelow_s4.json")
+                "synthmets_30min_mil_widebelow_s1.json", "synthmets_30min_mil_widebelow_s4.json",
+                "synthmets_30min_mil_widebelow_s2.json", "synthmets_30min_mil_widebelow_s3.json")
 BASELINES = ("mean_rgb", "thumbnail_cnn", "dense_mil")
 COLUMNS = ("auroc", "auroc_macro", "auroc_micro", "auroc_itc", "loc_micro_ratio", "loc_micro_ceiling",
            "loc_all_ratio")
@@ -79,10 +80,11 @@ ARCHITECTURE = ("patches", "classifier_backbone", "aux_backbone")
 with them changed (named in the setting)."""
 
 
-def registered_as(ran: dict[str, Any] | None) -> str | None:
+def registered_as(ran: dict[str, Any] | None, among: dict[str, Any] | None = None) -> str | None:
     """The registered recipe whose every field, and every network setting beyond :data:`ARCHITECTURE`, is ``ran``'s
     (a run's recorded recipe; a field added since the run is taken at its default), or ``None``. A run that spelled
-    a registered recipe as another one plus ``--recipe-field``s is then named by it."""
+    a registered recipe as another one plus ``--recipe-field``s is then named by it. ``among``: the recipes to
+    compare with, by name (default: the registry)."""
     if not ran:
         return None
     from magnet_zoo.train.recipe import RECIPES, Recipe
@@ -93,10 +95,48 @@ def registered_as(ran: dict[str, Any] | None) -> str | None:
     defaults = plain(Recipe(name="defaults").to_dict())
     ran = plain(ran)
     network = {k: v for k, v in (ran.get("model_overrides") or {}).items() if k not in ARCHITECTURE}
-    for name, registered in RECIPES.items():
+    for name, registered in (RECIPES if among is None else among).items():
         mine = plain(registered.to_dict())
         fields = set(mine) - {"name", "summary", "model_overrides"}
         if all(ran.get(k, defaults[k]) == mine[k] for k in fields) and network == mine["model_overrides"]:
+            return name
+    return None
+
+
+FORMER_FIELDS: dict[str, dict[str, Any]] = {
+    "learn_to_look_mil": {"attention_mil_edges": "negative", "attention_pretrain_top_start": None},
+}
+"""Registered recipes' fields as they were before a change (``learn_to_look_mil`` until 2026-12-07): a run recorded
+with the former values is named by its recipe and those values, e.g. ``learn_to_look_mil (attention_mil_edges=
+negative, attention_pretrain_top_start=null)``, never as the recipe it no longer is."""
+
+
+def _as_field(key: str, value: Any) -> str:
+    """``key=value`` as a ``--recipe-field`` spells it."""
+    return f"{key}={value if isinstance(value, str) else json.dumps(value, separators=(',', ':'))}"
+
+
+def former_changes(ran: dict[str, Any] | None, name: str) -> list[str]:
+    """The fields of :data:`FORMER_FIELDS` in which ``ran`` (a run's recorded recipe, by the name ``name`` or
+    spelled as another recipe) differs from the registered ``name`` today, as ``key=value``."""
+    if not ran or name not in FORMER_FIELDS:
+        return []
+    from magnet_zoo.train.recipe import RECIPES, Recipe
+
+    defaults = json.loads(json.dumps(Recipe(name="defaults").to_dict()))
+    now = json.loads(json.dumps(RECIPES[name].to_dict()))
+    ran = json.loads(json.dumps(ran))
+    return [_as_field(k, ran.get(k, defaults[k])) for k in FORMER_FIELDS[name] if ran.get(k, defaults[k]) != now[k]]
+
+
+def registered_formerly(ran: dict[str, Any] | None) -> str | None:
+    """The registered recipe that ``ran`` is with its :data:`FORMER_FIELDS`, or ``None``."""
+    if not ran:
+        return None
+    from magnet_zoo.train.recipe import RECIPES
+
+    for name, former in FORMER_FIELDS.items():
+        if registered_as(ran, among={name: RECIPES[name].replace(**former)}) == name:
             return name
     return None
 
@@ -115,8 +155,16 @@ def magnet_row(result: dict[str, Any], source: str) -> dict[str, Any]:
     changes = recipe_fields(magnet.get("command") or result.get("command") or "")
     spelled = recipe + (f" ({', '.join(changes)})" if changes else "")
     canonical = registered_as(settings.get("recipe"))
-    if canonical is not None and canonical != recipe:  # e.g. learn_to_look + the fields that make learn_to_look_mil
-        recipe, changes = canonical, [c for c in changes if c.partition("=")[0] in ARCHITECTURE]
+    architecture = [c for c in changes if c.partition("=")[0] in ARCHITECTURE]
+    formerly = registered_formerly(settings.get("recipe")) if canonical is None else None
+    if canonical is not None:  # e.g. learn_to_look + the fields that make learn_to_look_mil
+        recipe, changes = canonical, architecture
+    elif formerly is not None:  # the registered recipe as it was when the run trained
+        recipe, changes = formerly, architecture + former_changes(settings.get("recipe"), formerly)
+    else:  # a changed recipe: its spelled fields, and any the registry changed since the run
+        keys = {c.partition("=")[0] for c in changes}
+        moved = former_changes(settings.get("recipe"), recipe)
+        changes = changes + [c for c in moved if c.partition("=")[0] not in keys]
     return {
         "source": source,
         # Runs older than the --recipe option trained with the default recipe and did not record its name.

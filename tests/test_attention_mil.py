@@ -535,7 +535,9 @@ def test_below_edges_only_push_an_edge_that_is_not_a_margin_below_the_pooled_log
     assert float(extra[0, 0, 0]) > 0 and int((extra != 0).sum()) == 1  # only the edge pixel above is pushed
     torch.testing.assert_close(grad[:, 1:3, 1:3], plain_grad[:, 1:3, 1:3])  # the pooled level is a constant there
     negative, _ = mil_bce(logits, mask, labels, top=0.5, edges="negative")
-    assert float(negative) > float(below)  # towards 0, every edge pixel of both slides costs
+    assert float(negative.detach()) > float(below.detach())  # towards 0, every edge pixel of both slides costs
     with pytest.raises(ValueError, match="tissue mask"):
         mil_bce(logits, None, labels, top=0.5, edges="below")
-    assert get_recipe("learn_to_look_mil", attention_mil_edges="below").attention_mil_edges == "below"
+    # the default recipe's term; the former one stays a field away
+    assert get_recipe("learn_to_look_mil").attention_mil_edges == "below"
+    assert get_recipe("learn_to_look_mil", attention_mil_edges="negative").attention_mil_edges == "negative"

@@ -104,9 +104,10 @@ def test_the_seeds_table_names_each_runs_recipe_changes_flags_included():
 
 
 def test_the_seeds_table_names_a_run_by_the_registered_recipe_it_trained():
-    """Seeds 0-3 of the default recipe spelled it as learn_to_look + --recipe-field; seeds 4-5 as learn_to_look_mil:
-    one setting in the table. One field off and it is a setting of its own."""
-    from synthmets_seeds import RESULTS, magnet_row, registered_as
+    """Runs that spelled the registered MIL recipe as another recipe plus --recipe-field are one setting with those
+    that named it; runs of the recipe as it was before a change are named by it and the fields it had then, never
+    as the recipe it is now. One field off and it is a setting of its own."""
+    from synthmets_seeds import FORMER_FIELDS, RESULTS, magnet_row, registered_as
 
     from magnet_zoo.train.recipe import get_recipe
 
@@ -116,8 +117,22 @@ def test_the_seeds_table_names_a_run_by_the_registered_recipe_it_trained():
     assert registered_as({**mil, "attention_mil_top": 0.2}) is None
     assert registered_as({**mil, "model_overrides": {**mil["model_overrides"], "max_scale": 0.25}}) is None
     assert registered_as(get_recipe("learn_to_look").to_dict()) == "learn_to_look"
-    spelled = magnet_row(json.loads((RESULTS / "synthmets_30min_onemap_edges_s0.json").read_text()), "s0")
-    named = magnet_row(json.loads((RESULTS / "synthmets_30min_mil_onemap_s4.json").read_text()), "s4")
-    assert spelled["setting"] == named["setting"] == "learn_to_look_mil (patches=[1,2])"
+
+    def row(name: str) -> dict:
+        return magnet_row(json.loads((RESULTS / name).read_text()), name)
+
+    # today's recipe, spelled as the former one + its new fields
+    now = row("synthmets_30min_mil_widebelow_s0.json")
+    assert now["setting"] == "learn_to_look_mil (patches=[1,2])"
+    assert "attention_mil_edges=below" in now["spelled_as"]
+    # the former recipe, spelled as learn_to_look + fields (seed 0) and named learn_to_look_mil (seed 4)
+    spelled, named = row("synthmets_30min_onemap_edges_s0.json"), row("synthmets_30min_mil_onemap_s4.json")
+    former = "learn_to_look_mil (patches=[1,2], attention_mil_edges=negative, attention_pretrain_top_start=null)"
+    assert set(FORMER_FIELDS["learn_to_look_mil"]) == {"attention_mil_edges", "attention_pretrain_top_start"}
+    assert spelled["setting"] == named["setting"] == former
     assert spelled["spelled_as"].startswith("learn_to_look (patches=[1,2], ")
-    assert "attention_mil_edges=negative" in spelled["spelled_as"]
+    assert named["spelled_as"] == "learn_to_look_mil (patches=[1,2])"
+    # a change of the former recipe also names the field the registry changed since, which it did not spell
+    wide = row("synthmets_30min_mil_widestart_s4.json")
+    assert wide["setting"].startswith("learn_to_look_mil (patches=[1,2], attention_pretrain_top_start=1.0, ")
+    assert wide["setting"].endswith(", attention_mil_edges=negative)")

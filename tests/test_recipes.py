@@ -159,13 +159,13 @@ def test_findit_recipe_is_what_the_recorded_findit_runs_trained_with():
 
 
 def test_learn_to_look_mil_is_what_the_recorded_synthmets_runs_trained_with():
-    """The registered MIL recipe claims the 30-minute SynthMets runs with the edge-free first map (seeds 0-3 spelled
-    as learn_to_look + --recipe-field, seeds 4-5 as --recipe learn_to_look_mil): its fields must be those runs'
-    recipe, and its network settings theirs (beyond the benchmark's architecture: backbones, patches)."""
+    """The registered MIL recipe claims the 30-minute SynthMets runs with the wide-start, edge-below first map (spelled
+    as learn_to_look_mil + --recipe-field before those fields became the recipe's): its fields must be those runs'
+    recipe, and its network settings theirs (beyond the benchmark's architecture: backbones, patches). The runs of
+    the recipe before that change differ from it in exactly the fields the change made."""
     results = Path(__file__).resolve().parents[1] / "benchmarks/results"
-    runs = sorted(results.glob("synthmets_30min_onemap_edges_s*.json"))
-    runs += sorted(results.glob("synthmets_30min_mil_onemap_s*.json"))
-    assert len(runs) >= 6
+    runs = sorted(results.glob("synthmets_30min_mil_widebelow_s*.json"))
+    assert len(runs) >= 4
     mil = json.loads(json.dumps(get_recipe("learn_to_look_mil").to_dict()))
     defaults = json.loads(json.dumps(Recipe(name="defaults").to_dict()))
     architecture = {"patches", "classifier_backbone", "aux_backbone"}
@@ -174,8 +174,16 @@ def test_learn_to_look_mil_is_what_the_recorded_synthmets_runs_trained_with():
         for key in set(mil) - {"name", "summary", "model_overrides"}:
             assert mil[key] == ran.get(key, defaults[key]), (run.name, key)
         assert {k: v for k, v in ran["model_overrides"].items() if k not in architecture} == mil["model_overrides"]
+    former = sorted(results.glob("synthmets_30min_onemap_edges_s*.json")) + sorted(
+        results.glob("synthmets_30min_mil_onemap_s*.json"))
+    assert len(former) >= 6
+    for run in former:
+        ran = json.loads(run.read_text())["methods"]["magnet"]["settings"]["recipe"]
+        differ = {k for k in set(mil) - {"name", "summary", "model_overrides"} if mil[k] != ran.get(k, defaults[k])}
+        assert differ == {"attention_mil_edges", "attention_pretrain_top_start"}, run.name
     recipe = get_recipe("learn_to_look_mil")
-    assert recipe.attention_mil_edges == "negative" and recipe.attention_mil_only and recipe.attention_pretrain_steps
+    assert recipe.attention_mil_edges == "below" and recipe.attention_pretrain_top_start == 1.0
+    assert recipe.attention_mil_only and recipe.attention_pretrain_steps
     assert TrainConfig(recipe="learn_to_look_mil", model="magnet2_micro").model_settings()["attention_tissue_only"]
 
 

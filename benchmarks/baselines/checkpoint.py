@@ -64,11 +64,14 @@ def save_demo_checkpoint(model: MagNet, directory: Path, result: dict[str, Any],
         "head-guided attention weight": recipe.get("guidance_weight", 0.0),
     }
     if recipe.get("attention_pretrain_steps") or recipe.get("attention_mil_weight"):
+        top, top_start = recipe.get("attention_mil_top"), recipe.get("attention_pretrain_top_start")
+        pooled = (f"top {top} of the tissue pooled" if top_start is None else
+                  f"top {top_start} of the tissue pooled, narrowed to {top} over the phase's first half")
         training |= {
             "attention MIL (first map from slide labels)": (
                 f"{recipe.get('attention_pretrain_steps', 0)} pre-training steps, in-loop weight "
-                f"{recipe.get('attention_mil_weight', 0)}; top {recipe.get('attention_mil_top')} of the tissue "
-                f"pooled; tissue edge: {recipe.get('attention_mil_edges', 'pool')}; only teacher of the first map: "
+                f"{recipe.get('attention_mil_weight', 0)}; {pooled}; tissue edge: "
+                f"{recipe.get('attention_mil_edges', 'pool')}; only teacher of the first map: "
                 f"{bool(recipe.get('attention_mil_only'))}"
             ),
         }

@@ -169,8 +169,9 @@ class Recipe:
     """The phase's pooled share at its first step, narrowed geometrically to ``attention_mil_top`` over the
     phase's first half (None: ``attention_mil_top`` from the start). 1 starts from the mean over the tissue,
     which always includes a tumour slide's tumour pixels (:func:`magnet_zoo.train.attention_mil.annealed_top`).
-    With ``attention_mil_edges="below"`` the phase found the SynthMets tumours in 6 of 6 seeds (the default
-    recipe's: 4 of 6; docs/synthmets_magnet.md, "A milder edge term")."""
+    With ``attention_mil_edges="below"`` (both ``learn_to_look_mil``'s) the phase found the SynthMets tumours in
+    6 of 6 seeds (with neither, as the recipe was until 2026-12-07: 4 of 6; docs/synthmets_magnet.md, "A milder
+    edge term")."""
     attention_pretrain_edge_start: float = 0.0
     """With ``attention_mil_edges`` ``negative`` or ``below``: the share of the phase's steps before the edge
     term counts (the edge is left out of the pooling throughout). Pushed towards 0 from the first step, the edge term
@@ -375,10 +376,11 @@ LEARN_TO_LOOK_CENTRED = LEARN_TO_LOOK.replace(
 LEARN_TO_LOOK_MIL = LEARN_TO_LOOK.replace(
     name="learn_to_look_mil",
     summary="for slide labels that mean 'tumour somewhere' (SynthMets, CAMELYON): learn_to_look + the first map "
-    "pre-trained 1000 steps as a detector from slide labels alone (attention MIL: top 10 % of the tissue "
-    "pooled, the tissue's edge trained to 0) and then taught by nothing else, a flat-start second layer, "
-    "re-read crops, tissue-only attention, max-pooled aux heads, head warm-up 0.4 and head guidance 1; "
-    "not for tasks where both classes carry an object (FindIt: learn_to_look_centred)",
+    "pre-trained 1000 steps as a detector from slide labels alone (attention MIL: the mean over the tissue "
+    "narrowed to its top 10 %, the tissue's edge kept a margin below the pooled logit) and then taught by "
+    "nothing else, a flat-start second layer, re-read crops, tissue-only attention, max-pooled aux heads, head "
+    "warm-up 0.4 and head guidance 1; not for tasks where both classes carry an object (FindIt: "
+    "learn_to_look_centred)",
     model_overrides={
         "attention_init": ("random", "uniform"),
         "attention_tissue_only": True,
@@ -389,7 +391,8 @@ LEARN_TO_LOOK_MIL = LEARN_TO_LOOK.replace(
     guidance_weight=1.0,
     attention_pretrain_steps=1000,
     attention_mil_top=0.1,
-    attention_mil_edges="negative",
+    attention_mil_edges="below",
+    attention_pretrain_top_start=1.0,
     attention_mil_only=True,
 )
 
