@@ -169,9 +169,9 @@ class Recipe:
     """The phase's pooled share at its first step, narrowed geometrically to ``attention_mil_top`` over the
     phase's first half (None: ``attention_mil_top`` from the start). 1 starts from the mean over the tissue,
     which always includes a tumour slide's tumour pixels (:func:`magnet_zoo.train.attention_mil.annealed_top`).
-    With ``attention_mil_edges="below"`` (both ``learn_to_look_mil``'s) the phase found the SynthMets tumours in
-    6 of 6 seeds (with neither, as the recipe was until 2026-12-07: 4 of 6; docs/synthmets_magnet.md, "A milder
-    edge term")."""
+    With ``attention_mil_edges="below"`` (``learn_to_look_mil`` sets both) the phase found the SynthMets tumours
+    in 6 of 6 seeds (with neither, as that recipe was until 2026-12-07: 4 of 6; docs/synthmets_magnet.md, "A
+    milder edge term")."""
     attention_pretrain_edge_start: float = 0.0
     """With ``attention_mil_edges`` ``negative`` or ``below``: the share of the phase's steps before the edge
     term counts (the edge is left out of the pooling throughout). Pushed towards 0 from the first step, the edge term
