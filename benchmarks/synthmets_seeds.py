@@ -80,6 +80,16 @@ ARCHITECTURE = ("patches", "classifier_backbone", "aux_backbone")
 with them changed (named in the setting)."""
 
 
+def _plain(obj: Any) -> Any:
+    """``obj`` as JSON gives it back (tuples as lists), so recorded and registered recipes compare equal."""
+    return json.loads(json.dumps(obj))
+
+
+def _key(change: str) -> str:
+    """The field of a ``key=value`` change."""
+    return change.partition("=")[0]
+
+
 def registered_as(ran: dict[str, Any] | None, among: dict[str, Any] | None = None) -> str | None:
     """The registered recipe whose every field, and every network setting beyond :data:`ARCHITECTURE`, is ``ran``'s
     (a run's recorded recipe; a field added since the run is taken at its default), or ``None``. A run that spelled
@@ -89,14 +99,11 @@ def registered_as(ran: dict[str, Any] | None, among: dict[str, Any] | None = Non
         return None
     from magnet_zoo.train.recipe import RECIPES, Recipe
 
-    def plain(obj: Any) -> Any:
-        return json.loads(json.dumps(obj))
-
-    defaults = plain(Recipe(name="defaults").to_dict())
-    ran = plain(ran)
+    defaults = _plain(Recipe(name="defaults").to_dict())
+    ran = _plain(ran)
     network = {k: v for k, v in (ran.get("model_overrides") or {}).items() if k not in ARCHITECTURE}
     for name, registered in (RECIPES if among is None else among).items():
-        mine = plain(registered.to_dict())
+        mine = _plain(registered.to_dict())
         fields = set(mine) - {"name", "summary", "model_overrides"}
         if all(ran.get(k, defaults[k]) == mine[k] for k in fields) and network == mine["model_overrides"]:
             return name
@@ -123,9 +130,7 @@ def former_changes(ran: dict[str, Any] | None, name: str) -> list[str]:
         return []
     from magnet_zoo.train.recipe import RECIPES, Recipe
 
-    defaults = json.loads(json.dumps(Recipe(name="defaults").to_dict()))
-    now = json.loads(json.dumps(RECIPES[name].to_dict()))
-    ran = json.loads(json.dumps(ran))
+    defaults, now, ran = _plain(Recipe(name="defaults").to_dict()), _plain(RECIPES[name].to_dict()), _plain(ran)
     return [_as_field(k, ran.get(k, defaults[k])) for k in FORMER_FIELDS[name] if ran.get(k, defaults[k]) != now[k]]
 
 
@@ -155,16 +160,15 @@ def magnet_row(result: dict[str, Any], source: str) -> dict[str, Any]:
     changes = recipe_fields(magnet.get("command") or result.get("command") or "")
     spelled = recipe + (f" ({', '.join(changes)})" if changes else "")
     canonical = registered_as(settings.get("recipe"))
-    architecture = [c for c in changes if c.partition("=")[0] in ARCHITECTURE]
+    architecture = [c for c in changes if _key(c) in ARCHITECTURE]
     formerly = registered_formerly(settings.get("recipe")) if canonical is None else None
     if canonical is not None:  # e.g. learn_to_look + the fields that make learn_to_look_mil
         recipe, changes = canonical, architecture
     elif formerly is not None:  # the registered recipe as it was when the run trained
         recipe, changes = formerly, architecture + former_changes(settings.get("recipe"), formerly)
     else:  # a changed recipe: its spelled fields, and any the registry changed since the run
-        keys = {c.partition("=")[0] for c in changes}
-        moved = former_changes(settings.get("recipe"), recipe)
-        changes = changes + [c for c in moved if c.partition("=")[0] not in keys]
+        keys = {_key(c) for c in changes}
+        changes = changes + [c for c in former_changes(settings.get("recipe"), recipe) if _key(c) not in keys]
     return {
         "source": source,
         # Runs older than the --recipe option trained with the default recipe and did not record its name.
