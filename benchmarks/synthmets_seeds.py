@@ -45,7 +45,8 @@ DEFAULT_RUNS = ("synthmets_30min.json", "synthmets_30min_s1.json", "synthmets_30
                 "synthmets_30min_mil_widestart_s4.json", "synthmets_30min_mil_widestart_s5.json",
                 "synthmets_30min_mil_widebelow_s0.json", "synthmets_30min_mil_widebelow_s5.json",
                 "synthmets_30min_mil_widebelow_s1.json", "synthmets_30min_mil_widebelow_s4.json",
-                "synthmets_30min_mil_widebelow_s2.json", "synthmets_30min_mil_widebelow_s3.json")
+                "synthmets_30min_mil_widebelow_s2.json", "synthmets_30min_mil_widebelow_s3.json",
+                "synthmets_30min_mil_twomaps_widebelow_s0.json", "synthmets_30min_mil_twomaps_widebelow_s1.json")
 BASELINES = ("mean_rgb", "thumbnail_cnn", "dense_mil")
 COLUMNS = ("auroc", "auroc_macro", "auroc_micro", "auroc_itc", "loc_micro_ratio", "loc_micro_ceiling",
            "loc_all_ratio")
@@ -146,6 +147,20 @@ def registered_formerly(ran: dict[str, Any] | None) -> str | None:
     return None
 
 
+def architecture_changes(settings: dict[str, Any]) -> list[str]:
+    """The :data:`ARCHITECTURE` settings in which a run's recorded network (``settings["config"]``) differs from its
+    model as registered today, as ``key=value``: a run names its tree by what it trained, not by its command line
+    (``magnet2_micro`` was a (2, 2) tree until 2026-12-07 and is a (1, 2) one since)."""
+    from magnet_zoo.registry import get_config
+
+    ran = _plain(settings.get("config") or {})
+    try:
+        registered = _plain(get_config(settings.get("model") or "").to_dict())
+    except Exception:  # a model no longer (or never) registered: nothing to compare with
+        return []
+    return [_as_field(k, ran[k]) for k in ARCHITECTURE if k in ran and ran[k] != registered.get(k)]
+
+
 def magnet_row(result: dict[str, Any], source: str) -> dict[str, Any]:
     """The MagNet's numbers from one ``synthmets.py`` JSON."""
     magnet = result["methods"].get("magnet")
@@ -157,10 +172,11 @@ def magnet_row(result: dict[str, Any], source: str) -> dict[str, Any]:
     loc = result.get("localisation") or {}
     by_cat = loc.get("by_category", {})
     recipe = settings.get("recipe", {}).get("name") or "learn_to_look"
-    changes = recipe_fields(magnet.get("command") or result.get("command") or "")
-    spelled = recipe + (f" ({', '.join(changes)})" if changes else "")
+    spelled_changes = recipe_fields(magnet.get("command") or result.get("command") or "")
+    spelled = recipe + (f" ({', '.join(spelled_changes)})" if spelled_changes else "")
     canonical = registered_as(settings.get("recipe"))
-    architecture = [c for c in changes if _key(c) in ARCHITECTURE]
+    architecture = architecture_changes(settings)
+    changes = [c for c in spelled_changes if _key(c) not in ARCHITECTURE]
     formerly = registered_formerly(settings.get("recipe")) if canonical is None else None
     if canonical is not None:  # e.g. learn_to_look + the fields that make learn_to_look_mil
         recipe, changes = canonical, architecture
@@ -168,7 +184,8 @@ def magnet_row(result: dict[str, Any], source: str) -> dict[str, Any]:
         recipe, changes = formerly, architecture + former_changes(settings.get("recipe"), formerly)
     else:  # a changed recipe: its spelled fields, and any the registry changed since the run
         keys = {_key(c) for c in changes}
-        changes = changes + [c for c in former_changes(settings.get("recipe"), recipe) if _key(c) not in keys]
+        changes = architecture + changes + [c for c in former_changes(settings.get("recipe"), recipe)
+                                            if _key(c) not in keys]
     return {
         "source": source,
         # Runs older than the --recipe option trained with the default recipe and did not record its name.

@@ -122,7 +122,7 @@ register_model(
     "magnet2_micro",
     ModelArch(
         MagNetConfig(
-            patches=(2, 2),
+            patches=(1, 2),
             aux_layers=(1, 2),
             classifier_backbone="test_resnet",
             aux_backbone="test_resnet",
@@ -136,9 +136,10 @@ register_model(
             attention_init="random",
             aux_pooling="per_patch",
         ),
-        "A 2-layer (2, 2) MagNet with timm's 0.4 M-parameter test_resnet backbones (1.2 M parameters in "
-        "all): the offline demo model's architecture. Its shipped weights are a (1, 2) tree trained with the "
-        "default recipe, learn_to_look_mil; loading them builds the network their config.json describes.",
+        "A 2-layer (1, 2) MagNet with timm's 0.4 M-parameter test_resnet backbones (1.2 M parameters in "
+        "all): one first-layer crop, magnified once more; the architecture the default recipe, "
+        "learn_to_look_mil, was measured on, and the offline demo model's. Until 2026-12-07 it was a (2, 2) "
+        "tree (patches=[2,2] builds that one).",
         {
             "synthmets_demo": ModelTag(
                 "Trained on SynthMets slides by benchmarks/synthmets.py; ships inside the package "

@@ -100,9 +100,11 @@ def tissue_image(h: int = 1200, w: int = 900, seed: int = 0) -> np.ndarray:
 
 
 def micro_magnet(**overrides):
-    """``magnet2_micro`` (its test_resnet heads, (2, 2) patches, the learn-to-look attention settings) made
-    smaller for fast tests: 32 px final patches, an 8-unit GRU and MLP; seeded, so every call is the same."""
+    """``magnet2_micro`` (its test_resnet heads, the learn-to-look attention settings) as a (2, 2) tree, made
+    smaller for fast tests: 32 px final patches, an 8-unit GRU and MLP; seeded, so every call is the same. Two
+    first-layer patches (the registered tree has one) so that the tests see several maps per layer."""
     from magnet_zoo.factory import create_model
 
     torch.manual_seed(0)
-    return create_model("magnet2_micro", **{"final_patch_size": 32, "gru_hidden": 8, "mlp_hidden": (8,), **overrides})
+    settings = {"patches": (2, 2), "final_patch_size": 32, "gru_hidden": 8, "mlp_hidden": (8,)}
+    return create_model("magnet2_micro", **{**settings, **overrides})

@@ -414,7 +414,7 @@ def test_attention_mil_on_several_first_layer_maps_is_warned_about(caplog):
         with caplog.at_level(logging.WARNING, logger="magnet_zoo.train.loop"), pytest.raises(ConfigError,
                                                                                             match="slides"):
             fit(micro_magnet(attention_tissue_only=True, patches=patches), SourceData(sources, labels), config, recipe)
-        assert ("measured to find the tumours with one first-layer map only" in caplog.text) is warned, patches
+        assert ("Prefer one first-layer patch" in caplog.text) is warned, patches
 
 
 def test_the_phase_pools_wide_first_and_narrows_to_the_top_share_over_its_first_half(monkeypatch):

@@ -121,18 +121,21 @@ def test_the_seeds_table_names_a_run_by_the_registered_recipe_it_trained():
     def row(name: str) -> dict:
         return magnet_row(json.loads((RESULTS / name).read_text()), name)
 
-    # today's recipe, spelled as the former one + its new fields
+    # today's recipe on today's magnet2_micro, spelled as the former one + its new fields + the tree it now is
     now = row("synthmets_30min_mil_widebelow_s0.json")
-    assert now["setting"] == "learn_to_look_mil (patches=[1,2])"
-    assert "attention_mil_edges=below" in now["spelled_as"]
+    assert now["setting"] == "learn_to_look_mil"
+    assert "attention_mil_edges=below" in now["spelled_as"] and "patches=[1,2]" in now["spelled_as"]
+    # the tree is named from the network it trained, not from the command line: magnet2_micro was (2, 2)
+    two_maps = row("synthmets_30min_mil_twomaps_widebelow_s0.json")
+    assert "patches" not in two_maps["spelled_as"] and two_maps["setting"] == "learn_to_look_mil (patches=[2,2])"
     # the former recipe, spelled as learn_to_look + fields (seed 0) and named learn_to_look_mil (seed 4)
     spelled, named = row("synthmets_30min_onemap_edges_s0.json"), row("synthmets_30min_mil_onemap_s4.json")
-    former = "learn_to_look_mil (patches=[1,2], attention_mil_edges=negative, attention_pretrain_top_start=null)"
+    former = "learn_to_look_mil (attention_mil_edges=negative, attention_pretrain_top_start=null)"
     assert set(FORMER_FIELDS["learn_to_look_mil"]) == {"attention_mil_edges", "attention_pretrain_top_start"}
     assert spelled["setting"] == named["setting"] == former
     assert spelled["spelled_as"].startswith("learn_to_look (patches=[1,2], ")
     assert named["spelled_as"] == "learn_to_look_mil (patches=[1,2])"
     # a change of the former recipe also names the field the registry changed since, which it did not spell
     wide = row("synthmets_30min_mil_widestart_s4.json")
-    assert wide["setting"].startswith("learn_to_look_mil (patches=[1,2], attention_pretrain_top_start=1.0, ")
+    assert wide["setting"].startswith("learn_to_look_mil (attention_pretrain_top_start=1.0, ")
     assert wide["setting"].endswith(", attention_mil_edges=negative)")

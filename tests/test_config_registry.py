@@ -153,6 +153,17 @@ def test_cli_reports_missing_backbone_weights_as_a_user_error():
     assert is_user_error(factory.BackboneWeightsUnavailableError("x"))
 
 
+def test_the_demo_architecture_is_the_one_the_default_recipe_was_measured_on():
+    """``magnet2_micro`` as registered is the (1, 2) tree of the default recipe's measured runs and of the shipped
+    weights: building it fresh and training it with the default recipe is what the README's numbers describe."""
+    from magnet_zoo.registry import get_config
+    from magnet_zoo.train.recipe import DEFAULT_RECIPE, get_recipe
+
+    registered = get_config("magnet2_micro")
+    assert registered.patches == (1, 2) == tuple(magnet_zoo.load_pretrained("magnet2_micro").config.patches)
+    assert "patches" not in get_recipe(DEFAULT_RECIPE).model_overrides
+
+
 def test_one_meaning_per_name_pretrained_loads_the_tag_weights(caplog):
     import logging
 
