@@ -1,10 +1,10 @@
 """SynthMets localisation layer by layer: does each attention, shown tumour, look at it?
 
 ``synthmets.py`` scores a MagNet's *final* patches against random placement. For the two-layer models of
-the benchmark (``magnet2_micro``: patches ``(1, 2)``, ``(2, 2)`` until 2026-12-07; ``magnet2_tiny``: ``(2, 2)``;
-the second layer's first patch the identity) half of the final patches are the first layer's crops themselves, and a learned second-layer
-crop can only land inside its parent. So that number mixes two questions. This script separates them,
-from a run's JSON (its test predictions keep every final box) and the test slides' sidecars:
+the benchmark (``magnet2_micro``: patches ``(1, 2)``, ``(2, 2)`` until 2026-12-07; ``magnet2_tiny``:
+``(2, 2)``; the second layer's first patch the identity) half of the final patches are the first layer's crops
+themselves, and a learned second-layer crop can only land inside its parent. So that number mixes two
+questions. This script separates them, from a run's JSON (its test predictions keep every final box) and the test slides' sidecars:
 
 * layer 1: the share of first-layer crops on tumour against squares of the same sides placed uniformly
   on the slide;

@@ -46,7 +46,8 @@ DEFAULT_RUNS = ("synthmets_30min.json", "synthmets_30min_s1.json", "synthmets_30
                 "synthmets_30min_mil_widebelow_s0.json", "synthmets_30min_mil_widebelow_s5.json",
                 "synthmets_30min_mil_widebelow_s1.json", "synthmets_30min_mil_widebelow_s4.json",
                 "synthmets_30min_mil_widebelow_s2.json", "synthmets_30min_mil_widebelow_s3.json",
-                "synthmets_30min_mil_twomaps_widebelow_s0.json", "synthmets_30min_mil_twomaps_widebelow_s1.json")
+                "synthmets_30min_mil_twomaps_widebelow_s0.json", "synthmets_30min_mil_twomaps_widebelow_s1.json",
+                "synthmets_30min_mil_default_s6.json", "synthmets_30min_mil_default_s7.json")
 BASELINES = ("mean_rgb", "thumbnail_cnn", "dense_mil")
 COLUMNS = ("auroc", "auroc_macro", "auroc_micro", "auroc_itc", "loc_micro_ratio", "loc_micro_ceiling",
            "loc_all_ratio")
@@ -151,12 +152,12 @@ def architecture_changes(settings: dict[str, Any]) -> list[str]:
     """The :data:`ARCHITECTURE` settings in which a run's recorded network (``settings["config"]``) differs from its
     model as registered today, as ``key=value``: a run names its tree by what it trained, not by its command line
     (``magnet2_micro`` was a (2, 2) tree until 2026-12-07 and is a (1, 2) one since)."""
-    from magnet_zoo.registry import get_config
+    from magnet_zoo.registry import UnknownModelError, get_config
 
     ran = _plain(settings.get("config") or {})
     try:
         registered = _plain(get_config(settings.get("model") or "").to_dict())
-    except Exception:  # a model no longer (or never) registered: nothing to compare with
+    except UnknownModelError:  # a model no longer (or never) registered: nothing to compare with
         return []
     return [_as_field(k, ran[k]) for k in ARCHITECTURE if k in ran and ran[k] != registered.get(k)]
 
