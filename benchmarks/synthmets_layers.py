@@ -4,7 +4,8 @@
 the benchmark (``magnet2_micro``: patches ``(1, 2)``, ``(2, 2)`` until 2026-12-07; ``magnet2_tiny``:
 ``(2, 2)``; the second layer's first patch the identity) half of the final patches are the first layer's crops
 themselves, and a learned second-layer crop can only land inside its parent. So that number mixes two
-questions. This script separates them, from a run's JSON (its test predictions keep every final box) and the test slides' sidecars:
+questions. This script separates them, from a run's JSON (its test predictions keep every final box) and
+the test slides' sidecars:
 
 * layer 1: the share of first-layer crops on tumour against squares of the same sides placed uniformly
   on the slide;
