@@ -148,18 +148,20 @@ def registered_formerly(ran: dict[str, Any] | None) -> str | None:
     return None
 
 
-def architecture_changes(settings: dict[str, Any]) -> list[str]:
-    """The :data:`ARCHITECTURE` settings in which a run's recorded network (``settings["config"]``) differs from its
-    model as registered today, as ``key=value``: a run names its tree by what it trained, not by its command line
-    (``magnet2_micro`` was a (2, 2) tree until 2026-12-07 and is a (1, 2) one since)."""
+def tree_changes(settings: dict[str, Any]) -> list[str]:
+    """``["patches=[...]"]`` when a run's recorded tree (``settings["config"]["patches"]``) differs from its model's
+    as registered today, else ``[]``: a run names its tree by what it trained, not by its command line
+    (``magnet2_micro`` was a (2, 2) tree until 2026-12-07 and is a (1, 2) one since). The other
+    :data:`ARCHITECTURE` settings are named as the command spelled them (the benchmark's own backbone options set
+    them on every run)."""
     from magnet_zoo.registry import UnknownModelError, get_config
 
-    ran = _plain(settings.get("config") or {})
+    ran = _plain(settings.get("config") or {}).get("patches")
     try:
-        registered = _plain(get_config(settings.get("model") or "").to_dict())
+        registered = _plain(list(get_config(settings.get("model") or "").patches))
     except UnknownModelError:  # a model no longer (or never) registered: nothing to compare with
         return []
-    return [_as_field(k, ran[k]) for k in ARCHITECTURE if k in ran and ran[k] != registered.get(k)]
+    return [] if ran is None or ran == registered else [_as_field("patches", ran)]
 
 
 def magnet_row(result: dict[str, Any], source: str) -> dict[str, Any]:
@@ -176,7 +178,8 @@ def magnet_row(result: dict[str, Any], source: str) -> dict[str, Any]:
     spelled_changes = recipe_fields(magnet.get("command") or result.get("command") or "")
     spelled = recipe + (f" ({', '.join(spelled_changes)})" if spelled_changes else "")
     canonical = registered_as(settings.get("recipe"))
-    architecture = architecture_changes(settings)
+    architecture = tree_changes(settings) + [c for c in spelled_changes
+                                             if _key(c) in ARCHITECTURE and _key(c) != "patches"]
     changes = [c for c in spelled_changes if _key(c) not in ARCHITECTURE]
     formerly = registered_formerly(settings.get("recipe")) if canonical is None else None
     if canonical is not None:  # e.g. learn_to_look + the fields that make learn_to_look_mil

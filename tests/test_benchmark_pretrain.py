@@ -107,7 +107,7 @@ def test_the_seeds_table_names_a_run_by_the_registered_recipe_it_trained():
     """Runs that spelled the registered MIL recipe as another recipe plus --recipe-field are one setting with those
     that named it; runs of the recipe as it was before a change are named by it and the fields it had then, never
     as the recipe it is now. One field off and it is a setting of its own."""
-    from synthmets_seeds import FORMER_FIELDS, RESULTS, architecture_changes, magnet_row, registered_as
+    from synthmets_seeds import FORMER_FIELDS, RESULTS, tree_changes, magnet_row, registered_as
 
     from magnet_zoo.train.recipe import get_recipe
 
@@ -126,9 +126,10 @@ def test_the_seeds_table_names_a_run_by_the_registered_recipe_it_trained():
     assert now["setting"] == "learn_to_look_mil"
     assert "attention_mil_edges=below" in now["spelled_as"] and "patches=[1,2]" in now["spelled_as"]
     # the tree is named from the network it trained, not from the command line: magnet2_micro was (2, 2)
-    assert architecture_changes({"model": "magnet2_micro", "config": {"patches": [2, 2]}}) == ["patches=[2,2]"]
-    assert architecture_changes({"model": "magnet2_micro", "config": {"patches": [1, 2]}}) == []
-    assert architecture_changes({"model": "no_such_model", "config": {"patches": [2, 2]}}) == []
+    assert tree_changes({"model": "magnet2_micro", "config": {"patches": [2, 2]}}) == ["patches=[2,2]"]
+    assert tree_changes({"model": "magnet2_micro", "config": {"patches": [1, 2]}}) == []
+    assert tree_changes({"model": "no_such_model", "config": {"patches": [2, 2]}}) == []
+    assert tree_changes({"model": "magnet2_tiny", "config": {"patches": [2, 2], "classifier_backbone": "x"}}) == []
     two_maps = row("synthmets_30min_mil_twomaps_widebelow_s0.json")
     assert "patches" not in two_maps["spelled_as"] and two_maps["setting"] == "learn_to_look_mil (patches=[2,2])"
     # the former recipe, spelled as learn_to_look + fields (seed 0) and named learn_to_look_mil (seed 4)
