@@ -107,7 +107,7 @@ def test_the_seeds_table_names_a_run_by_the_registered_recipe_it_trained():
     """Runs that spelled the registered MIL recipe as another recipe plus --recipe-field are one setting with those
     that named it; runs of the recipe as it was before a change are named by it and the fields it had then, never
     as the recipe it is now. One field off and it is a setting of its own."""
-    from synthmets_seeds import FORMER_FIELDS, RESULTS, tree_changes, magnet_row, registered_as
+    from synthmets_seeds import FORMER_FIELDS, RESULTS, magnet_row, registered_as, tree_changes
 
     from magnet_zoo.train.recipe import get_recipe
 
