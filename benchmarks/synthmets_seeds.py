@@ -156,7 +156,7 @@ def tree_changes(settings: dict[str, Any]) -> list[str]:
     them on every run)."""
     from magnet_zoo.registry import UnknownModelError, get_config
 
-    ran = _plain(settings.get("config") or {}).get("patches")
+    ran = _plain((settings.get("config") or {}).get("patches"))
     try:
         registered = _plain(list(get_config(settings.get("model") or "").patches))
     except UnknownModelError:  # a model no longer (or never) registered: nothing to compare with
