@@ -31,7 +31,7 @@ from baselines.common import jsonable, load_split  # noqa: E402
 from synthmets import parse_overrides  # noqa: E402
 
 import magnet_zoo  # noqa: E402
-from magnet_zoo.hub import save_pretrained  # noqa: E402
+from magnet_zoo.hub import load_pretrained, save_pretrained  # noqa: E402
 from magnet_zoo.train.attention_mil import pretrain_attention  # noqa: E402
 from magnet_zoo.train.recipe import ATTENTION_MIL_EDGES, PRETRAIN_AUGMENTS  # noqa: E402
 
@@ -60,6 +60,13 @@ def main(argv: list[str] | None = None) -> int:
                     "(negative) or a margin below the pooled logit (below)")
     ap.add_argument("--candidates", type=int, default=1,
                     help="attention_pretrain_candidates: maps trained side by side, the best on held-out slides kept")
+    ap.add_argument("--restarts", type=int, default=0,
+                    help="attention_pretrain_restarts: fresh starts when the loss ends on its plateau")
+    ap.add_argument("--plateau", type=float, default=0.68, help="attention_pretrain_plateau")
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="a checkpoint folder (e.g. a synthmets.py run's --save-checkpoint) whose model the phase "
+                         "goes on training, instead of a fresh --magnet-model: does a map left on the plateau leave "
+                         "it with more steps?")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-train", type=int, default=None, help="use at most this many training slides")
@@ -75,13 +82,19 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     overrides = parse_overrides(args.magnet_override)
-    model = magnet_zoo.create_model(args.magnet_model, **overrides)
+    if args.init_from is not None:
+        if overrides:
+            ap.error("--init-from takes the checkpoint's configuration: no --magnet-override")
+        model = load_pretrained(args.init_from)
+        args.magnet_model = str(args.init_from)
+    else:
+        model = magnet_zoo.create_model(args.magnet_model, **overrides)
     slides = load_split(labels_csv, "train")[: args.max_train]
     result = pretrain_attention(model, [s.path for s in slides], [s.label for s in slides], steps=args.steps,
                                 lr=args.lr, top=args.top, seed=args.seed, batch=args.batch,
                                 negatives=args.negatives, augment=args.augment, candidates=args.candidates,
                                 edges=args.edges, top_start=args.top_start,
-                                edge_start=args.edge_start)
+                                edge_start=args.edge_start, restarts=args.restarts, plateau=args.plateau)
     save_pretrained(model, args.save)
     blocks = result["loss_per_50_steps"]
     out = {
@@ -93,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         "slides": len(slides), "steps": args.steps, "lr": args.lr, "top": args.top, "top_start": args.top_start,
         "edge_start": args.edge_start, "negatives": args.negatives,
         "augment": args.augment, "candidates": args.candidates, "edges": args.edges,
+        "restarts": args.restarts, "plateau": args.plateau,
+        "init_from": str(args.init_from) if args.init_from is not None else None,
         "batch": args.batch,
         "seed": args.seed, "result": result,
         "checkpoint": str(args.save), "machine": machine_info(), "also_running": args.also_running or "nothing",

@@ -473,7 +473,87 @@ def test_the_loop_hands_the_recipes_starting_share_to_the_phase(slide_files, mon
     records = [SlideRecord(p, y, "macro" if y else "normal") for p, y in zip(paths, labels, strict=True)]
     result = fit(micro_magnet(attention_tissue_only=True), SlideData(records, num_workers=0), config, recipe)
     assert got["top_start"] == 1.0 and got["top"] == 0.1 and got["edge_start"] == recipe.attention_pretrain_edge_start
+    assert got["restarts"] == 0 and got["plateau"] == recipe.attention_pretrain_plateau and got["time_left"] is None
     assert result.attention_pretrain["top_start"] == 1.0
+    got.clear()
+    recipe = get_recipe("learn_to_look", attention_pretrain_steps=2, attention_mil_top=0.1, steps=1, batch_size=2,
+                        attention_pretrain_restarts=2, attention_pretrain_plateau=0.5)
+    fit(micro_magnet(attention_tissue_only=True), SlideData(records, num_workers=0),
+        TrainConfig(device="cpu", amp="off", threads=2, progress=False, baseline_eval=False, save_every=0,
+                    tensorboard=False, time_limit=600.0), recipe)
+    assert got["restarts"] == 2 and got["plateau"] == 0.5
+    assert 0.9 * 590 < got["time_left"] <= 0.9 * 600  # nine tenths of what the run has left: the loop keeps a tenth
+
+
+def _phase(net, monkeypatch, **kw):
+    import magnet_zoo.train.attention_mil as attention_mil
+
+    views = torch.stack([torch.from_numpy(_spotted(s, s % 2 == 0)[0]).permute(2, 0, 1).float()
+                         for s in range(8)]).div(127.5).sub(1)
+    views = torch.nn.functional.interpolate(views, size=(56, 56), mode="area").unsqueeze(1)
+    monkeypatch.setattr(attention_mil, "read_views", lambda model, paths: views[: len(paths)].clone())
+    return attention_mil.pretrain_attention(net, [str(i) for i in range(8)], [int(s % 2 == 0) for s in range(8)],
+                                            steps=6, lr=1e-2, top=0.1, seed=0, batch=4, **kw)
+
+
+def test_a_phase_that_leaves_the_plateau_is_not_restarted_and_trains_exactly_as_without_restarts(monkeypatch):
+    nets, rng_after = [], []
+    for kw in ({}, {"restarts": 2, "plateau": 100.0}):  # every loss is below a plateau of 100: never restarted
+        torch.manual_seed(0)
+        net = micro_magnet(attention_tissue_only=True)
+        done = _phase(net, monkeypatch, **kw)
+        nets.append((net, done))
+        rng_after.append(torch.rand(3))
+    (plain, a), (guarded, b) = nets
+    for (k, v), w in zip(plain.state_dict().items(), guarded.state_dict().values(), strict=True):
+        assert torch.equal(v, w), k
+    assert a["loss_per_50_steps"] == b["loss_per_50_steps"] and "attempts" not in a
+    assert len(b["attempts"]) == 1 and b["attempt_kept"] == 0
+    torch.testing.assert_close(rng_after[0], rng_after[1])
+
+
+def test_a_phase_on_its_plateau_starts_again_from_fresh_maps_and_keeps_the_lowest_final_loss(monkeypatch, caplog):
+    import logging
+
+    torch.manual_seed(0)
+    plain = micro_magnet(attention_tissue_only=True)
+    _phase(plain, monkeypatch)
+    after_plain = torch.rand(3)
+    torch.manual_seed(0)
+    net = micro_magnet(attention_tissue_only=True)
+    with caplog.at_level(logging.WARNING, logger="magnet_zoo.train.attention_mil"):
+        done = _phase(net, monkeypatch, restarts=2, plateau=1e-6)  # every start counts as on the plateau
+    torch.testing.assert_close(torch.rand(3), after_plain)  # fresh starts draw from their own seeds
+    assert caplog.text.count("starting the phase again") == 2
+    finals = [a["loss_last_50"] for a in done["attempts"]]
+    assert len(finals) == 3 and len(set(finals)) == 3  # three different starts
+    kept = done["attempt_kept"]
+    assert finals[kept] == min(finals) and done["loss_last_50"] == pytest.approx(finals[kept])
+    assert done["attempts"][0]["loss_first_50"] == pytest.approx(_phase_first(monkeypatch))
+    layer = net.layers[0]
+    others = [k for k in net.state_dict() if not k.startswith("layers.0.stacks.")]
+    assert all(torch.equal(net.state_dict()[k], plain.state_dict()[k]) for k in others)  # only the first map moved
+    same_as_first_start = all(torch.equal(v, plain.state_dict()["layers.0.stacks." + k])
+                              for k, v in layer.stacks.state_dict().items())
+    assert same_as_first_start == (kept == 0)  # the layer holds the kept start's map
+    assert all(p.grad is None for p in net.parameters())
+
+    caplog.clear()
+    torch.manual_seed(0)
+    with caplog.at_level(logging.WARNING, logger="magnet_zoo.train.attention_mil"):
+        late = _phase(micro_magnet(attention_tissue_only=True), monkeypatch, restarts=2, plateau=1e-6, time_left=0.0)
+    assert len(late["attempts"]) == 1 and "would not fit" in caplog.text  # no time for another start
+    with pytest.raises(ValueError, match="restarts"):
+        _phase(micro_magnet(attention_tissue_only=True), monkeypatch, restarts=-1)
+    with pytest.raises(ConfigError, match="attention_pretrain_restarts"):
+        get_recipe("learn_to_look_mil", attention_pretrain_restarts=-1)
+    with pytest.raises(ConfigError, match="attention_pretrain_plateau"):
+        get_recipe("learn_to_look_mil", attention_pretrain_plateau=0.0)
+
+
+def _phase_first(monkeypatch) -> float:
+    torch.manual_seed(0)
+    return _phase(micro_magnet(attention_tissue_only=True), monkeypatch)["loss_first_50"]
 
 
 def test_the_edge_push_starts_at_its_share_of_the_phase_and_the_edge_is_never_pooled(monkeypatch):

@@ -171,6 +171,7 @@ def test_the_uniform_init_starts_the_attention_network_near_flat():
 
 def test_attention_pretraining_alone_saves_a_first_map_the_probe_scores(data, tmp_path):
     import synthmets_attention_pretrain as pre
+    import torch
 
     ckpt = tmp_path / "pre"
     args = ["--data", str(data), "--steps", "3", "--batch", "4", "--threads", "1", "--save", str(ckpt),
@@ -185,3 +186,16 @@ def test_attention_pretraining_alone_saves_a_first_map_the_probe_scores(data, tm
     assert vis.main(["--data", str(data), "--sizes", "32", "--checkpoint", str(ckpt), "--threads", "1",
                      "--out", str(tmp_path / "v.json")]) == 0
     assert json.loads((tmp_path / "v.json").read_text())["probe"]["checkpoint"] == str(ckpt)
+
+    more = tmp_path / "more"  # the phase goes on from the saved model: its first map moves, nothing else
+    assert pre.main(["--data", str(data), "--steps", "2", "--batch", "4", "--threads", "1", "--save", str(more),
+                     "--init-from", str(ckpt)]) == 0
+    from magnet_zoo.hub import load_pretrained
+
+    before, after = load_pretrained(ckpt).state_dict(), load_pretrained(more).state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.startswith("layers.0.stacks.") for k in moved)
+    assert json.loads((more / "pretrain.json").read_text())["init_from"] == str(ckpt)
+    with pytest.raises(SystemExit):  # the checkpoint brings its configuration
+        pre.main(["--data", str(data), "--steps", "1", "--save", str(tmp_path / "x"), "--init-from", str(ckpt),
+                  "--magnet-override", "input_size=32"])

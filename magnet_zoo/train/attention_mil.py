@@ -231,6 +231,9 @@ def pretrain_attention(
     edges: str = "pool",
     top_start: float | None = None,
     edge_start: float = 0.0,
+    restarts: int = 0,
+    plateau: float = 0.68,
+    time_left: float | None = None,
 ) -> dict[str, Any]:
     """Attention MIL as a phase before the loop: every training slide's first-layer view is read once, and
     the first layer's attention stacks alone are trained on them with :func:`mil_bce` (``negatives`` and
@@ -246,11 +249,15 @@ def pretrain_attention(
     of each class's slides; the map whose pooled logits best separate the held-out slides (AUROC, then their
     loss) is copied into the layer. It costs K times the steps.
 
+    With ``restarts`` R > 0, a start whose loss over its last 50 steps is still ``plateau`` or more (ln 2 = 0.693
+    is the loss of pooled logits that do not separate the classes: the map found nothing) is followed by another
+    from freshly initialised maps (their own seed; the batches go on), up to R times, as long as one more start,
+    timed as the ones before, ends within ``time_left`` seconds of the phase's start (None: no limit); the start
+    with the lowest final loss is kept. A start that leaves the plateau costs nothing more.
+
     Returns what it did (seconds, reading seconds, steps, the loss's means over the first and last 50 steps
     and over every block of 50, of the kept map; with candidates, each one's held-out AUROC and loss, and
-    which was kept)."""
-    from magnet_zoo.train.head_pretrain import d4
-    from magnet_zoo.train.metrics import auroc
+    which was kept; with restarts, each start's loss and seconds and which was kept)."""
 
     if steps <= 0:
         return {"seconds": 0.0, "steps": 0}
@@ -262,6 +269,10 @@ def pretrain_attention(
         raise ValueError(f"candidates must be >= 1, got {candidates}")
     if not 0 <= edge_start < 1:
         raise ValueError(f"edge_start must be in [0, 1), got {edge_start}")
+    if restarts < 0:
+        raise ValueError(f"restarts must be >= 0, got {restarts}")
+    if plateau <= 0:
+        raise ValueError(f"plateau must be > 0, got {plateau}")
     if edges not in EDGE_TREATMENTS:
         raise ValueError(f"edges must be one of {EDGE_TREATMENTS}, got {edges!r}")
     annealed_top(0, steps, top, top_start)  # a bad start fails before the views are read
@@ -282,13 +293,76 @@ def pretrain_attention(
     read_s = time.perf_counter() - start
     device = next(model.parameters()).device
     config = model.config
-    stacks = [layer.stacks] + [
-        type(layer.stacks)(layer.stacks.groups, init=config.layer_attention_init(layer.layer),
-                           padding=config.attention_padding, norm=config.attention_norm).to(device)
-        for _ in range(candidates - 1)
-    ]
+
+    def fresh() -> torch.nn.Module:
+        return type(layer.stacks)(layer.stacks.groups, init=config.layer_attention_init(layer.layer),
+                                  padding=config.attention_padding, norm=config.attention_norm).to(device)
+
+    attempts: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None
+    for attempt in range(restarts + 1):
+        attempt_start = time.perf_counter()
+        if attempt:  # a fresh start for every map, from its own seed: the loop's random stream is left as it was
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed + 7919 * attempt)
+                layer.stacks.load_state_dict(fresh().state_dict())
+                stacks = [layer.stacks] + [fresh() for _ in range(candidates - 1)]
+        else:
+            stacks = [layer.stacks] + [fresh() for _ in range(candidates - 1)]
+        losses, kept, out = _train_maps(layer, stacks, views, y, pos, neg, held, gen, steps=steps, lr=lr, top=top,
+                                        batch=batch, negatives=negatives, augment=augment, edges=edges,
+                                        top_start=top_start, edge_start=edge_start)
+        curve = losses[kept]
+        last = float(np.mean(curve[-50:]))
+        attempts.append({"loss_first_50": float(np.mean(curve[:50])), "loss_last_50": last,
+                         "seconds": time.perf_counter() - attempt_start})
+        if best is None or last < best["last"]:
+            best = {"attempt": attempt, "last": last, "curve": curve, "out": out,
+                    "state": ({k: v.detach().clone() for k, v in layer.stacks.state_dict().items()}
+                              if attempt < restarts else None)}
+        if last < plateau or attempt == restarts:
+            break
+        spent = time.perf_counter() - start
+        one = spent - read_s
+        if time_left is not None and spent + one / (attempt + 1) > time_left:
+            logger.warning("attention pre-training: the loss ended on its plateau (%.3f >= %.3f), but another start "
+                           "(~%.0f s) would not fit the %.0f s left to the phase: keeping this map", last, plateau,
+                           one / (attempt + 1), time_left)
+            break
+        logger.warning("attention pre-training: the loss ended on its plateau (%.3f >= %.3f: the pooled logits do "
+                       "not separate the classes); starting the phase again from a fresh first map (%d of %d)",
+                       last, plateau, attempt + 1, restarts)
+    assert best is not None
+    if best["attempt"] != len(attempts) - 1:
+        layer.stacks.load_state_dict(best["state"])
+    layer.train()
+    seconds = time.perf_counter() - start
+    curve, out, kept = best["curve"], best["out"], best["out"].get("kept", 0)
+    first, last = float(np.mean(curve[:50])), float(np.mean(curve[-50:]))
+    if restarts:
+        out = {**out, "attempts": attempts, "attempt_kept": best["attempt"], "plateau": plateau}
+    logger.info("attention pre-training: %d views read in %.0f s, %d steps x %d candidate(s) x %d start(s), kept %d, "
+                "loss %.3f -> %.3f (%.0f s)", len(paths), read_s, steps, candidates, len(attempts), kept, first, last,
+                seconds)
+    return {"seconds": seconds, "read_seconds": read_s, "slides": len(paths), "steps": steps,
+            "top": top, "top_start": top_start, "edge_start": edge_start, "loss_first_50": first, "loss_last_50": last,
+            "loss_per_50_steps": [float(np.mean(curve[i:i + 50])) for i in range(0, steps, 50)], **out}
+
+
+def _train_maps(layer: Any, stacks: list[torch.nn.Module], views: torch.Tensor, y: torch.Tensor, pos: torch.Tensor,
+                neg: torch.Tensor, held: torch.Tensor, gen: torch.Generator, *, steps: int, lr: float, top: float,
+                batch: int, negatives: str, augment: str, edges: str, top_start: float | None,
+                edge_start: float) -> tuple[list[list[float]], int, dict[str, Any]]:
+    """One start of :func:`pretrain_attention`: ``stacks`` (the layer's own first) trained side by side on the same
+    batches; with several, the one that best separates the ``held`` slides is copied into the layer. Returns each
+    map's loss curve, the kept one's index and, with several, what the choice saw."""
+    from magnet_zoo.train.head_pretrain import d4
+    from magnet_zoo.train.metrics import auroc
+
+    device = next(stacks[0].parameters()).device
+    candidates = len(stacks)
     opts = [torch.optim.Adam(s.parameters(), lr=lr) for s in stacks]
-    tissue_only = config.attention_tissue_only
+    tissue_only = layer.tissue_only
     half = batch // 2
     losses: list[list[float]] = [[] for _ in stacks]
     layer.train()
@@ -311,31 +385,21 @@ def pretrain_attention(
             curve.append(float(loss.detach()))
     for opt in opts:
         opt.zero_grad(set_to_none=True)  # the loop's first step must not add the phase's last gradient
-    out: dict[str, Any] = {}
-    kept = 0
-    if candidates > 1:
-        x = views[held].to(device).float()
-        mask = layer.tissue_mask(x) if tissue_only else None
-        scores = []
-        with torch.no_grad():
-            for stack in stacks:
-                stack.eval()
-                loss, pooled = mil_bce(layer.attention_logits(x, stack), mask, y[held], top=top,
-                                       negatives=negatives, edges=edges)
-                area = float(np.mean([auroc(pooled[:, g].cpu().numpy(), y[held].numpy())
-                                      for g in range(pooled.shape[1])]))
-                scores.append({"held_out_auroc": area, "held_out_loss": float(loss),
-                               "loss_last_50": float(np.mean(losses[len(scores)][-50:]))})
-        kept = max(range(candidates), key=lambda i: (scores[i]["held_out_auroc"], -scores[i]["held_out_loss"]))
-        if kept:
-            layer.stacks.load_state_dict(stacks[kept].state_dict())
-        out = {"candidates": scores, "kept": kept, "held_out_slides": len(held)}
-    layer.train()
-    seconds = time.perf_counter() - start
-    curve = losses[kept]
-    first, last = float(np.mean(curve[:50])), float(np.mean(curve[-50:]))
-    logger.info("attention pre-training: %d views read in %.0f s, %d steps x %d candidate(s), kept %d, loss %.3f -> "
-                "%.3f (%.0f s)", len(paths), read_s, steps, candidates, kept, first, last, seconds)
-    return {"seconds": seconds, "read_seconds": read_s, "slides": len(paths), "steps": steps,
-            "top": top, "top_start": top_start, "edge_start": edge_start, "loss_first_50": first, "loss_last_50": last,
-            "loss_per_50_steps": [float(np.mean(curve[i:i + 50])) for i in range(0, steps, 50)], **out}
+    if candidates == 1:
+        return losses, 0, {}
+    x = views[held].to(device).float()
+    mask = layer.tissue_mask(x) if tissue_only else None
+    scores = []
+    with torch.no_grad():
+        for stack in stacks:
+            stack.eval()
+            loss, pooled = mil_bce(layer.attention_logits(x, stack), mask, y[held], top=top,
+                                   negatives=negatives, edges=edges)
+            area = float(np.mean([auroc(pooled[:, g].cpu().numpy(), y[held].numpy())
+                                  for g in range(pooled.shape[1])]))
+            scores.append({"held_out_auroc": area, "held_out_loss": float(loss),
+                           "loss_last_50": float(np.mean(losses[len(scores)][-50:]))})
+    kept = max(range(candidates), key=lambda i: (scores[i]["held_out_auroc"], -scores[i]["held_out_loss"]))
+    if kept:
+        layer.stacks.load_state_dict(stacks[kept].state_dict())
+    return losses, kept, {"candidates": scores, "kept": kept, "held_out_slides": len(held)}

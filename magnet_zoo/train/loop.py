@@ -717,7 +717,9 @@ class TrainLoop:
             top=recipe.attention_mil_top, seed=self.config.seed, negatives=recipe.attention_mil_negatives,
             augment=recipe.attention_pretrain_augment, candidates=recipe.attention_pretrain_candidates,
             edges=recipe.attention_mil_edges, top_start=recipe.attention_pretrain_top_start,
-            edge_start=recipe.attention_pretrain_edge_start,
+            edge_start=recipe.attention_pretrain_edge_start, restarts=recipe.attention_pretrain_restarts,
+            plateau=recipe.attention_pretrain_plateau,
+            time_left=0.9 * (self.config.time_limit - self.seconds()) if self.config.time_limit else None,
         )
         self._save_state()
 
