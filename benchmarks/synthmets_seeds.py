@@ -47,7 +47,8 @@ DEFAULT_RUNS = ("synthmets_30min.json", "synthmets_30min_s1.json", "synthmets_30
                 "synthmets_30min_mil_widebelow_s1.json", "synthmets_30min_mil_widebelow_s4.json",
                 "synthmets_30min_mil_widebelow_s2.json", "synthmets_30min_mil_widebelow_s3.json",
                 "synthmets_30min_mil_twomaps_widebelow_s0.json", "synthmets_30min_mil_twomaps_widebelow_s1.json",
-                "synthmets_30min_mil_default_s6.json", "synthmets_30min_mil_default_s7.json")
+                "synthmets_30min_mil_default_s6.json", "synthmets_30min_mil_default_s7.json",
+                "synthmets_30min_mil_restart_s6.json", "synthmets_30min_mil_restart_s8.json")
 BASELINES = ("mean_rgb", "thumbnail_cnn", "dense_mil")
 COLUMNS = ("auroc", "auroc_macro", "auroc_micro", "auroc_itc", "loc_micro_ratio", "loc_micro_ceiling",
            "loc_all_ratio")
@@ -164,6 +165,15 @@ def tree_changes(settings: dict[str, Any]) -> list[str]:
     return [] if ran is None or ran == registered else [_as_field("patches", ran)]
 
 
+RESTART_FIELDS = ("attention_pretrain_restarts", "attention_pretrain_plateau")
+"""Recipe fields that change a run only when its attention pre-training started again (its phase's ``attempts``)."""
+
+
+def restarted(training: dict[str, Any]) -> bool:
+    """Whether a run's attention pre-training phase started again from fresh maps (``attention_pretrain_restarts``)."""
+    return len(((training or {}).get("attention_pretrain") or {}).get("attempts") or ()) > 1
+
+
 def magnet_row(result: dict[str, Any], source: str) -> dict[str, Any]:
     """The MagNet's numbers from one ``synthmets.py`` JSON."""
     magnet = result["methods"].get("magnet")
@@ -177,19 +187,24 @@ def magnet_row(result: dict[str, Any], source: str) -> dict[str, Any]:
     recipe = settings.get("recipe", {}).get("name") or "learn_to_look"
     spelled_changes = recipe_fields(magnet.get("command") or result.get("command") or "")
     spelled = recipe + (f" ({', '.join(spelled_changes)})" if spelled_changes else "")
-    canonical = registered_as(settings.get("recipe"))
+    ran = settings.get("recipe")
+    if ran and not restarted(training):
+        # a phase that never started again trained exactly as without the restart fields (tests/test_attention_mil.py,
+        # "...exactly as without restarts"), while the registered recipes do not restart: the run is that recipe's
+        ran = {k: v for k, v in ran.items() if k not in RESTART_FIELDS}
+        spelled_changes = [c for c in spelled_changes if _key(c) not in RESTART_FIELDS]
+    canonical = registered_as(ran)
     architecture = tree_changes(settings) + [c for c in spelled_changes
                                              if _key(c) in ARCHITECTURE and _key(c) != "patches"]
     changes = [c for c in spelled_changes if _key(c) not in ARCHITECTURE]
-    formerly = registered_formerly(settings.get("recipe")) if canonical is None else None
+    formerly = registered_formerly(ran) if canonical is None else None
     if canonical is not None:  # e.g. learn_to_look + the fields that make learn_to_look_mil
         recipe, changes = canonical, architecture
     elif formerly is not None:  # the registered recipe as it was when the run trained
-        recipe, changes = formerly, architecture + former_changes(settings.get("recipe"), formerly)
+        recipe, changes = formerly, architecture + former_changes(ran, formerly)
     else:  # a changed recipe: its spelled fields, and any the registry changed since the run
         keys = {_key(c) for c in changes}
-        changes = architecture + changes + [c for c in former_changes(settings.get("recipe"), recipe)
-                                            if _key(c) not in keys]
+        changes = architecture + changes + [c for c in former_changes(ran, recipe) if _key(c) not in keys]
     return {
         "source": source,
         # Runs older than the --recipe option trained with the default recipe and did not record its name.

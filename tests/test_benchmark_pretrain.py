@@ -140,6 +140,10 @@ def test_the_seeds_table_names_a_run_by_the_registered_recipe_it_trained():
     assert spelled["spelled_as"].startswith("learn_to_look (patches=[1,2], ")
     assert named["spelled_as"] == "learn_to_look_mil (patches=[1,2])"
     # a change of the former recipe also names the field the registry changed since, which it did not spell
+    # restart fields name a run only where its phase started again: seed 8's ended off the plateau at its first start
+    assert row("synthmets_30min_mil_restart_s8.json")["setting"] == "learn_to_look_mil"
+    assert row("synthmets_30min_mil_restart_s6.json")["setting"] == "learn_to_look_mil (attention_pretrain_restarts=1)"
+    assert "attention_pretrain_restarts=1" in row("synthmets_30min_mil_restart_s8.json")["spelled_as"]
     wide = row("synthmets_30min_mil_widestart_s4.json")
     assert wide["setting"].startswith("learn_to_look_mil (attention_pretrain_top_start=1.0, ")
     assert wide["setting"].endswith(", attention_mil_edges=negative)")
