@@ -33,7 +33,7 @@ from synthmets import parse_overrides  # noqa: E402
 import magnet_zoo  # noqa: E402
 from magnet_zoo.hub import load_pretrained, save_pretrained  # noqa: E402
 from magnet_zoo.train.attention_mil import pretrain_attention  # noqa: E402
-from magnet_zoo.train.recipe import ATTENTION_MIL_EDGES, PRETRAIN_AUGMENTS  # noqa: E402
+from magnet_zoo.train.recipe import ATTENTION_MIL_EDGES, PRETRAIN_AUGMENTS, RESTART_FROM  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--restarts", type=int, default=0,
                     help="attention_pretrain_restarts: fresh starts when the loss ends on its plateau")
     ap.add_argument("--plateau", type=float, default=0.68, help="attention_pretrain_plateau")
+    ap.add_argument("--restart-from", choices=RESTART_FROM, default="fresh",
+                    help="attention_pretrain_restart_from: fresh maps or the same map trained on")
     ap.add_argument("--init-from", type=Path, default=None,
                     help="a checkpoint folder (e.g. a synthmets.py run's --save-checkpoint) whose model the phase "
                          "goes on training, instead of a fresh --magnet-model: does a map left on the plateau leave "
@@ -94,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
                                 lr=args.lr, top=args.top, seed=args.seed, batch=args.batch,
                                 negatives=args.negatives, augment=args.augment, candidates=args.candidates,
                                 edges=args.edges, top_start=args.top_start,
-                                edge_start=args.edge_start, restarts=args.restarts, plateau=args.plateau)
+                                edge_start=args.edge_start, restarts=args.restarts, plateau=args.plateau,
+                                restart_from=args.restart_from)
     save_pretrained(model, args.save)
     blocks = result["loss_per_50_steps"]
     out = {
@@ -106,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         "slides": len(slides), "steps": args.steps, "lr": args.lr, "top": args.top, "top_start": args.top_start,
         "edge_start": args.edge_start, "negatives": args.negatives,
         "augment": args.augment, "candidates": args.candidates, "edges": args.edges,
-        "restarts": args.restarts, "plateau": args.plateau,
+        "restarts": args.restarts, "plateau": args.plateau, "restart_from": args.restart_from,
         "init_from": str(args.init_from) if args.init_from is not None else None,
         "batch": args.batch,
         "seed": args.seed, "result": result,

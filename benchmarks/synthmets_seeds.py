@@ -48,7 +48,8 @@ DEFAULT_RUNS = ("synthmets_30min.json", "synthmets_30min_s1.json", "synthmets_30
                 "synthmets_30min_mil_widebelow_s2.json", "synthmets_30min_mil_widebelow_s3.json",
                 "synthmets_30min_mil_twomaps_widebelow_s0.json", "synthmets_30min_mil_twomaps_widebelow_s1.json",
                 "synthmets_30min_mil_default_s6.json", "synthmets_30min_mil_default_s7.json",
-                "synthmets_30min_mil_restart_s6.json", "synthmets_30min_mil_restart_s8.json")
+                "synthmets_30min_mil_restart_s6.json", "synthmets_30min_mil_restart_s8.json",
+                "synthmets_30min_mil_continue_s6.json")
 BASELINES = ("mean_rgb", "thumbnail_cnn", "dense_mil")
 COLUMNS = ("auroc", "auroc_macro", "auroc_micro", "auroc_itc", "loc_micro_ratio", "loc_micro_ceiling",
            "loc_all_ratio")
@@ -93,11 +94,32 @@ def _key(change: str) -> str:
     return change.partition("=")[0]
 
 
-def registered_as(ran: dict[str, Any] | None, among: dict[str, Any] | None = None) -> str | None:
+RESTART_FIELDS = ("attention_pretrain_restarts", "attention_pretrain_restart_from", "attention_pretrain_plateau")
+"""Recipe fields that change a run only when its attention pre-training ended on its plateau."""
+
+
+def as_compared_with(ran: dict[str, Any], phase: dict[str, Any] | None, against: dict[str, Any]) -> dict[str, Any]:
+    """``ran`` (a run's recorded recipe, plain) with the :data:`RESTART_FIELDS` read as what the run did, next to the
+    recipe ``against``: a phase that started again (its ``attempts``) keeps its recorded fields; one that ended
+    below ``against``'s plateau trained exactly as ``against`` would have (no further phase: tests/
+    test_attention_mil.py, "...exactly as without restarts"), so it takes ``against``'s; one that ended on the
+    plateau without starting again is a run with no restarts (``attention_pretrain_restarts=0``)."""
+    if len((phase or {}).get("attempts") or ()) > 1:
+        return ran
+    theirs = {k: against[k] for k in RESTART_FIELDS if k in against}
+    last = (phase or {}).get("loss_last_50")
+    on_plateau = (against.get("attention_pretrain_restarts", 0) > 0 and ran.get("attention_pretrain_steps")
+                  and last is not None and last >= against["attention_pretrain_plateau"])
+    return {**ran, **theirs, **({"attention_pretrain_restarts": 0} if on_plateau else {})}
+
+
+def registered_as(ran: dict[str, Any] | None, among: dict[str, Any] | None = None,
+                  phase: dict[str, Any] | None = None) -> str | None:
     """The registered recipe whose every field, and every network setting beyond :data:`ARCHITECTURE`, is ``ran``'s
-    (a run's recorded recipe; a field added since the run is taken at its default), or ``None``. A run that spelled
-    a registered recipe as another one plus ``--recipe-field``s is then named by it. ``among``: the recipes to
-    compare with, by name (default: the registry)."""
+    (a run's recorded recipe; a field added since the run is taken at its default; the restart fields as
+    :func:`as_compared_with` reads them, given the run's attention pre-training ``phase``), or ``None``. A run that
+    spelled a registered recipe as another one plus ``--recipe-field``s is then named by it. ``among``: the
+    recipes to compare with, by name (default: the registry)."""
     if not ran:
         return None
     from magnet_zoo.train.recipe import RECIPES, Recipe
@@ -107,18 +129,22 @@ def registered_as(ran: dict[str, Any] | None, among: dict[str, Any] | None = Non
     network = {k: v for k, v in (ran.get("model_overrides") or {}).items() if k not in ARCHITECTURE}
     for name, registered in (RECIPES if among is None else among).items():
         mine = _plain(registered.to_dict())
+        mine_ran = as_compared_with(ran, phase, mine)
         fields = set(mine) - {"name", "summary", "model_overrides"}
-        if all(ran.get(k, defaults[k]) == mine[k] for k in fields) and network == mine["model_overrides"]:
+        if all(mine_ran.get(k, defaults[k]) == mine[k] for k in fields) and network == mine["model_overrides"]:
             return name
     return None
 
 
 FORMER_FIELDS: dict[str, dict[str, Any]] = {
-    "learn_to_look_mil": {"attention_mil_edges": "negative", "attention_pretrain_top_start": None},
+    "learn_to_look_mil": {"attention_mil_edges": "negative", "attention_pretrain_top_start": None,
+                          "attention_pretrain_restarts": 0},
 }
-"""Registered recipes' fields as they were before a change (``learn_to_look_mil`` until 2026-12-07): a run recorded
-with the former values is named by its recipe and those values, e.g. ``learn_to_look_mil (attention_mil_edges=
-negative, attention_pretrain_top_start=null)``, never as the recipe it no longer is."""
+"""Registered recipes' fields as they were before a change (``learn_to_look_mil``: the edge and the share until
+2026-12-07, no second phase on the plateau until 2026-12-08): a run recorded with the former values is named by its
+recipe and those values, e.g. ``learn_to_look_mil (attention_mil_edges=negative, attention_pretrain_top_start=
+null)``, never as the recipe it no longer is. A restart field is named only where it changed what the run trained
+(:func:`as_compared_with`)."""
 
 
 def _as_field(key: str, value: Any) -> str:
@@ -126,25 +152,29 @@ def _as_field(key: str, value: Any) -> str:
     return f"{key}={value if isinstance(value, str) else json.dumps(value, separators=(',', ':'))}"
 
 
-def former_changes(ran: dict[str, Any] | None, name: str) -> list[str]:
-    """The fields of :data:`FORMER_FIELDS` in which ``ran`` (a run's recorded recipe, by the name ``name`` or
-    spelled as another recipe) differs from the registered ``name`` today, as ``key=value``."""
-    if not ran or name not in FORMER_FIELDS:
-        return []
+def former_changes(ran: dict[str, Any] | None, name: str, phase: dict[str, Any] | None = None,
+                   keys: tuple[str, ...] | None = None) -> list[str]:
+    """The fields of :data:`FORMER_FIELDS` (or ``keys``) in which ``ran`` (a run's recorded recipe, by the name
+    ``name`` or spelled as another recipe; its restart fields as :func:`as_compared_with` reads them next to
+    ``name`` today) differs from the registered ``name`` today, as ``key=value``."""
     from magnet_zoo.train.recipe import RECIPES, Recipe
 
-    defaults, now, ran = _plain(Recipe(name="defaults").to_dict()), _plain(RECIPES[name].to_dict()), _plain(ran)
-    return [_as_field(k, ran.get(k, defaults[k])) for k in FORMER_FIELDS[name] if ran.get(k, defaults[k]) != now[k]]
+    if not ran or (keys is None and name not in FORMER_FIELDS) or name not in RECIPES:
+        return []
+    defaults, now = _plain(Recipe(name="defaults").to_dict()), _plain(RECIPES[name].to_dict())
+    ran = as_compared_with(_plain(ran), phase, now)
+    return [_as_field(k, ran.get(k, defaults[k])) for k in (FORMER_FIELDS[name] if keys is None else keys)
+            if ran.get(k, defaults[k]) != now[k]]
 
 
-def registered_formerly(ran: dict[str, Any] | None) -> str | None:
+def registered_formerly(ran: dict[str, Any] | None, phase: dict[str, Any] | None = None) -> str | None:
     """The registered recipe that ``ran`` is with its :data:`FORMER_FIELDS`, or ``None``."""
     if not ran:
         return None
     from magnet_zoo.train.recipe import RECIPES
 
     for name, former in FORMER_FIELDS.items():
-        if registered_as(ran, among={name: RECIPES[name].replace(**former)}) == name:
+        if registered_as(ran, among={name: RECIPES[name].replace(**former)}, phase=phase) == name:
             return name
     return None
 
@@ -165,15 +195,6 @@ def tree_changes(settings: dict[str, Any]) -> list[str]:
     return [] if ran is None or ran == registered else [_as_field("patches", ran)]
 
 
-RESTART_FIELDS = ("attention_pretrain_restarts", "attention_pretrain_plateau")
-"""Recipe fields that change a run only when its attention pre-training started again (its phase's ``attempts``)."""
-
-
-def restarted(training: dict[str, Any]) -> bool:
-    """Whether a run's attention pre-training phase started again from fresh maps (``attention_pretrain_restarts``)."""
-    return len(((training or {}).get("attention_pretrain") or {}).get("attempts") or ()) > 1
-
-
 def magnet_row(result: dict[str, Any], source: str) -> dict[str, Any]:
     """The MagNet's numbers from one ``synthmets.py`` JSON."""
     magnet = result["methods"].get("magnet")
@@ -187,24 +208,21 @@ def magnet_row(result: dict[str, Any], source: str) -> dict[str, Any]:
     recipe = settings.get("recipe", {}).get("name") or "learn_to_look"
     spelled_changes = recipe_fields(magnet.get("command") or result.get("command") or "")
     spelled = recipe + (f" ({', '.join(spelled_changes)})" if spelled_changes else "")
-    ran = settings.get("recipe")
-    if ran and not restarted(training):
-        # a phase that never started again trained exactly as without the restart fields (tests/test_attention_mil.py,
-        # "...exactly as without restarts"), while the registered recipes do not restart: the run is that recipe's
-        ran = {k: v for k, v in ran.items() if k not in RESTART_FIELDS}
-        spelled_changes = [c for c in spelled_changes if _key(c) not in RESTART_FIELDS]
-    canonical = registered_as(ran)
+    ran, phase = settings.get("recipe"), training.get("attention_pretrain")
+    canonical = registered_as(ran, phase=phase)
     architecture = tree_changes(settings) + [c for c in spelled_changes
                                              if _key(c) in ARCHITECTURE and _key(c) != "patches"]
-    changes = [c for c in spelled_changes if _key(c) not in ARCHITECTURE]
-    formerly = registered_formerly(ran) if canonical is None else None
+    # restart fields are named as the run used them (as_compared_with), not as spelled
+    changes = [c for c in spelled_changes if _key(c) not in ARCHITECTURE and _key(c) not in RESTART_FIELDS]
+    formerly = registered_formerly(ran, phase) if canonical is None else None
     if canonical is not None:  # e.g. learn_to_look + the fields that make learn_to_look_mil
         recipe, changes = canonical, architecture
     elif formerly is not None:  # the registered recipe as it was when the run trained
-        recipe, changes = formerly, architecture + former_changes(ran, formerly)
-    else:  # a changed recipe: its spelled fields, and any the registry changed since the run
+        recipe, changes = formerly, architecture + former_changes(ran, formerly, phase)
+    else:  # a changed recipe: its spelled fields, its restart fields, and any the registry changed since the run
+        changes += [c for c in former_changes(ran, recipe, phase, keys=RESTART_FIELDS)]
         keys = {_key(c) for c in changes}
-        changes = architecture + changes + [c for c in former_changes(ran, recipe) if _key(c) not in keys]
+        changes = architecture + changes + [c for c in former_changes(ran, recipe, phase) if _key(c) not in keys]
     return {
         "source": source,
         # Runs older than the --recipe option trained with the default recipe and did not record its name.

@@ -551,6 +551,46 @@ def test_a_phase_on_its_plateau_starts_again_from_fresh_maps_and_keeps_the_lowes
         get_recipe("learn_to_look_mil", attention_pretrain_plateau=0.0)
 
 
+def test_a_phase_on_its_plateau_can_train_the_same_map_on_at_the_final_share(monkeypatch):
+    import magnet_zoo.train.attention_mil as attention_mil
+
+    seen = []
+    real = attention_mil.mil_bce
+
+    def record(logits, mask, labels, *, top, edge_weight=1.0, **kw):
+        seen.append((top, edge_weight))
+        return real(logits, mask, labels, top=top, edge_weight=edge_weight, **kw)
+
+    monkeypatch.setattr(attention_mil, "mil_bce", record)
+    torch.manual_seed(0)
+    plain = micro_magnet(attention_tissue_only=True)
+    alone = _phase(plain, monkeypatch, top_start=1.0, edges="below", edge_start=0.5)
+    after_plain = torch.rand(3)
+    first = list(seen)
+    seen.clear()
+    torch.manual_seed(0)
+    net = micro_magnet(attention_tissue_only=True)
+    done = _phase(net, monkeypatch, top_start=1.0, edges="below", edge_start=0.5, restarts=1, plateau=1e-6,
+                  restart_from="continue")
+    torch.testing.assert_close(torch.rand(3), after_plain)  # nothing drawn from the loop's random stream
+    assert seen[:6] == first  # the first phase as without restarts: annealed share, the edge from step 3
+    assert seen[6:] == [(0.1, 1.0)] * 6  # then the final share and the edge term from the first step
+    assert len(done["attempts"]) == 2 and done["restart_from"] == "continue"
+    assert done["attempts"][0]["loss_last_50"] == pytest.approx(alone["loss_last_50"])
+    kept = done["attempt_kept"]
+    assert done["loss_last_50"] == pytest.approx(done["attempts"][kept]["loss_last_50"])
+    moved = any(not torch.equal(v, plain.state_dict()["layers.0.stacks." + k])
+                for k, v in net.layers[0].stacks.state_dict().items())
+    assert moved == (kept == 1)  # the map trained on, unless the first phase's ended lower
+    finals = [a["loss_last_50"] for a in done["attempts"]]  # each phase's 6 steps: its mean
+    whole = np.mean(finals) if kept == 1 else finals[0]  # the kept map's whole curve: both phases when continued
+    assert done["loss_per_50_steps"] == [pytest.approx(whole)]
+    with pytest.raises(ValueError, match="restart_from"):
+        _phase(micro_magnet(attention_tissue_only=True), monkeypatch, restarts=1, restart_from="again")
+    with pytest.raises(ConfigError, match="attention_pretrain_restart_from"):
+        get_recipe("learn_to_look_mil", attention_pretrain_restart_from="again")
+
+
 def _phase_first(monkeypatch) -> float:
     torch.manual_seed(0)
     return _phase(micro_magnet(attention_tissue_only=True), monkeypatch)["loss_first_50"]

@@ -130,20 +130,29 @@ def test_the_seeds_table_names_a_run_by_the_registered_recipe_it_trained():
     assert tree_changes({"model": "magnet2_micro", "config": {"patches": [1, 2]}}) == []
     assert tree_changes({"model": "no_such_model", "config": {"patches": [2, 2]}}) == []
     assert tree_changes({"model": "magnet2_tiny", "config": {"patches": [2, 2], "classifier_backbone": "x"}}) == []
-    two_maps = row("synthmets_30min_mil_twomaps_widebelow_s0.json")
+    two_maps = row("synthmets_30min_mil_twomaps_widebelow_s1.json")
     assert "patches" not in two_maps["spelled_as"] and two_maps["setting"] == "learn_to_look_mil (patches=[2,2])"
+    stuck = row("synthmets_30min_mil_twomaps_widebelow_s0.json")  # its phase ended at 0.686: on the plateau
+    assert stuck["setting"] == "learn_to_look_mil (patches=[2,2], attention_pretrain_restarts=0)"
     # the former recipe, spelled as learn_to_look + fields (seed 0) and named learn_to_look_mil (seed 4)
     spelled, named = row("synthmets_30min_onemap_edges_s0.json"), row("synthmets_30min_mil_onemap_s4.json")
     former = "learn_to_look_mil (attention_mil_edges=negative, attention_pretrain_top_start=null)"
-    assert set(FORMER_FIELDS["learn_to_look_mil"]) == {"attention_mil_edges", "attention_pretrain_top_start"}
-    assert spelled["setting"] == named["setting"] == former
+    assert set(FORMER_FIELDS["learn_to_look_mil"]) == {"attention_mil_edges", "attention_pretrain_top_start",
+                                                       "attention_pretrain_restarts"}
+    assert spelled["setting"] == former  # its phase left the plateau; seed 4's did not (no second phase then)
+    assert named["setting"] == former[:-1] + ", attention_pretrain_restarts=0)"
     assert spelled["spelled_as"].startswith("learn_to_look (patches=[1,2], ")
     assert named["spelled_as"] == "learn_to_look_mil (patches=[1,2])"
     # a change of the former recipe also names the field the registry changed since, which it did not spell
-    # restart fields name a run only where its phase started again: seed 8's ended off the plateau at its first start
+    # restart fields name a run only where they changed what it trained: seed 8's phase left the plateau at its
+    # first start (as the recipe's does now, whatever it would do on the plateau); seed 6's former default run ended
+    # on the plateau and had no second phase; the restart run of seed 6 started again from fresh maps
     assert row("synthmets_30min_mil_restart_s8.json")["setting"] == "learn_to_look_mil"
-    assert row("synthmets_30min_mil_restart_s6.json")["setting"] == "learn_to_look_mil (attention_pretrain_restarts=1)"
     assert "attention_pretrain_restarts=1" in row("synthmets_30min_mil_restart_s8.json")["spelled_as"]
+    assert row("synthmets_30min_mil_default_s6.json")["setting"] == "learn_to_look_mil (attention_pretrain_restarts=0)"
+    assert row("synthmets_30min_mil_default_s7.json")["setting"] == "learn_to_look_mil"
+    assert row("synthmets_30min_mil_restart_s6.json")["setting"] == (
+        "learn_to_look_mil (attention_pretrain_restart_from=fresh)")
     wide = row("synthmets_30min_mil_widestart_s4.json")
     assert wide["setting"].startswith("learn_to_look_mil (attention_pretrain_top_start=1.0, ")
     assert wide["setting"].endswith(", attention_mil_edges=negative)")

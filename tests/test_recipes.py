@@ -169,9 +169,14 @@ def test_learn_to_look_mil_is_what_the_recorded_synthmets_runs_trained_with():
     mil = json.loads(json.dumps(get_recipe("learn_to_look_mil").to_dict()))
     defaults = json.loads(json.dumps(Recipe(name="defaults").to_dict()))
     architecture = {"patches", "classifier_backbone", "aux_backbone"}
+    # a further phase only starts when the first ends on its plateau: runs whose phase ended below it trained
+    # exactly as the recipe does now (tests/test_attention_mil.py), whatever they recorded of the restart fields
+    restart = {"attention_pretrain_restarts", "attention_pretrain_restart_from", "attention_pretrain_plateau"}
     for run in runs:
-        ran = json.loads(run.read_text())["methods"]["magnet"]["settings"]["recipe"]
-        for key in set(mil) - {"name", "summary", "model_overrides"}:
+        magnet = json.loads(run.read_text())["methods"]["magnet"]
+        ran = magnet["settings"]["recipe"]
+        assert magnet["training"]["attention_pretrain"]["loss_last_50"] < mil["attention_pretrain_plateau"], run.name
+        for key in set(mil) - {"name", "summary", "model_overrides"} - restart:
             assert mil[key] == ran.get(key, defaults[key]), (run.name, key)
         assert {k: v for k, v in ran["model_overrides"].items() if k not in architecture} == mil["model_overrides"]
     former = sorted(results.glob("synthmets_30min_onemap_edges_s*.json")) + sorted(
@@ -179,8 +184,10 @@ def test_learn_to_look_mil_is_what_the_recorded_synthmets_runs_trained_with():
     assert len(former) >= 6
     for run in former:
         ran = json.loads(run.read_text())["methods"]["magnet"]["settings"]["recipe"]
-        differ = {k for k in set(mil) - {"name", "summary", "model_overrides"} if mil[k] != ran.get(k, defaults[k])}
+        differ = {k for k in set(mil) - {"name", "summary", "model_overrides"} - restart
+                  if mil[k] != ran.get(k, defaults[k])}
         assert differ == {"attention_mil_edges", "attention_pretrain_top_start"}, run.name
+    assert mil["attention_pretrain_restarts"] == 1 and mil["attention_pretrain_restart_from"] == "continue"
     recipe = get_recipe("learn_to_look_mil")
     assert recipe.attention_mil_edges == "below" and recipe.attention_pretrain_top_start == 1.0
     assert recipe.attention_mil_only and recipe.attention_pretrain_steps

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from magnet_zoo.nn.fetcher import RegionFetcher
 from magnet_zoo.nn.magnet import MagNet
-from magnet_zoo.train.recipe import ATTENTION_MIL_EDGES, PRETRAIN_AUGMENTS
+from magnet_zoo.train.recipe import ATTENTION_MIL_EDGES, PRETRAIN_AUGMENTS, RESTART_FROM
 
 logger = logging.getLogger(__name__)
 
@@ -234,6 +234,7 @@ def pretrain_attention(
     restarts: int = 0,
     plateau: float = 0.68,
     time_left: float | None = None,
+    restart_from: str = "fresh",
 ) -> dict[str, Any]:
     """Attention MIL as a phase before the loop: every training slide's first-layer view is read once, and
     the first layer's attention stacks alone are trained on them with :func:`mil_bce` (``negatives`` and
@@ -253,7 +254,11 @@ def pretrain_attention(
     is the loss of pooled logits that do not separate the classes: the map found nothing) is followed by another
     from freshly initialised maps (their own seed; the batches go on), up to R times, as long as one more start,
     timed as the ones before, ends within ``time_left`` seconds of the phase's start (None: no limit); the start
-    with the lowest final loss is kept. A start that leaves the plateau costs nothing more.
+    with the lowest final loss is kept. A start that leaves the plateau costs nothing more. ``restart_from``:
+    ``"fresh"``, freshly initialised maps (their own seed; the batches go on), or ``"continue"``, the same map
+    trained on for another ``steps`` (a new Adam, the final pooled share and the edge term from its first step,
+    no candidates): a map on the plateau is often slow rather than dead (SynthMets seed 6: two fresh starts
+    stayed there, the same map continued left it; docs/synthmets_magnet.md, "A second phase on the plateau").
 
     Returns what it did (seconds, reading seconds, steps, the loss's means over the first and last 50 steps
     and over every block of 50, of the kept map; with candidates, each one's held-out AUROC and loss, and
@@ -273,6 +278,8 @@ def pretrain_attention(
         raise ValueError(f"restarts must be >= 0, got {restarts}")
     if plateau <= 0:
         raise ValueError(f"plateau must be > 0, got {plateau}")
+    if restart_from not in RESTART_FROM:
+        raise ValueError(f"restart_from must be one of {RESTART_FROM}, got {restart_from!r}")
     if edges not in EDGE_TREATMENTS:
         raise ValueError(f"edges must be one of {EDGE_TREATMENTS}, got {edges!r}")
     annealed_top(0, steps, top, top_start)  # a bad start fails before the views are read
@@ -302,20 +309,29 @@ def pretrain_attention(
     best: dict[str, Any] | None = None
     for attempt in range(restarts + 1):
         attempt_start = time.perf_counter()
-        if attempt:  # a fresh start for every map, from its own seed: the loop's random stream is left as it was
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed + 7919 * attempt)
-                layer.stacks.load_state_dict(fresh().state_dict())
-                stacks = [layer.stacks] + [fresh() for _ in range(candidates - 1)]
+        going_on = attempt > 0 and restart_from == "continue"
+        if going_on:  # the kept map alone, on at the phase's final share
+            losses, kept, out = _train_maps(layer, [layer.stacks], views, y, pos, neg, held[:0], gen, steps=steps,
+                                            lr=lr, top=top, batch=batch, negatives=negatives, augment=augment,
+                                            edges=edges, top_start=None, edge_start=0.0)
+            out = best["out"] if best is not None else out
         else:
-            stacks = [layer.stacks] + [fresh() for _ in range(candidates - 1)]
-        losses, kept, out = _train_maps(layer, stacks, views, y, pos, neg, held, gen, steps=steps, lr=lr, top=top,
-                                        batch=batch, negatives=negatives, augment=augment, edges=edges,
-                                        top_start=top_start, edge_start=edge_start)
+            if attempt:  # a fresh start for every map, from its own seed: the loop's random stream is left as it was
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed + 7919 * attempt)
+                    layer.stacks.load_state_dict(fresh().state_dict())
+                    stacks = [layer.stacks] + [fresh() for _ in range(candidates - 1)]
+            else:
+                stacks = [layer.stacks] + [fresh() for _ in range(candidates - 1)]
+            losses, kept, out = _train_maps(layer, stacks, views, y, pos, neg, held, gen, steps=steps, lr=lr,
+                                            top=top, batch=batch, negatives=negatives, augment=augment, edges=edges,
+                                            top_start=top_start, edge_start=edge_start)
         curve = losses[kept]
         last = float(np.mean(curve[-50:]))
         attempts.append({"loss_first_50": float(np.mean(curve[:50])), "loss_last_50": last,
                          "seconds": time.perf_counter() - attempt_start})
+        if going_on and best is not None:
+            curve = best["curve"] + curve  # one map's whole curve
         if best is None or last < best["last"]:
             best = {"attempt": attempt, "last": last, "curve": curve, "out": out,
                     "state": ({k: v.detach().clone() for k, v in layer.stacks.state_dict().items()}
@@ -330,23 +346,25 @@ def pretrain_attention(
                            one / (attempt + 1), time_left)
             break
         logger.warning("attention pre-training: the loss ended on its plateau (%.3f >= %.3f: the pooled logits do "
-                       "not separate the classes); starting the phase again from a fresh first map (%d of %d)",
-                       last, plateau, attempt + 1, restarts)
+                       "not separate the classes); %s (%d of %d)", last, plateau,
+                       "training the same map on for another phase" if restart_from == "continue"
+                       else "starting the phase again from a fresh first map", attempt + 1, restarts)
     assert best is not None
     if best["attempt"] != len(attempts) - 1:
         layer.stacks.load_state_dict(best["state"])
     layer.train()
     seconds = time.perf_counter() - start
     curve, out, kept = best["curve"], best["out"], best["out"].get("kept", 0)
-    first, last = float(np.mean(curve[:50])), float(np.mean(curve[-50:]))
+    first, last = float(np.mean(curve[:50])), best["last"]
     if restarts:
-        out = {**out, "attempts": attempts, "attempt_kept": best["attempt"], "plateau": plateau}
+        out = {**out, "attempts": attempts, "attempt_kept": best["attempt"], "plateau": plateau,
+               "restart_from": restart_from}
     logger.info("attention pre-training: %d views read in %.0f s, %d steps x %d candidate(s) x %d start(s), kept %d, "
                 "loss %.3f -> %.3f (%.0f s)", len(paths), read_s, steps, candidates, len(attempts), kept, first, last,
                 seconds)
     return {"seconds": seconds, "read_seconds": read_s, "slides": len(paths), "steps": steps,
             "top": top, "top_start": top_start, "edge_start": edge_start, "loss_first_50": first, "loss_last_50": last,
-            "loss_per_50_steps": [float(np.mean(curve[i:i + 50])) for i in range(0, steps, 50)], **out}
+            "loss_per_50_steps": [float(np.mean(curve[i:i + 50])) for i in range(0, len(curve), 50)], **out}
 
 
 def _train_maps(layer: Any, stacks: list[torch.nn.Module], views: torch.Tensor, y: torch.Tensor, pos: torch.Tensor,

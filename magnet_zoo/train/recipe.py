@@ -30,6 +30,8 @@ from magnet_zoo.config import ConfigError, MagNetConfig
 PRETRAIN_AUGMENTS = ("d4", "flips")
 """The attention pre-training phase's orientation sets (``Recipe.attention_pretrain_augment``)."""
 ATTENTION_MIL_EDGES = ("pool", "negative", "below")
+RESTART_FROM = ("fresh", "continue")
+"""What the phase starts again from when its loss ends on the plateau (``Recipe.attention_pretrain_restart_from``)."""
 """How attention MIL treats the tissue's edge (``Recipe.attention_mil_edges``)."""
 
 SCHEDULES = ("cosine", "constant")
@@ -166,10 +168,13 @@ class Recipe:
     batches), on all but a fifth of each class's training slides; the one whose pooled logits best separate
     those held-out slides is kept. Each candidate costs the phase's steps again."""
     attention_pretrain_restarts: int = 0
-    """Fresh starts of the phase allowed when its loss ends on the plateau: the mean over its last 50 steps at
+    """More phases allowed when the phase's loss ends on the plateau: the mean over its last 50 steps at
     ``attention_pretrain_plateau`` or more (ln 2 = 0.693: the pooled logits do not separate the classes). Only
-    while one more start fits in nine tenths of the run's time left (``time_limit``): the loop keeps at least a
-    tenth. The start with the lowest final loss is kept; a start that leaves the plateau costs nothing more."""
+    while one more fits in nine tenths of the run's time left (``time_limit``): the loop keeps at least a
+    tenth. The phase with the lowest final loss is kept; a phase that leaves the plateau costs nothing more."""
+    attention_pretrain_restart_from: str = "fresh"
+    """What a further phase trains: ``fresh`` maps (new initialisation) or the same map, ``continue``d at the
+    final pooled share (:func:`magnet_zoo.train.attention_mil.pretrain_attention`)."""
     attention_pretrain_plateau: float = 0.68
     """The phase's final loss at or above which it counts as on the plateau (``attention_pretrain_restarts``).
     Measured on SynthMets: the phase's starts that found the tumours ended at 0.44-0.64, those that did not at
@@ -255,6 +260,9 @@ class Recipe:
         if self.attention_pretrain_restarts < 0:
             raise ConfigError(f"recipe {self.name!r}: attention_pretrain_restarts must be >= 0, got "
                               f"{self.attention_pretrain_restarts}")
+        if self.attention_pretrain_restart_from not in RESTART_FROM:
+            raise ConfigError(f"recipe {self.name!r}: attention_pretrain_restart_from must be one of {RESTART_FROM}, "
+                              f"got {self.attention_pretrain_restart_from!r}")
         if not 0 < self.attention_pretrain_plateau:
             raise ConfigError(f"recipe {self.name!r}: attention_pretrain_plateau must be > 0, got "
                               f"{self.attention_pretrain_plateau}")
@@ -408,6 +416,8 @@ LEARN_TO_LOOK_MIL = LEARN_TO_LOOK.replace(
     attention_mil_top=0.1,
     attention_mil_edges="below",
     attention_pretrain_top_start=1.0,
+    attention_pretrain_restarts=1,
+    attention_pretrain_restart_from="continue",
     attention_mil_only=True,
 )
 
