@@ -43,6 +43,13 @@ DEFAULT_SETTINGS: dict[str, list[str]] = {
     "both: the edge a margin below, the pooled share from 1 narrowed to 0.1 (edges=below, top_start=1; "
     "learn_to_look_mil since 2026-12-07)": [
         _VIS.format("widebelow", s) for s in range(6)],
+    "the same in 30-minute runs with the plain command (magnet2_micro as registered), seeds 6-8": [
+        "synthmets_visibility_30min_mil_default_s6.json", "synthmets_visibility_30min_mil_default_s7.json",
+        "synthmets_visibility_30min_mil_restart_s8.json"],
+    "the same, and a second phase for the same map when the first ends on the plateau (attention_pretrain_restarts=1, "
+    "restart_from=continue; learn_to_look_mil since 2026-12-08: seeds 0-5 and 7-8 never reach it)": [
+        *(_VIS.format("widebelow", s) for s in range(6)), "synthmets_visibility_30min_mil_continue_s6.json",
+        "synthmets_visibility_30min_mil_default_s7.json", "synthmets_visibility_30min_mil_restart_s8.json"],
 }
 
 
