@@ -250,15 +250,15 @@ def pretrain_attention(
     of each class's slides; the map whose pooled logits best separate the held-out slides (AUROC, then their
     loss) is copied into the layer. It costs K times the steps.
 
-    With ``restarts`` R > 0, a start whose loss over its last 50 steps is still ``plateau`` or more (ln 2 = 0.693
-    is the loss of pooled logits that do not separate the classes: the map found nothing) is followed by another
-    from freshly initialised maps (their own seed; the batches go on), up to R times, as long as one more start,
-    timed as the ones before, ends within ``time_left`` seconds of the phase's start (None: no limit); the start
-    with the lowest final loss is kept. A start that leaves the plateau costs nothing more. ``restart_from``:
-    ``"fresh"``, freshly initialised maps (their own seed; the batches go on), or ``"continue"``, the same map
-    trained on for another ``steps`` (a new Adam, the final pooled share and the edge term from its first step,
-    no candidates): a map on the plateau is often slow rather than dead (SynthMets seed 6: two fresh starts
-    stayed there, the same map continued left it; docs/synthmets_magnet.md, "A second phase on the plateau").
+    With ``restarts`` R > 0, a phase whose loss over its last 50 steps is still ``plateau`` or more (ln 2 = 0.693
+    is the loss of pooled logits that do not separate the classes: the map found nothing) is followed by another,
+    up to R times, as long as one more, timed as the ones before, ends within ``time_left`` seconds of the
+    phase's start (None: no limit); the phase with the lowest final loss is kept, and one that leaves the plateau
+    costs nothing more. ``restart_from``: ``"fresh"``, freshly initialised maps (their own seed; the batches go
+    on), or ``"continue"``, the same map trained on for another ``steps`` (a new Adam, the final pooled share and
+    the edge term from its first step, no candidates): a map on the plateau is often slow rather than dead
+    (SynthMets seed 6: a fresh start stayed there, the same map trained on left it; docs/synthmets_magnet.md,
+    "A second phase on the plateau").
 
     Returns what it did (seconds, reading seconds, steps, the loss's means over the first and last 50 steps
     and over every block of 50, of the kept map; with candidates, each one's held-out AUROC and loss, and
@@ -341,8 +341,8 @@ def pretrain_attention(
         spent = time.perf_counter() - start
         one = spent - read_s
         if time_left is not None and spent + one / (attempt + 1) > time_left:
-            logger.warning("attention pre-training: the loss ended on its plateau (%.3f >= %.3f), but another start "
-                           "(~%.0f s) would not fit the %.0f s left to the phase: keeping this map", last, plateau,
+            logger.warning("attention pre-training: the loss ended on its plateau (%.3f >= %.3f), but another phase "
+                           "(~%.0f s) would not fit the %.0f s left to it: keeping this map", last, plateau,
                            one / (attempt + 1), time_left)
             break
         logger.warning("attention pre-training: the loss ended on its plateau (%.3f >= %.3f: the pooled logits do "
