@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--candidates", type=int, default=1,
                     help="attention_pretrain_candidates: maps trained side by side, the best on held-out slides kept")
     ap.add_argument("--restarts", type=int, default=0,
-                    help="attention_pretrain_restarts: fresh starts when the loss ends on its plateau")
+                    help="attention_pretrain_restarts: further phases when the loss ends on its plateau")
     ap.add_argument("--plateau", type=float, default=0.68, help="attention_pretrain_plateau")
     ap.add_argument("--restart-from", choices=RESTART_FROM, default="fresh",
                     help="attention_pretrain_restart_from: fresh maps or the same map trained on")
