@@ -221,7 +221,7 @@ def magnet_row(result: dict[str, Any], source: str) -> dict[str, Any]:
     elif formerly is not None:  # the registered recipe as it was when the run trained
         recipe, changes = formerly, architecture + former_changes(ran, formerly, phase)
     else:  # a changed recipe: its spelled fields, its restart fields, and any the registry changed since the run
-        changes += [c for c in former_changes(ran, recipe, phase, keys=RESTART_FIELDS)]
+        changes += former_changes(ran, recipe, phase, keys=RESTART_FIELDS)
         keys = {_key(c) for c in changes}
         changes = architecture + changes + [c for c in former_changes(ran, recipe, phase) if _key(c) not in keys]
     return {

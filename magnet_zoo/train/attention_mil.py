@@ -309,19 +309,18 @@ def pretrain_attention(
     best: dict[str, Any] | None = None
     for attempt in range(restarts + 1):
         attempt_start = time.perf_counter()
-        going_on = attempt > 0 and restart_from == "continue"
-        if going_on:  # the kept map alone, on at the phase's final share
-            losses, kept, out = _train_maps(layer, [layer.stacks], views, y, pos, neg, held[:0], gen, steps=steps,
-                                            lr=lr, top=top, batch=batch, negatives=negatives, augment=augment,
-                                            edges=edges, top_start=None, edge_start=0.0)
-            out = best["out"] if best is not None else out
+        going_on = best is not None and restart_from == "continue"
+        if best is not None and going_on:  # the kept map alone, on at the phase's final share
+            losses, kept, _ = _train_maps(layer, [layer.stacks], views, y, pos, neg, held[:0], gen, steps=steps,
+                                          lr=lr, top=top, batch=batch, negatives=negatives, augment=augment,
+                                          edges=edges, top_start=None, edge_start=0.0)
+            out = best["out"]
         else:
-            if attempt:  # a fresh start for every map, from its own seed: the loop's random stream is left as it was
-                with torch.random.fork_rng(devices=[]):
+            # a fresh start for every map, from its own seed: the loop's random stream is left as it was
+            with torch.random.fork_rng(devices=[]) if attempt else contextlib.nullcontext():
+                if attempt:
                     torch.manual_seed(seed + 7919 * attempt)
                     layer.stacks.load_state_dict(fresh().state_dict())
-                    stacks = [layer.stacks] + [fresh() for _ in range(candidates - 1)]
-            else:
                 stacks = [layer.stacks] + [fresh() for _ in range(candidates - 1)]
             losses, kept, out = _train_maps(layer, stacks, views, y, pos, neg, held, gen, steps=steps, lr=lr,
                                             top=top, batch=batch, negatives=negatives, augment=augment, edges=edges,
@@ -330,7 +329,7 @@ def pretrain_attention(
         last = float(np.mean(curve[-50:]))
         attempts.append({"loss_first_50": float(np.mean(curve[:50])), "loss_last_50": last,
                          "seconds": time.perf_counter() - attempt_start})
-        if going_on and best is not None:
+        if best is not None and going_on:
             curve = best["curve"] + curve  # one map's whole curve
         if best is None or last < best["last"]:
             best = {"attempt": attempt, "last": last, "curve": curve, "out": out,
