@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from magnet_zoo.nn.fetcher import Square
 from magnet_zoo.train.guidance import _standardised, _windows, guidance_loss, window_scores
@@ -199,3 +201,72 @@ def test_window_mil_trains_the_head_on_each_slides_best_window():
     assert sum(float(p.grad.abs().sum()) for p in head.parameters() if p.grad is not None) > 0
     others = [*net.classifier.parameters(), *net.aux_heads["1"].parameters(), *net.layers.parameters()]
     assert all(p.grad is None for p in others)
+
+
+def test_label_evidence_signs_each_slides_window_scores_by_its_label():
+    """``evidence="label"``: a label-0 slide's windows are scored by the negated logit (its own class's
+    evidence), a label-1 slide's as before; the best window for the head's MIL is the best by that signed
+    score, its raw logit trained towards the label."""
+    fetchers = _fetchers()
+    net = _model().train()
+    out = net(fetchers)
+    head = net.aux_heads[str(net.config.num_layers)]
+    labels = torch.tensor([1.0, 0.0])
+    rows = sum(1 for n in out.trees[0] if n.layer == 1)  # regions of slide 0 come first in the scorer's batch
+
+    def red(patches):
+        return 20 * patches[:, :, 0].mean((-1, -2))
+
+    def red_signed(patches):  # the red scorer negated on slide 1's regions: what "label" should amount to
+        sign = torch.ones(patches.shape[0], 1)
+        sign[rows:] = -1.0
+        return red(patches) * sign
+
+    head.patch_logits = red_signed
+    expected = guidance_loss(net, out, fetchers).attention
+    head.patch_logits = red
+    plain = guidance_loss(net, out, fetchers).attention
+    terms = guidance_loss(net, out, fetchers, labels, evidence="label")
+    torch.testing.assert_close(terms.attention, expected)
+    assert float((terms.attention - plain).abs().detach()) > 1e-4  # the sign changed slide 1's target
+    # all-positive labels: the same as the positive logit
+    ones = torch.ones(2)
+    torch.testing.assert_close(guidance_loss(net, out, fetchers, ones, layers=[1, 2], evidence="label").attention,
+                               guidance_loss(net, out, fetchers, ones, layers=[1, 2]).attention)
+
+    # the head's MIL: slide 1 (label 0) takes its *least* red tissue window, trained towards 0 on the raw logit
+    squares = [[Square(n.box[0], n.box[1], n.box[2]) for n in tree if n.layer == 1] for tree in out.trees]
+    win = window_scores(net, fetchers, squares, grid=8)
+    signed = win.scores.flatten(1) * torch.tensor([[1.0], [-1.0]])
+    best = signed.masked_fill(~win.tissue.flatten(1), float("-inf")).amax(1)
+    raw = best * torch.tensor([1.0, -1.0])
+    mil = guidance_loss(net, out, fetchers, labels, evidence="label").window_mil
+    torch.testing.assert_close(mil.detach(), F.binary_cross_entropy_with_logits(raw, labels), rtol=1e-4, atol=1e-5)
+
+    with pytest.raises(ValueError, match="evidence"):
+        guidance_loss(net, out, fetchers, labels, evidence="negative")
+    with pytest.raises(ValueError, match="pass labels"):
+        guidance_loss(net, out, fetchers, evidence="label")
+
+
+def test_the_loop_hands_the_recipes_guidance_fields_to_the_loss(monkeypatch):
+    import magnet_zoo.train.guidance as guidance
+    from magnet_zoo.train import SourceData, TrainConfig, fit, get_recipe
+    from magnet_zoo.wsi import ArraySource
+
+    seen, real = [], guidance.guidance_loss
+
+    def record(*args, **kwargs):
+        seen.append({k: kwargs[k] for k in ("evidence", "grid", "slides", "standardise")})
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(guidance, "guidance_loss", record)
+    recipe = get_recipe("learn_to_look", guidance_weight=1.0, guidance_evidence="label", guidance_grid=(4,),
+                        guidance_slides=1, steps=2, batch_size=2, revive_at=())
+    config = TrainConfig(device="cpu", amp="off", threads=2, progress=False, baseline_eval=False, save_every=0,
+                         log_every=1, tensorboard=False)
+    img = tissue_image(1500, 1500)
+    sources = [ArraySource(img), ArraySource(img[:, ::-1].copy())]
+    result = fit(_model(), SourceData(sources, [1, 0]), config, recipe)
+    assert seen == [{"evidence": "label", "grid": (4,), "slides": 1, "standardise": False}] * 2
+    assert all(np.isfinite(row["guidance"]) for row in result.log)

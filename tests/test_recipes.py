@@ -70,8 +70,10 @@ def test_guidance_layers_and_grids_are_read_from_json_and_checked():
     assert Recipe.from_dict(recipe.to_dict()) == recipe
     assert get_recipe("learn_to_look").guidance_layers == ()  # default: every layer after the first
     assert not get_recipe("learn_to_look").guidance_standardise
+    assert get_recipe("learn_to_look").guidance_evidence == "positive"
+    assert Recipe.from_dict({"name": "g", "guidance_evidence": "label"}).guidance_evidence == "label"
     for bad in ({"guidance_layers": [0]}, {"guidance_layers": [2, 2]}, {"guidance_grid": []},
-                {"guidance_grid": [1]}):
+                {"guidance_grid": [1]}, {"guidance_evidence": "negative"}):
         with pytest.raises(ConfigError, match="guidance_"):
             get_recipe("learn_to_look", **bad)
 

@@ -48,6 +48,7 @@ from magnet_zoo.nn.fetcher import RegionFetcher, Square
 from magnet_zoo.nn.magnet import MagNet, MagNetOutput
 from magnet_zoo.nn.magnify import TISSUE_LEVEL
 from magnet_zoo.nn.tree import root_square
+from magnet_zoo.train.recipe import GUIDANCE_EVIDENCE
 
 MIN_TISSUE = 0.5
 """A cell takes part in the target when at least this share of its pixels is tissue."""
@@ -157,6 +158,7 @@ def guidance_loss(
     slides: int | None = None,
     layers: Sequence[int] | None = None,
     standardise: bool = False,
+    evidence: str = "positive",
 ) -> GuidanceTerms:
     """Train the guided layers' attention towards the head's window scores, and (with ``labels``) the head
     on its windows.
@@ -174,11 +176,16 @@ def guidance_loss(
       them in place of ``scores``). Only the attention stacks get this gradient.
     * ``window_mil``: per slide, the window with the largest score over all its guided regions (tissue
       only) is scored again with gradient, and its logit is trained towards the slide label (binary
-      cross-entropy): multiple-instance learning with max pooling, the recipe that
+      cross-entropy; the best by the same signed score as the attention's target): multiple-instance
+      learning with max pooling, the recipe that
       ``benchmarks/synthmets_mil_probe.py`` shows the head can learn from. Only the head gets this gradient.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if evidence not in GUIDANCE_EVIDENCE:
+        raise ValueError(f"evidence must be one of {GUIDANCE_EVIDENCE}, got {evidence!r}")
+    if evidence == "label" and labels is None:
+        raise ValueError("evidence='label' signs each window's score by its slide's label: pass labels")
     cfg = model.config
     head = scoring_head(model)
     b = len(fetchers) if slides is None else min(slides, len(fetchers))
@@ -204,6 +211,9 @@ def guidance_loss(
                 [Square(n.box[0], n.box[1], n.box[2]) for n in tree if n.layer == k - 1] for tree in output.trees[:b]
             ]
         win = window_scores(model, fetchers[:b], squares, g)
+        if evidence == "label":
+            sign = 2.0 * labels[:b].to(device=win.scores.device, dtype=win.scores.dtype) - 1.0
+            win.scores = win.scores * sign.view(-1, 1, 1, 1)
         if labels is not None:
             flat = win.scores.flatten(1).masked_fill(~win.tissue.flatten(1), float("-inf"))
             top, where = flat.max(1)

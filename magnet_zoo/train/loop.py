@@ -530,7 +530,7 @@ class TrainLoop:
         r = self.recipe
         terms = guidance_loss(self.model, out, fetchers, labels, temperature=r.guidance_temperature,
                               slides=r.guidance_slides, layers=r.guidance_layers or None, grid=r.guidance_grid,
-                              standardise=r.guidance_standardise)
+                              standardise=r.guidance_standardise, evidence=r.guidance_evidence)
         extra["guidance"] = float(terms.attention.detach())
         extra["window_mil"] = float(terms.window_mil.detach())
         return r.guidance_weight * terms.total

@@ -30,9 +30,11 @@ from magnet_zoo.config import ConfigError, MagNetConfig
 PRETRAIN_AUGMENTS = ("d4", "flips")
 """The attention pre-training phase's orientation sets (``Recipe.attention_pretrain_augment``)."""
 ATTENTION_MIL_EDGES = ("pool", "negative", "below")
+"""How attention MIL treats the tissue's edge (``Recipe.attention_mil_edges``)."""
 RESTART_FROM = ("fresh", "continue")
 """What the phase starts again from when its loss ends on the plateau (``Recipe.attention_pretrain_restart_from``)."""
-"""How attention MIL treats the tissue's edge (``Recipe.attention_mil_edges``)."""
+GUIDANCE_EVIDENCE = ("positive", "label")
+"""What a window's score stands for in head guidance (``Recipe.guidance_evidence``)."""
 
 SCHEDULES = ("cosine", "constant")
 RECENTRE_ON = ("all", "positive")
@@ -137,6 +139,10 @@ class Recipe:
     guidance_standardise: bool = False
     """Standardise each region's window scores over its tissue cells before ``guidance_temperature`` (the
     target's sharpness then does not follow the head's logit scale)."""
+    guidance_evidence: str = "positive"
+    """What a window's score is: ``"positive"`` the head's logit (evidence for label 1: multiple-instance
+    tasks, where only positive slides carry something to find); ``"label"`` the logit signed by the slide's
+    label (evidence for its own class: tasks where every class carries an object, FindIt)."""
     attention_mil_weight: float = 0.0
     """Weight of attention MIL (:mod:`magnet_zoo.train.attention_mil`; 0: off): each learned first-layer
     map, pooled over the whole-slide view's tissue, trained as a slide classifier from the label, from the
@@ -294,6 +300,9 @@ class Recipe:
         if any(k < 1 for k in self.guidance_layers) or len(set(self.guidance_layers)) != len(self.guidance_layers):
             raise ConfigError(f"recipe {self.name!r}: guidance_layers must be distinct layer numbers >= 1, "
                               f"got {list(self.guidance_layers)}")
+        if self.guidance_evidence not in GUIDANCE_EVIDENCE:
+            raise ConfigError(f"recipe {self.name!r}: guidance_evidence must be one of {GUIDANCE_EVIDENCE}, "
+                              f"got {self.guidance_evidence!r}")
         if not self.guidance_grid or any(g < 2 for g in self.guidance_grid):
             raise ConfigError(f"recipe {self.name!r}: guidance_grid needs values >= 2, got {list(self.guidance_grid)}")
         if self.head_warmup_trees < 1:
