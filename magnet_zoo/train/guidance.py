@@ -30,6 +30,12 @@ the whole slide is coarse, but a supervised probe finds SynthMets tumours in it
 (``benchmarks/synthmets_visibility.py``), so what the head finds at full resolution is something the first
 map can learn to point at.
 
+Where every class carries an object to find (FindIt: a ring or a cross), the head's logit is evidence for
+label 1 only, and a target built from it would turn a label-0 image's map away from its own object.
+``evidence="label"`` (recipe field ``guidance_evidence``) scores each window by the evidence for its
+image's own label instead (the logit times +1 or -1); the head's window MIL then takes each image's window
+that best supports its label (docs/learn_to_look.md, grid ``findit-guided``).
+
 At inference nothing changes: the attention runs alone, and the values fed to the networks are the same.
 
 Cost: one extra read per guided node and ``grid**2`` head evaluations per node (training only); the
