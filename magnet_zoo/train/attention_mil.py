@@ -309,12 +309,12 @@ def pretrain_attention(
     best: dict[str, Any] | None = None
     for attempt in range(restarts + 1):
         attempt_start = time.perf_counter()
-        going_on = best is not None and restart_from == "continue"
-        if best is not None and going_on:  # the kept map alone, on at the phase's final share
+        previous = best if restart_from == "continue" else None  # the phase this one goes on from, if any
+        if previous is not None:  # the kept map alone, on at the phase's final share
             losses, kept, _ = _train_maps(layer, [layer.stacks], views, y, pos, neg, held[:0], gen, steps=steps,
                                           lr=lr, top=top, batch=batch, negatives=negatives, augment=augment,
                                           edges=edges, top_start=None, edge_start=0.0)
-            out = best["out"]
+            out = previous["out"]
         else:
             # a fresh start for every map, from its own seed: the loop's random stream is left as it was
             with torch.random.fork_rng(devices=[]) if attempt else contextlib.nullcontext():
@@ -329,8 +329,8 @@ def pretrain_attention(
         last = float(np.mean(curve[-50:]))
         attempts.append({"loss_first_50": float(np.mean(curve[:50])), "loss_last_50": last,
                          "seconds": time.perf_counter() - attempt_start})
-        if best is not None and going_on:
-            curve = best["curve"] + curve  # one map's whole curve
+        if previous is not None:
+            curve = previous["curve"] + curve  # one map's whole curve
         if best is None or last < best["last"]:
             best = {"attempt": attempt, "last": last, "curve": curve, "out": out,
                     "state": ({k: v.detach().clone() for k, v in layer.stacks.state_dict().items()}
