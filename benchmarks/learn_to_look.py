@@ -331,16 +331,19 @@ def grid(name: str) -> list[dict[str, Any]]:
     if name == "findit-recipe":
         # The candidate for FindIt's recipe: learn_to_look_centred + view_oversample=4 found the 1 % object in 6 of
         # 6 seeds at FindIt's own 300 steps (issue14-box; the recipe: 0 of 3). The 3 % object at the same 300
-        # steps (run with --steps 300): seeds 0-2, and 3 and 7, the two that missed the 0.8 hit rate at 200 steps.
+        # steps (run with --steps 300): seeds 0-2, and 3 and 7, the two that missed the 0.8 hit rate at 200 steps;
+        # then 4 and 5, to count the seeds it fails in.
         centred = {"attention_init": ("random", "uniform"), "attention_padding": "replicate", "view_oversample": 4}
         st = {"recentre_weight": 1.0, "jitter": (0.0, 0.2)}
-        return [r("learn_to_look_centred + view_oversample 4, 300 steps", cfg=centred, st=st, seeds=(0, 1, 2, 3, 7))]
+        return [r("learn_to_look_centred + view_oversample 4, 300 steps", cfg=centred, st=st,
+                  seeds=(0, 1, 2, 3, 7, 4, 5))]
     if name == "findit-guided":
         # FindIt's recipe with head guidance of the second layer (never tried on FindIt): each first-layer box
         # cut into 4 x 4 windows scored by the last layer's head, the second-layer map trained towards where
         # the head finds the evidence for the image's *own* label (guidance_evidence="label": the positive logit
         # would turn the map away from the ring in every cross image). For seed 1 (findit-recipe: its learned
-        # crop on background in every image) with seeds 0 and 2 as the check that nothing breaks, then 3 and 7.
+        # crop on background in every image) with seeds 0 and 2 as the check that nothing breaks, then 3 and 7:
+        # it revives seed 1 but kills seed 3's learned crop (0.95 -> 0.00) and halves seed 7's (1.00 -> 0.57).
         centred = {"attention_init": ("random", "uniform"), "attention_padding": "replicate", "view_oversample": 4}
         st = {"recentre_weight": 1.0, "jitter": (0.0, 0.2), "guidance_weight": 1.0, "guidance_evidence": "label",
               "guidance_grid": (4,), "guidance_slides": 4}
@@ -348,10 +351,7 @@ def grid(name: str) -> list[dict[str, Any]]:
                   seeds=(1, 0, 2, 3, 7)),
                 # The same on the 1 % object (FindIt's recipe: 6 of 6 seeds), before it can become FindIt's recipe.
                 r("learn_to_look_centred + view_oversample 4 + label-guided layer 2, object 1%, 300 steps", cfg=centred,
-                  st=st, task={"object_frac": 0.01}, seeds=(0, 1, 2)),
-                # Half the guided images per step (2 of the batch's 8 instead of 4): the issue's 10 CPU-minutes.
-                r("learn_to_look_centred + view_oversample 4 + label-guided layer 2 on 2 images, 300 steps",
-                  cfg=centred, st=dict(st, guidance_slides=2), seeds=(0, 1, 2))]
+                  st=st, task={"object_frac": 0.01}, seeds=(0, 1, 2))]
     if name == "issue14-seeds":
         # The flat-start second layer and the recipe on seeds 3 and 4, then two more single switches.
         entries = {e["name"]: e for e in grid("issue14")}
