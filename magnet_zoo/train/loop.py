@@ -214,7 +214,7 @@ class TrainLoop:
                 "attention MIL trains each of the first layer's %d learned maps towards the same detector, and its "
                 "cost grows with them. It is measured with one first-layer map (SynthMets, magnet2_micro as "
                 "registered, patches=(1, 2): the phase alone found the tumours in 6 of 6 seeds, the 30-minute "
-                "MagNets learned in 12 of 12); with two (patches=(2, 2)) it found them in 3 of 4 seeds, but took "
+                "MagNets learned in 13 of 14); with two (patches=(2, 2)) it found them in 3 of 4 seeds, but took "
                 "40-80 %% of a 30-minute budget on 2 CPU cores, and the two MagNets trained on gave test AUROC 0.48 "
                 "and 0.70. Prefer one first-layer patch: --model-override 'patches=[1,...]'",
                 self.model.layers[0].num_stacks,
