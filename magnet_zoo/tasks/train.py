@@ -37,8 +37,9 @@ FINDIT_RECIPE: Recipe = get_recipe("learn_to_look_centred", steps=300, model_ove
 Measured (``benchmarks/learn_to_look.py``, grids ``issue14-box`` and ``findit-recipe``, 896 px, 96 test images,
 ``magnet2_tiny``): the 1 % object classified in 6 of 6 seeds (accuracy 0.99-1.00; ``learn_to_look``: 0.48-0.51 in
 3 of 3); the 3 % object in 7 of 7 (accuracy 1.00), its final crops on the object in 0.50-1.00 of the images (the
-learned second-layer crop dead in seed 1, reading the object's edge in seed 5). Attention MIL (the default recipe's) does not apply where both classes
-carry an object. The models these numbers come from were built with :data:`RECIPE_CONFIG`."""
+learned second-layer crop dead in seed 1, reading the object's edge in seed 5). Attention MIL (the default
+recipe's) does not apply where both classes carry an object. The models these numbers come from were built with
+:data:`RECIPE_CONFIG`."""
 RECIPE_CONFIG: dict[str, Any] = dict(FINDIT_RECIPE.model_overrides)
 """The recipe's network settings (on top of ``magnet2_tiny``)."""
 
