@@ -51,7 +51,8 @@ DEFAULT_RUNS = ("synthmets_30min.json", "synthmets_30min_s1.json", "synthmets_30
                 "synthmets_30min_mil_restart_s6.json", "synthmets_30min_mil_restart_s8.json",
                 "synthmets_30min_mil_continue_s6.json", "synthmets_30min_mil_continue_s9.json",
                 "synthmets_30min_mil_continue_s10.json", "synthmets_30min_mil_continue_s11.json",
-                "synthmets_30min_mil_continue_s12.json", "synthmets_30min_mil_continue_s13.json")
+                "synthmets_30min_mil_continue_s12.json", "synthmets_30min_mil_continue_s13.json",
+                "synthmets_30min_mil_plateau065_s12.json")
 BASELINES = ("mean_rgb", "thumbnail_cnn", "dense_mil")
 COLUMNS = ("auroc", "auroc_macro", "auroc_micro", "auroc_itc", "loc_micro_ratio", "loc_micro_ceiling",
            "loc_all_ratio")

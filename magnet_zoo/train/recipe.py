@@ -184,7 +184,7 @@ class Recipe:
     attention_pretrain_plateau: float = 0.68
     """The phase's final loss at or above which it counts as on the plateau (``attention_pretrain_restarts``).
     Measured on SynthMets: the phase's starts that found the tumours ended at 0.44-0.64, those that did not at
-    0.686-0.697."""
+    0.686-0.697, and in one seed (12) at 0.658, which this test misses (docs/synthmets_magnet.md)."""
     attention_pretrain_top_start: float | None = None
     """The phase's pooled share at its first step, narrowed geometrically to ``attention_mil_top`` over the
     phase's first half (None: ``attention_mil_top`` from the start). 1 starts from the mean over the tissue,
